@@ -1,0 +1,105 @@
+//! Generates containerd's gRPC API from the `.proto` files that the published
+//! `containerd-client` package ships in its `vendor/` directory. Nothing generated is
+//! committed and no proto file is copied into this repository.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const PROTO_PACKAGE: &str = "containerd-client";
+
+const SERVICES: &[&str] = &[
+    "containers/v1/containers.proto",
+    "content/v1/content.proto",
+    "diff/v1/diff.proto",
+    "events/v1/events.proto",
+    "images/v1/images.proto",
+    "introspection/v1/introspection.proto",
+    "leases/v1/leases.proto",
+    "namespaces/v1/namespace.proto",
+    "sandbox/v1/sandbox.proto",
+    "snapshots/v1/snapshots.proto",
+    "streaming/v1/streaming.proto",
+    "tasks/v1/tasks.proto",
+    "transfer/v1/transfer.proto",
+    "version/v1/version.proto",
+    "ttrpc/events/v1/events.proto",
+];
+
+const TYPES: &[&str] = &[
+    "descriptor.proto",
+    "metrics.proto",
+    "mount.proto",
+    "platform.proto",
+    "sandbox.proto",
+    "task/task.proto",
+    "event.proto",
+    "fieldpath.proto",
+    "introspection.proto",
+    "runc/options/oci.proto",
+    "transfer/imagestore.proto",
+    "transfer/importexport.proto",
+    "transfer/progress.proto",
+    "transfer/registry.proto",
+    "transfer/streaming.proto",
+];
+
+const EVENTS: &[&str] = &[
+    "container.proto",
+    "content.proto",
+    "image.proto",
+    "namespace.proto",
+    "snapshot.proto",
+    "task.proto",
+];
+
+fn main() {
+    let vendor = locate_vendor_dir();
+    println!("cargo:rerun-if-changed=build.rs");
+
+    let api = "github.com/containerd/containerd/api";
+    let mut files: Vec<String> = Vec::new();
+    files.extend(SERVICES.iter().map(|f| format!("{api}/services/{f}")));
+    files.extend(TYPES.iter().map(|f| format!("{api}/types/{f}")));
+    files.extend(EVENTS.iter().map(|f| format!("{api}/events/{f}")));
+
+    let descriptors = protox::compile(&files, [&vendor]).unwrap_or_else(|err| {
+        panic!("compiling containerd protos from {}: {err:?}", vendor.display())
+    });
+
+    let mut config = tonic_prost_build::Config::new();
+    config.enable_type_names();
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .generate_default_stubs(true)
+        .compile_fds_with_config(descriptors, config)
+        .expect("generating tonic stubs for containerd's API");
+}
+
+/// Finds `vendor/` of the locked `containerd-client` package through `cargo metadata`,
+/// so the build works from a clean registry cache on any machine.
+fn locate_vendor_dir() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("Cargo.toml");
+    let output = Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--manifest-path"])
+        .arg(&manifest)
+        .output()
+        .expect("running cargo metadata to locate containerd-client's protos");
+    assert!(
+        output.status.success(),
+        "cargo metadata failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("parsing cargo metadata output");
+    let packages = metadata["packages"].as_array().expect("packages array");
+    let package = packages
+        .iter()
+        .find(|p| p["name"] == PROTO_PACKAGE)
+        .unwrap_or_else(|| panic!("{PROTO_PACKAGE} is not in the lock file"));
+    let manifest_path = package["manifest_path"].as_str().expect("manifest_path");
+    let vendor = Path::new(manifest_path).parent().unwrap().join("vendor");
+    assert!(vendor.is_dir(), "{} has no vendor directory", vendor.display());
+    vendor
+}
