@@ -63,7 +63,10 @@ fn main() {
     files.extend(EVENTS.iter().map(|f| format!("{api}/events/{f}")));
 
     let descriptors = protox::compile(&files, [&vendor]).unwrap_or_else(|err| {
-        panic!("compiling containerd protos from {}: {err:?}", vendor.display())
+        panic!(
+            "compiling containerd protos from {}: {err:?}",
+            vendor.display()
+        )
     });
 
     let mut config = tonic_prost_build::Config::new();
@@ -100,6 +103,10 @@ fn locate_vendor_dir() -> PathBuf {
         .unwrap_or_else(|| panic!("{PROTO_PACKAGE} is not in the lock file"));
     let manifest_path = package["manifest_path"].as_str().expect("manifest_path");
     let vendor = Path::new(manifest_path).parent().unwrap().join("vendor");
-    assert!(vendor.is_dir(), "{} has no vendor directory", vendor.display());
+    assert!(
+        vendor.is_dir(),
+        "{} has no vendor directory",
+        vendor.display()
+    );
     vendor
 }

@@ -135,7 +135,10 @@ pub mod any {
 
     /// Packs `message` into an `Any` that containerd's clients decode.
     pub fn pack<M: Message + Name>(message: &M) -> Any {
-        Any { type_url: type_url::<M>(), value: message.encode_to_vec() }
+        Any {
+            type_url: type_url::<M>(),
+            value: message.encode_to_vec(),
+        }
     }
 
     /// Unpacks `any` if it holds an `M`, accepting both the bare and the `/`-prefixed or
@@ -156,7 +159,10 @@ pub mod timestamp {
 
     pub fn from_system_time(time: SystemTime) -> Timestamp {
         let since = time.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-        Timestamp { seconds: since.as_secs() as i64, nanos: since.subsec_nanos() as i32 }
+        Timestamp {
+            seconds: since.as_secs() as i64,
+            nanos: since.subsec_nanos() as i32,
+        }
     }
 
     pub fn to_system_time(timestamp: &Timestamp) -> SystemTime {
