@@ -1,1 +1,22 @@
+//! The metadata store: one redb file holding every namespaced record of the daemon.
+//!
+//! Invariants:
+//! - every mutation happens in one write transaction ([`MetadataStore::write`]); redb
+//!   commits are atomic and durable, so a crash leaves either the old or the new state;
+//! - records of namespaced tables are keyed `"{namespace}/{id}"` (namespaces are
+//!   identifiers and never contain `/`), so a namespace's records are one key range;
+//! - the schema version is stored in the file; tables are created on open, so later
+//!   subsystems add tables without a migration, and an incompatible file is refused.
 
+mod db;
+pub mod namespaces;
+
+mod plugin;
+
+pub use plugin::{MetadataConfig, registration};
+
+/// Every namespaced table, in the order containerd names them when a namespace that still
+/// holds records is deleted. A module that adds a namespaced table lists it here.
+pub const NAMESPACED_TABLES: &[namespaces::NamespacedTableInfo] = &[];
+
+pub use db::{MetadataStore, NamespacedTable, SCHEMA_VERSION, namespace_range, namespaced_key};

@@ -111,9 +111,29 @@ pub struct InitContext {
     pub events: berth_core::events::Exchange,
     loaded: Arc<LoadedPlugins>,
     meta: Arc<std::sync::Mutex<PluginMeta>>,
+    records: PluginRecords,
+}
+
+/// A live view of every plugin's record; complete once initialisation has finished, which
+/// is before any request is served (introspection reads it).
+#[derive(Clone, Default)]
+pub struct PluginRecords(Arc<std::sync::RwLock<Vec<PluginRecord>>>);
+
+impl PluginRecords {
+    pub fn snapshot(&self) -> Vec<PluginRecord> {
+        self.0.read().unwrap().clone()
+    }
+    fn push(&self, record: PluginRecord) {
+        self.0.write().unwrap().push(record);
+    }
 }
 
 impl InitContext {
+    /// The records of all plugins (see [`PluginRecords`]).
+    pub fn plugin_records(&self) -> PluginRecords {
+        self.records.clone()
+    }
+
     /// Deserialises the config section; unknown keys are logged, not fatal.
     pub fn config<C: serde::de::DeserializeOwned>(&self) -> Result<C> {
         let uri = format!("{}.{}", self.r#type, self.id);
@@ -284,7 +304,7 @@ impl LoadedPlugins {
 /// The daemon's plugins after initialisation.
 pub struct PluginSet {
     loaded: Arc<LoadedPlugins>,
-    records: Vec<PluginRecord>,
+    records: PluginRecords,
 }
 
 /// How the daemon wants plugins initialised.
@@ -314,7 +334,7 @@ impl PluginSet {
         let order = init_order(&enabled);
 
         let loaded = Arc::new(LoadedPlugins::default());
-        let mut records = Vec::new();
+        let records = PluginRecords::default();
         for registration in order {
             let uri = registration.uri();
             let mut config = registration.default_config.clone();
@@ -335,6 +355,7 @@ impl PluginSet {
                 events: options.events.clone(),
                 loaded: loaded.clone(),
                 meta: meta.clone(),
+                records: records.clone(),
             };
             let status = match (registration.init)(ctx).await {
                 Ok(instance) => {
@@ -381,8 +402,9 @@ impl PluginSet {
             });
         }
 
+        let snapshot = records.snapshot();
         for required in &options.required {
-            match records.iter().find(|r| &r.uri() == required) {
+            match snapshot.iter().find(|r| &r.uri() == required) {
                 Some(PluginRecord {
                     status: Status::Loaded,
                     ..
@@ -413,8 +435,8 @@ impl PluginSet {
         Ok(PluginSet { loaded, records })
     }
 
-    pub fn records(&self) -> &[PluginRecord] {
-        &self.records
+    pub fn records(&self) -> Vec<PluginRecord> {
+        self.records.snapshot()
     }
 
     /// Loaded instances of `type` by ID (e.g. every gRPC service).

@@ -1,1 +1,107 @@
+//! containerd's gRPC services. Each module decodes requests, calls a subsystem through
+//! its `berth-core` trait or the metadata store, and encodes the reply; no service holds
+//! logic another client (CRI, the CLI) would need again.
+//!
+//! This is the only place a [`berth_core::Error`] becomes a [`tonic::Status`]
+//! ([`status`]), and the only place the namespace of a call is read ([`namespace`]).
 
+use berth_core::error::ErrorKind;
+use berth_core::{Error, namespaces};
+use tonic::{Code, Request, Status};
+
+/// Maps an error to the gRPC status containerd's `errdefs.ToGRPC` would send; the message
+/// is kept verbatim so `ctr` prints what containerd's would.
+pub fn status(err: Error) -> Status {
+    let code = match err.kind() {
+        ErrorKind::InvalidArgument => Code::InvalidArgument,
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::AlreadyExists => Code::AlreadyExists,
+        ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+        ErrorKind::Unavailable => Code::Unavailable,
+        ErrorKind::NotImplemented => Code::Unimplemented,
+        ErrorKind::Canceled => Code::Cancelled,
+        ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+        ErrorKind::Unknown => Code::Unknown,
+    };
+    Status::new(code, err.message().to_string())
+}
+
+/// The namespace of a call, from the `containerd-namespace` header; required, as in
+/// containerd, for every namespaced service.
+pub fn namespace<T>(request: &Request<T>) -> Result<String, Status> {
+    let header = request
+        .metadata()
+        .get(namespaces::GRPC_HEADER)
+        .map(|v| v.to_str());
+    let value = match header {
+        Some(Ok(value)) => Some(value),
+        Some(Err(_)) => {
+            return Err(Status::invalid_argument(
+                "containerd-namespace header is not ASCII",
+            ));
+        }
+        None => None,
+    };
+    namespaces::required(value).map_err(status)
+}
+
+/// The lease a call works under (`containerd-lease` header), if any.
+pub fn lease<T>(request: &Request<T>) -> Option<String> {
+    request
+        .metadata()
+        .get(namespaces::LEASE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+}
+
+/// Converts a subsystem result into a gRPC result.
+pub trait IntoStatus<T> {
+    fn or_status(self) -> Result<T, Status>;
+}
+
+impl<T> IntoStatus<T> for berth_core::Result<T> {
+    fn or_status(self) -> Result<T, Status> {
+        self.map_err(status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_containerd_codes() {
+        let s = status(Error::already_exists("namespace \"a\""));
+        assert_eq!(s.code(), Code::AlreadyExists);
+        assert_eq!(s.message(), "namespace \"a\": already exists");
+        assert_eq!(
+            status(Error::failed_precondition("x")).code(),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            status(Error::not_implemented("x")).code(),
+            Code::Unimplemented
+        );
+    }
+
+    #[test]
+    fn namespace_header_is_required_and_validated() {
+        let mut request = Request::new(());
+        assert_eq!(
+            namespace(&request).unwrap_err().code(),
+            Code::FailedPrecondition
+        );
+        request
+            .metadata_mut()
+            .insert(namespaces::GRPC_HEADER, "k8s.io".parse().unwrap());
+        assert_eq!(namespace(&request).unwrap(), "k8s.io");
+        request
+            .metadata_mut()
+            .insert(namespaces::GRPC_HEADER, "bad..ns".parse().unwrap());
+        assert_eq!(
+            namespace(&request).unwrap_err().code(),
+            Code::InvalidArgument
+        );
+    }
+}
