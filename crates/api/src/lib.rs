@@ -118,6 +118,11 @@ pub mod google {
     }
 }
 
+/// The encoded `FileDescriptorSet` of every generated message, for reflection (e.g.
+/// filtering events on fields of any event type).
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/containerd_descriptors.bin"));
+
 pub use containerd::services;
 pub use containerd::types;
 

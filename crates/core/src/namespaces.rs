@@ -16,7 +16,7 @@ pub fn required(namespace: Option<&str>) -> Result<String> {
     match namespace {
         None | Some("") => Err(Error::failed_precondition("namespace is required")),
         Some(ns) => {
-            identifiers::validate(ns).map_err(|e| e.context(format!("namespace validation")))?;
+            identifiers::validate(ns).map_err(|e| e.context("namespace validation"))?;
             Ok(ns.to_string())
         }
     }

@@ -85,6 +85,24 @@ impl MetadataStore {
         })
     }
 
+    /// Replaces all labels of `namespace` (creating it if needed) in one transaction.
+    pub fn replace_namespace_labels(&self, namespace: &str, labels: &Labels) -> Result<()> {
+        identifiers::validate(namespace)?;
+        labels::validate_all(labels).map_err(|e| e.context("namespace.Labels"))?;
+        self.write(|tx| {
+            let mut table = tx
+                .open_table(NAMESPACES)
+                .map_err(|e| db_error("namespaces", e))?;
+            let record = NamespaceRecord {
+                labels: labels.clone(),
+            };
+            table
+                .insert(namespace, to_json(&record)?.as_slice())
+                .map_err(|e| db_error("put", e))?;
+            Ok(())
+        })
+    }
+
     pub fn list_namespaces(&self) -> Result<Vec<String>> {
         self.read(|tx| {
             let table = match tx.open_table(NAMESPACES) {

@@ -5,9 +5,27 @@
 //! This is the only place a [`berth_core::Error`] becomes a [`tonic::Status`]
 //! ([`status`]), and the only place the namespace of a call is read ([`namespace`]).
 
+pub mod events;
+pub mod health;
+pub mod introspection;
+pub mod namespaces;
+pub mod version;
+
+use berth_core::Error;
 use berth_core::error::ErrorKind;
-use berth_core::{Error, namespaces};
+use berth_core::namespaces as ns_header;
 use tonic::{Code, Request, Status};
+
+/// Every gRPC service plugin of this crate.
+pub fn registrations() -> Vec<berth_plugin::Registration> {
+    vec![
+        version::registration(),
+        health::registration(),
+        introspection::registration(),
+        namespaces::registration(),
+        events::registration(),
+    ]
+}
 
 /// Maps an error to the gRPC status containerd's `errdefs.ToGRPC` would send; the message
 /// is kept verbatim so `ctr` prints what containerd's would.
@@ -31,7 +49,7 @@ pub fn status(err: Error) -> Status {
 pub fn namespace<T>(request: &Request<T>) -> Result<String, Status> {
     let header = request
         .metadata()
-        .get(namespaces::GRPC_HEADER)
+        .get(ns_header::GRPC_HEADER)
         .map(|v| v.to_str());
     let value = match header {
         Some(Ok(value)) => Some(value),
@@ -42,14 +60,14 @@ pub fn namespace<T>(request: &Request<T>) -> Result<String, Status> {
         }
         None => None,
     };
-    namespaces::required(value).map_err(status)
+    ns_header::required(value).map_err(status)
 }
 
 /// The lease a call works under (`containerd-lease` header), if any.
 pub fn lease<T>(request: &Request<T>) -> Option<String> {
     request
         .metadata()
-        .get(namespaces::LEASE_HEADER)
+        .get(ns_header::LEASE_HEADER)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty())
         .map(str::to_string)
@@ -94,11 +112,11 @@ mod tests {
         );
         request
             .metadata_mut()
-            .insert(namespaces::GRPC_HEADER, "k8s.io".parse().unwrap());
+            .insert(ns_header::GRPC_HEADER, "k8s.io".parse().unwrap());
         assert_eq!(namespace(&request).unwrap(), "k8s.io");
         request
             .metadata_mut()
-            .insert(namespaces::GRPC_HEADER, "bad..ns".parse().unwrap());
+            .insert(ns_header::GRPC_HEADER, "bad..ns".parse().unwrap());
         assert_eq!(
             namespace(&request).unwrap_err().code(),
             Code::InvalidArgument
