@@ -1,0 +1,222 @@
+//! Process I/O.
+//!
+//! Non-terminal processes get the client's stdout/stderr fifos directly as their own stdout
+//! and stderr (opened read-write, so a departed reader never causes EPIPE and no copying
+//! thread is needed). Stdin goes through a pipe fed by a small thread, so that CloseIO can
+//! deliver EOF. Terminal processes get a pty from runc over `--console-socket`; two small
+//! threads copy between the pty master and the fifos.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::monitor::Monitor;
+use crate::runc::Stdios;
+use crate::sys;
+
+#[derive(Clone, Default, Debug)]
+pub struct IoConfig {
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+}
+
+/// The writer feeding a process's stdin; taking it out (CloseIO) makes the process see EOF.
+pub type StdinHolder = Arc<Mutex<Option<File>>>;
+
+pub struct Prepared {
+    pub stdios: Stdios,
+    pub console: Option<ConsoleSocket>,
+    pub stdin: Option<StdinHolder>,
+    cfg: IoConfig,
+}
+
+pub struct ConsoleSocket {
+    listener: UnixListener,
+    pub path: PathBuf,
+}
+
+impl Drop for ConsoleSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// What stays with a process after it started: the stdin feeder and the pty master.
+#[derive(Default)]
+pub struct ProcIo {
+    pub stdin: Option<StdinHolder>,
+    pub console: Option<Arc<File>>,
+}
+
+impl ProcIo {
+    pub fn close_stdin(&self) {
+        if let Some(h) = &self.stdin {
+            h.lock().unwrap().take();
+        }
+    }
+}
+
+fn strip_scheme(p: &str) -> &str {
+    p.strip_prefix("fifo://").unwrap_or(p)
+}
+
+fn open_output(path: &str) -> io::Result<File> {
+    if path.is_empty() {
+        return sys::open(Path::new("/dev/null"), libc::O_WRONLY, 0);
+    }
+    if let Some(f) = path.strip_prefix("file://") {
+        let p = Path::new(f);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        return sys::open(p, libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND, 0o644);
+    }
+    if path.starts_with("binary://") {
+        return Err(io::Error::new(io::ErrorKind::Unsupported, "binary:// log URIs are not supported by the berth shim"));
+    }
+    sys::open(Path::new(strip_scheme(path)), libc::O_RDWR, 0)
+}
+
+/// Copies the stdin fifo into `holder`'s writer until EOF, then closes it.
+fn spawn_stdin_copier(fifo: String, holder: StdinHolder) -> io::Result<()> {
+    std::thread::Builder::new().name("stdin".into()).stack_size(64 * 1024).spawn(move || {
+        // Blocks until the client opens its writing end.
+        let Ok(mut f) = sys::open(Path::new(strip_scheme(&fifo)), libc::O_RDONLY, 0) else {
+            holder.lock().unwrap().take();
+            return;
+        };
+        let mut buf = vec![0u8; 8192];
+        loop {
+            let n = match f.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let mut g = holder.lock().unwrap();
+            let Some(w) = g.as_mut() else { break };
+            if w.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        holder.lock().unwrap().take();
+    })?;
+    Ok(())
+}
+
+/// Prepares the I/O of a process about to be created; `console_path` is where a console
+/// socket goes if the process wants a terminal.
+pub fn prepare(cfg: &IoConfig, console_path: &Path) -> io::Result<Prepared> {
+    if cfg.terminal {
+        let _ = std::fs::remove_file(console_path);
+        let listener = UnixListener::bind(console_path)?;
+        listener.set_nonblocking(true)?;
+        let null = || sys::open(Path::new("/dev/null"), libc::O_RDWR, 0);
+        return Ok(Prepared {
+            stdios: Stdios { stdin: Some(null()?), stdout: Some(null()?), stderr: Some(null()?) },
+            console: Some(ConsoleSocket { listener, path: console_path.to_path_buf() }),
+            stdin: None,
+            cfg: cfg.clone(),
+        });
+    }
+    let mut stdios = Stdios { stdout: Some(open_output(&cfg.stdout)?), stderr: Some(open_output(&cfg.stderr)?), stdin: None };
+    let mut holder = None;
+    if !cfg.stdin.is_empty() {
+        let (r, w) = sys::pipe()?;
+        stdios.stdin = Some(r);
+        holder = Some(Arc::new(Mutex::new(Some(w))));
+    } else {
+        stdios.stdin = Some(sys::open(Path::new("/dev/null"), libc::O_RDONLY, 0)?);
+    }
+    Ok(Prepared { stdios, console: None, stdin: holder, cfg: cfg.clone() })
+}
+
+impl Prepared {
+    /// Takes the stdio to hand to the runtime process.
+    pub fn take_stdios(&mut self) -> Stdios {
+        std::mem::take(&mut self.stdios)
+    }
+
+    /// After the runtime was spawned (pid `runtime_pid`): receives the pty master if a
+    /// terminal was asked for. Returns the runtime's wait status if it exited meanwhile.
+    pub fn receive_console(&mut self, mon: &Monitor, runtime_pid: i32) -> io::Result<(Option<File>, Option<i32>)> {
+        let Some(cs) = &self.console else { return Ok((None, None)) };
+        let lfd = cs.listener.as_raw_fd();
+        let mut exited = None;
+        loop {
+            let ready = sys::poll_read(&[lfd], 100)?;
+            if !ready.is_empty() {
+                match cs.listener.accept() {
+                    Ok((conn, _)) => {
+                        conn.set_nonblocking(false)?;
+                        let fd = sys::recv_fd(conn.as_raw_fd())?;
+                        return Ok((Some(unsafe { File::from_raw_fd(fd.into_raw_fd()) }), exited));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if exited.is_some() {
+                // The runtime is gone and nothing is pending on the socket.
+                return Ok((None, exited));
+            }
+            exited = mon.try_wait(runtime_pid);
+        }
+    }
+
+    /// Starts the copying for a started process and returns what it keeps.
+    pub fn finish(mut self, master: Option<File>) -> io::Result<ProcIo> {
+        self.console = None;
+        let Some(master) = master else {
+            if let (Some(h), false) = (&self.stdin, self.cfg.stdin.is_empty()) {
+                spawn_stdin_copier(self.cfg.stdin.clone(), h.clone())?;
+            }
+            return Ok(ProcIo { stdin: self.stdin, console: None });
+        };
+        let master = Arc::new(master);
+        let mut pio = ProcIo { stdin: None, console: Some(master.clone()) };
+        if !self.cfg.stdin.is_empty() {
+            let h: StdinHolder = Arc::new(Mutex::new(Some(master.try_clone()?)));
+            spawn_stdin_copier(self.cfg.stdin.clone(), h.clone())?;
+            pio.stdin = Some(h);
+        }
+        let out = self.cfg.stdout.clone();
+        let mut reader = master.try_clone()?;
+        std::thread::Builder::new().name("pty-out".into()).stack_size(64 * 1024).spawn(move || {
+            let mut w = if out.is_empty() {
+                None
+            } else if out.starts_with("file://") {
+                open_output(&out).ok()
+            } else {
+                // Blocks until the client has the reading end open (it has, for ctr).
+                sys::open(Path::new(strip_scheme(&out)), libc::O_WRONLY, 0).ok()
+            };
+            let mut buf = vec![0u8; 8192];
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if let Some(f) = w.as_mut() {
+                            if f.write_all(&buf[..n]).is_err() {
+                                w = None;
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => break, // EIO: every slave fd is closed
+                }
+            }
+        })?;
+        Ok(pio)
+    }
+
+    /// Undoes a prepare whose process never started: unblocks the stdin copier if any.
+    pub fn abort(self) {
+        if let Some(h) = &self.stdin {
+            h.lock().unwrap().take();
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Thin, safe-ish wrappers over the few libc calls the shim needs.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+pub fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+pub fn cstr(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Writes a line to stderr, which is containerd's shim `log` fifo (or /dev/null). Never panics.
+pub fn log(msg: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(io::stderr(), "berth-shim[{}]: {}", std::process::id(), msg);
+}
+
+#[macro_export]
+macro_rules! slog {
+    ($($t:tt)*) => { $crate::sys::log(format_args!($($t)*)) };
+}
+
+pub fn pipe() -> io::Result<(File, File)> {
+    let mut fds = [0; 2];
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+}
+
+pub fn open(path: &Path, flags: libc::c_int, mode: libc::mode_t) -> io::Result<File> {
+    let c = cstr(path)?;
+    let fd = cvt(unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, mode as libc::c_uint) })?;
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+pub fn set_nonblock(fd: RawFd, on: bool) -> io::Result<()> {
+    let fl = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    let nfl = if on { fl | libc::O_NONBLOCK } else { fl & !libc::O_NONBLOCK };
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, nfl) })?;
+    Ok(())
+}
+
+pub fn eventfd() -> io::Result<File> {
+    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) })?;
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+pub fn eventfd_signal(f: &File) {
+    let one: u64 = 1;
+    unsafe { libc::write(f.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+}
+
+pub fn eventfd_read(f: &File) -> u64 {
+    let mut v: u64 = 0;
+    unsafe { libc::read(f.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+    v
+}
+
+/// Polls `fds` for readability; returns indices that are ready (readable, hung up or in error).
+pub fn poll_read(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<usize>> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
+        .collect();
+    loop {
+        let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok(p
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| x.revents != 0)
+            .map(|(i, _)| i)
+            .collect());
+    }
+}
+
+/// Receives one file descriptor passed with SCM_RIGHTS over a connected unix socket.
+pub fn recv_fd(sock: RawFd) -> io::Result<OwnedFd> {
+    let mut buf = [0u8; 4096];
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let mut cbuf = vec![0u64; space.div_ceil(8)];
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = space as _;
+    loop {
+        let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        break;
+    }
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let fd = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const RawFd);
+                return Ok(OwnedFd::from_raw_fd(fd));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Err(io::Error::other("no file descriptor received on console socket"))
+}
+
+pub fn set_winsize(fd: RawFd, width: u32, height: u32) -> io::Result<()> {
+    let ws = libc::winsize { ws_row: height as u16, ws_col: width as u16, ws_xpixel: 0, ws_ypixel: 0 };
+    cvt(unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) })?;
+    Ok(())
+}
+
+pub fn mount(src: &str, target: &Path, fstype: &str, flags: libc::c_ulong, data: &str) -> io::Result<()> {
+    let s = CString::new(src).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let t = cstr(target)?;
+    let f = CString::new(fstype).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let d = CString::new(data).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let dp = if data.is_empty() { std::ptr::null() } else { d.as_ptr() as *const libc::c_void };
+    let fp = if fstype.is_empty() { std::ptr::null() } else { f.as_ptr() };
+    cvt(unsafe { libc::mount(s.as_ptr(), t.as_ptr(), fp, flags, dp) })?;
+    Ok(())
+}
+
+/// Unmounts everything stacked on `target` (lazily as a last resort).
+pub fn unmount_all(target: &Path) {
+    let Ok(t) = cstr(target) else { return };
+    for _ in 0..64 {
+        if unsafe { libc::umount2(t.as_ptr(), libc::UMOUNT_NOFOLLOW) } == 0 {
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINVAL) | Some(libc::ENOENT) => return,
+            Some(libc::EBUSY) => {
+                unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) };
+            }
+            _ => return,
+        }
+    }
+}
+
+pub fn now() -> containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut t = containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp::new();
+    t.seconds = d.as_secs() as i64;
+    t.nanos = d.subsec_nanos() as i32;
+    t
+}
+
+/// Exit status in the shell convention: the code, or 128+signal.
+pub fn exit_code(status: libc::c_int) -> u32 {
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status) as u32
+    } else if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status) as u32
+    } else {
+        255
+    }
+}
+
+/// Small, dependency-free 128-bit hash (two FNV-1a variants) rendered as hex; used for socket names.
+pub fn hash_hex(parts: &[&str]) -> String {
+    let mut a: u64 = 0xcbf29ce484222325;
+    let mut b: u64 = 0x84222325cbf29ce4;
+    for p in parts {
+        for &c in p.as_bytes().iter().chain(std::iter::once(&0u8)) {
+            a = (a ^ c as u64).wrapping_mul(0x100000001b3);
+            b = (b ^ (c as u64).rotate_left(5)).wrapping_mul(0x100000001b3).rotate_left(7);
+        }
+    }
+    format!("{a:016x}{b:016x}")
+}
+
+/// Value of `"key":"value"` in a flat JSON object line (no nesting, common escapes undone).
+pub fn json_str(line: &str, key: &str) -> Option<String> {
+    let pat = format!("\"{key}\":");
+    let i = line.find(&pat)? + pat.len();
+    let rest = line[i..].trim_start().strip_prefix('"')?;
+    let mut out = String::new();
+    let mut chars = rest.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return Some(out),
+            '\\' => match chars.next()? {
+                'n' => out.push('\n'),
+                't' => out.push('\t'),
+                'u' => {
+                    let h: String = chars.by_ref().take(4).collect();
+                    if let Some(ch) = u32::from_str_radix(&h, 16).ok().and_then(char::from_u32) {
+                        out.push(ch);
+                    }
+                }
+                o => out.push(o),
+            },
+            c => out.push(c),
+        }
+    }
+    None
+}
+
+pub fn json_escape(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_helpers() {
+        let l = r#"{"level":"error","msg":"container \"x\" does not exist\n","time":"t"}"#;
+        assert_eq!(json_str(l, "msg").unwrap(), "container \"x\" does not exist\n");
+        assert_eq!(json_str(l, "level").unwrap(), "error");
+        assert!(json_str(l, "nope").is_none());
+        let e = json_escape("a\"b\\c");
+        assert_eq!(json_str(&format!("{{\"k\":\"{e}\"}}"), "k").unwrap(), "a\"b\\c");
+    }
+
+    #[test]
+    fn codes() {
+        assert_eq!(exit_code(3 << 8), 3);
+        assert_eq!(exit_code(9), 137);
+        assert_ne!(hash_hex(&["a", "bc"]), hash_hex(&["ab", "c"]));
+        assert_eq!(hash_hex(&["x"]).len(), 32);
+    }
+}
