@@ -5,6 +5,7 @@
 //! another (`ContentStore`, `Snapshotter`, …) live here so that crates depend on
 //! interfaces, never on each other's concrete types.
 
+pub mod content;
 pub mod error;
 pub mod events;
 pub mod fieldpath;
