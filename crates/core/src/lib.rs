@@ -12,6 +12,8 @@ pub mod fieldpath;
 pub mod filters;
 pub mod identifiers;
 pub mod labels;
+pub mod mount;
 pub mod namespaces;
+pub mod snapshot;
 
 pub use error::{Error, Result};

@@ -1,1 +1,38 @@
+//! Berth's snapshotters: overlayfs and native (plus their shared metastore and mount
+//! helpers). Each implements [`berth_core::snapshot::Snapshotter`]; the plugin instance
+//! of a snapshotter is an `Arc<dyn Snapshotter>` (see [`registrations`]).
 
+pub mod fsutil;
+pub mod mount;
+pub mod native;
+pub mod overlay;
+pub mod storage;
+
+mod plugin;
+
+pub use plugin::{SnapshotterInstance, registrations};
+
+use berth_core::Result;
+use std::path::Path;
+
+/// Removes every entry of `dir` whose name is not the ID of a snapshot in `ms` (what an
+/// asynchronous remove or an interrupted create leaves behind). The decision is made
+/// under the metastore's write lock, the deletion after it.
+pub(crate) fn cleanup_unowned(ms: &storage::MetaStore, dir: &Path) -> Result<()> {
+    let doomed = ms.with_ids_locked(|ids| {
+        let mut doomed = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            if !ids.contains(entry.file_name().to_string_lossy().as_ref()) {
+                doomed.push(entry.path());
+            }
+        }
+        Ok(doomed)
+    })?;
+    for path in doomed {
+        if let Err(err) = std::fs::remove_dir_all(&path) {
+            tracing::warn!(path = %path.display(), error = %err, "failed to remove directory");
+        }
+    }
+    Ok(())
+}
