@@ -8,6 +8,7 @@
 //! - the schema version is stored in the file; tables are created on open, so later
 //!   subsystems add tables without a migration, and an incompatible file is refused.
 
+pub mod containers;
 mod db;
 pub mod namespaces;
 
@@ -17,6 +18,9 @@ pub use plugin::{MetadataConfig, registration};
 
 /// Every namespaced table, in the order containerd names them when a namespace that still
 /// holds records is deleted. A module that adds a namespaced table lists it here.
-pub const NAMESPACED_TABLES: &[namespaces::NamespacedTableInfo] = &[];
+pub const NAMESPACED_TABLES: &[namespaces::NamespacedTableInfo] = &[namespaces::NamespacedTableInfo {
+    table: containers::CONTAINERS,
+    what: "containers",
+}];
 
 pub use db::{MetadataStore, NamespacedTable, SCHEMA_VERSION, namespace_range, namespaced_key};
