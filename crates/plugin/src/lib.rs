@@ -94,6 +94,11 @@ pub struct DaemonInfo {
     pub ttrpc_address: String,
     /// Platforms this daemon runs, in containerd's `os/arch[/variant]` form.
     pub platforms: Vec<String>,
+    /// `[grpc] max_recv_message_size` / `max_send_message_size` (0 = tonic's default).
+    /// tonic sets these per service, so gRPC plugins apply them when they build their
+    /// server (`max_decoding_message_size` / `max_encoding_message_size`).
+    pub max_recv_message_size: usize,
+    pub max_send_message_size: usize,
 }
 
 /// What `init` gets: its directories, its config section, and access to the plugins
