@@ -29,6 +29,8 @@ pub struct MetadataStore {
     db: redb::Database,
     /// Count of deletions since the last garbage collection (drives the GC scheduler).
     dirty: AtomicU64,
+    /// Attached subsystems and the mutation signal (see `attach.rs`).
+    pub(crate) ext: crate::attach::Attachments,
 }
 
 impl MetadataStore {
@@ -43,6 +45,7 @@ impl MetadataStore {
         let store = MetadataStore {
             db,
             dirty: AtomicU64::new(0),
+            ext: Default::default(),
         };
         store.check_schema(path)?;
         Ok(store)
@@ -94,6 +97,7 @@ impl MetadataStore {
             .map_err(|e| db_error("begin write", e))?;
         let value = f(&tx)?;
         tx.commit().map_err(|e| db_error("commit", e))?;
+        self.ext.mutated();
         Ok(value)
     }
 

@@ -8,19 +8,36 @@
 //! - the schema version is stored in the file; tables are created on open, so later
 //!   subsystems add tables without a migration, and an incompatible file is refused.
 
+mod attach;
 pub mod containers;
+pub mod content;
 mod db;
+pub mod gc;
+pub mod images;
+pub mod leases;
 pub mod namespaces;
+mod util;
 
 mod plugin;
 
+pub use attach::SharingPolicy;
 pub use plugin::{MetadataConfig, registration};
 
 /// Every namespaced table, in the order containerd names them when a namespace that still
 /// holds records is deleted. A module that adds a namespaced table lists it here.
-pub const NAMESPACED_TABLES: &[namespaces::NamespacedTableInfo] = &[namespaces::NamespacedTableInfo {
-    table: containers::CONTAINERS,
-    what: "containers",
-}];
+pub const NAMESPACED_TABLES: &[namespaces::NamespacedTableInfo] = &[
+    namespaces::NamespacedTableInfo {
+        table: images::IMAGES,
+        what: "images",
+    },
+    namespaces::NamespacedTableInfo {
+        table: content::BLOBS,
+        what: "blobs",
+    },
+    namespaces::NamespacedTableInfo {
+        table: containers::CONTAINERS,
+        what: "containers",
+    },
+];
 
 pub use db::{MetadataStore, NamespacedTable, SCHEMA_VERSION, namespace_range, namespaced_key};

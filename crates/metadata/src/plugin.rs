@@ -42,6 +42,14 @@ pub fn registration() -> Registration {
         let store = tokio::task::spawn_blocking(move || MetadataStore::open(&path))
             .await
             .map_err(|e| berth_core::Error::unknown(format!("opening metadata: {e}")))??;
+        // containerd's metadata DB wraps the content store: attach the local one.
+        if let Ok(blobs) = ctx.get::<Arc<dyn berth_core::content::BlobStore>>(types::CONTENT) {
+            let policy = match config.content_sharing_policy.as_str() {
+                "isolated" => crate::SharingPolicy::Isolated,
+                _ => crate::SharingPolicy::Shared,
+            };
+            store.attach_blobs(blobs, policy);
+        }
         ctx.export(
             "database",
             ctx.root.join(DATABASE_FILE).display().to_string(),
