@@ -173,10 +173,10 @@ impl LocalStore {
         let started_at = read_time(&path.join("startedat"))
             .ok_or_else(|| Error::unknown(format!("could not read startedat of ingest {ref:?}")))?;
         let mut updated_at = read_time(&path.join("updatedat")).unwrap_or(started_at);
-        if let Ok(m) = meta.modified() {
-            if m > updated_at {
-                updated_at = m;
-            }
+        if let Ok(m) = meta.modified()
+            && m > updated_at
+        {
+            updated_at = m;
         }
         let total = read_string(&path.join("total"))
             .ok()
@@ -581,12 +581,12 @@ impl LocalWriter {
             )));
         }
         let digest = self.digest();
-        if let Some(expected) = expected {
-            if *expected != digest {
-                return Err(Error::failed_precondition(format!(
-                    "unexpected commit digest {digest}, expected {expected}"
-                )));
-            }
+        if let Some(expected) = expected
+            && *expected != digest
+        {
+            return Err(Error::failed_precondition(format!(
+                "unexpected commit digest {digest}, expected {expected}"
+            )));
         }
         let target = self
             .root

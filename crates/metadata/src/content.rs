@@ -243,13 +243,12 @@ impl ContentStore for NamespacedContent {
                     }
                     return Ok(Outcome::Exists);
                 }
-                if self.shared {
-                    if let Ok(info) = self.blobs.info(expected) {
-                        if total == 0 || total == info.size {
-                            shared = true;
-                            total = info.size;
-                        }
-                    }
+                if self.shared
+                    && let Ok(info) = self.blobs.info(expected)
+                    && (total == 0 || total == info.size)
+                {
+                    shared = true;
+                    total = info.size;
                 }
             }
             MetadataStore::ensure_namespace(tx, &ns)?;
@@ -427,13 +426,13 @@ impl NamespacedWriter {
                         self.r#ref, self.total
                     )));
                 }
-                if let Some(expected) = expected {
-                    if *expected != d {
-                        return Err(Error::failed_precondition(format!(
-                            "{:?} unexpected digest",
-                            self.r#ref
-                        )));
-                    }
+                if let Some(expected) = expected
+                    && *expected != d
+                {
+                    return Err(Error::failed_precondition(format!(
+                        "{:?} unexpected digest",
+                        self.r#ref
+                    )));
                 }
                 (d, self.total)
             }

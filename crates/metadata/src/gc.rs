@@ -366,10 +366,10 @@ fn mark_and_sweep(
         if let Some(x) = &rec.expected {
             ingest_expected.insert((ns.to_string(), r.to_string()), x.clone());
         }
-        if let Some(exp) = rec.expire_at {
-            if now_n < exp {
-                roots.push(Node::new(Kind::Ingest, ns, r));
-            }
+        if let Some(exp) = rec.expire_at
+            && now_n < exp
+        {
+            roots.push(Node::new(Kind::Ingest, ns, r));
         }
         Ok(())
     })?;
@@ -416,12 +416,11 @@ fn mark_and_sweep(
         let mut refs = Vec::new();
         match node.kind {
             Kind::Content => {
-                if !node.flat {
-                    if let Some(labels) =
+                if !node.flat
+                    && let Some(labels) =
                         blob_labels.get(&(node.namespace.clone(), node.key.clone()))
-                    {
-                        label_refs(&node.namespace, labels, &mut |n| refs.push(n));
-                    }
+                {
+                    label_refs(&node.namespace, labels, &mut |n| refs.push(n));
                 }
             }
             Kind::Ingest => {
@@ -475,3 +474,13 @@ fn mark_and_sweep(
 
 #[cfg(test)]
 mod tests;
+
+/// The future [`GcScheduler::schedule_and_wait`] returns.
+pub type GcFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<GcStats>> + Send>>;
+
+/// What the `io.containerd.gc.v1.scheduler` plugin provides (its instance is an
+/// `Arc<dyn GcScheduler>`): services that delete with `sync` wait for a collection.
+pub trait GcScheduler: Send + Sync {
+    /// Schedules a collection (after `schedule_delay`) and resolves when one has run.
+    fn schedule_and_wait(&self) -> GcFuture;
+}

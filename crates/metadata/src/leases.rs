@@ -185,10 +185,10 @@ fn lease_field(lease: &Lease, path: &[String]) -> Option<String> {
 
 /// Every lease of every namespace with its resources, for the collector: yields
 /// (namespace, lease, resources).
-pub(crate) fn scan_leases(
-    tx: &WriteTransaction,
-    f: &mut dyn FnMut(&str, &Lease, &[Resource]) -> Result<()>,
-) -> Result<()> {
+/// Visits one lease of a namespace with its resources.
+pub(crate) type LeaseVisitor<'a> = dyn FnMut(&str, &Lease, &[Resource]) -> Result<()> + 'a;
+
+pub(crate) fn scan_leases(tx: &WriteTransaction, f: &mut LeaseVisitor<'_>) -> Result<()> {
     let leases = tx.open_table(LEASES).map_err(e("leases"))?;
     let resources = tx
         .open_table(LEASE_RESOURCES)
