@@ -1,0 +1,306 @@
+//! The daemon's life: prepare the process (directories, OOM score, opt environment) while
+//! it is single-threaded, start a small async runtime, initialise the plugins, serve, and
+//! shut down gracefully on SIGTERM/SIGINT.
+
+use crate::config::Config;
+use crate::state::DaemonState;
+use crate::ttrpc_server::TtrpcServer;
+use crate::{endpoints, opt, plugins, sockets};
+use anyhow::{Context, anyhow, bail};
+use berth_core::events::Exchange;
+use berth_plugin::{DaemonInfo, GrpcService, InitOptions, PluginSet, types};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::task::JoinHandle;
+
+/// How long in-flight calls (and open streams such as `ctr events`) may run on after a
+/// shutdown signal before the daemon closes them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Worker threads of the async runtime: the daemon is I/O bound and idles most of the
+/// time, and every thread costs memory (stack, allocator arena).
+const WORKER_THREADS: usize = 2;
+
+/// Runs the daemon until it is told to stop. Must be called while the process is still
+/// single-threaded (it changes the environment for the opt plugin).
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let started = Instant::now();
+    prepare_process(&config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKER_THREADS)
+        .max_blocking_threads(16)
+        .thread_keep_alive(Duration::from_secs(5))
+        .thread_name("berthd")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(config, started))
+}
+
+/// Work that must happen before any thread exists, or before any plugin runs.
+fn prepare_process(config: &Config) -> anyhow::Result<()> {
+    limit_malloc_arenas();
+    create_directory(Path::new(&config.root), 0o711)?;
+    create_directory(Path::new(&config.state), 0o711)?;
+    if !config.temp.is_empty() {
+        create_directory(Path::new(&config.temp), 0o700)?;
+        // SAFETY: single-threaded here (see `run`), so nobody reads the environment
+        // concurrently. Shims and runtimes inherit it, as with containerd.
+        unsafe { std::env::set_var("TMPDIR", &config.temp) };
+    }
+    if config.oom_score != 0 {
+        apply_oom_score(config.oom_score);
+    }
+    match opt::prepare_environment(config) {
+        Ok(Some(path)) => tracing::debug!(path = %path.display(), "opt directory ready"),
+        Ok(None) => {}
+        // The opt plugin's init reports the failure (ctr plugins ls shows it).
+        Err(e) => tracing::warn!(error = %e, "preparing the opt directory"),
+    }
+    Ok(())
+}
+
+/// glibc gives each thread that allocates its own arena (up to 8 per core), which
+/// multiplies idle memory; two arenas are plenty for this daemon.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        const M_ARENA_MAX: i32 = -8;
+        // SAFETY: mallopt only adjusts allocator tuning; called before other threads.
+        unsafe { mallopt(M_ARENA_MAX, 2) };
+    }
+}
+
+fn create_directory(path: &Path, mode: u32) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .with_context(|| format!("creating directory {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))
+}
+
+/// Writes `/proc/self/oom_score_adj`. Lowering it needs CAP_SYS_RESOURCE; without it the
+/// daemon runs on with the inherited score (containerd does the same).
+fn apply_oom_score(score: i32) {
+    let score = score.clamp(-1000, 1000);
+    match std::fs::write("/proc/self/oom_score_adj", score.to_string()) {
+        Ok(()) => tracing::debug!(score, "OOM score adjusted"),
+        Err(e) => tracing::error!(score, error = %e, "failed to change OOM score"),
+    }
+}
+
+/// This machine's platform in containerd's form (`linux/amd64`, `linux/arm64/v8`).
+pub fn host_platform() -> String {
+    match std::env::consts::ARCH {
+        "x86_64" => "linux/amd64".into(),
+        "aarch64" => "linux/arm64/v8".into(),
+        "x86" => "linux/386".into(),
+        "arm" => "linux/arm/v7".into(),
+        "powerpc64" => "linux/ppc64le".into(),
+        other => format!("linux/{other}"),
+    }
+}
+
+/// Sockets the daemon created and removes on exit.
+#[derive(Default)]
+struct SocketFiles(Vec<PathBuf>);
+
+impl Drop for SocketFiles {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+async fn serve(mut config: Config, started: Instant) -> anyhow::Result<()> {
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        pid = std::process::id(),
+        "starting berthd"
+    );
+    opt::normalise_section(&mut config);
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut user1 = signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?;
+
+    let ttrpc_address = config.ttrpc_address();
+    let daemon = Arc::new(DaemonInfo {
+        root: PathBuf::from(&config.root),
+        state: PathBuf::from(&config.state),
+        grpc_address: config.grpc.address.clone(),
+        ttrpc_address: ttrpc_address.clone(),
+        platforms: vec![host_platform()],
+        max_recv_message_size: config.grpc.max_recv_message_size,
+        max_send_message_size: config.grpc.max_send_message_size,
+    });
+    let exchange = Exchange::new();
+    let options = InitOptions {
+        daemon,
+        events: exchange.clone(),
+        sections: config
+            .plugins
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        disabled: config.disabled_plugins.clone(),
+        required: config.required_plugins.clone(),
+    };
+
+    // A plugin may block (a database locked by another daemon); signals still stop us.
+    let plugins = tokio::select! {
+        result = PluginSet::initialize(plugins::all_registrations(), options) => {
+            result.map_err(|e| anyhow!("refusing to start: {e}"))?
+        }
+        _ = terminate.recv() => bail!("terminated while initialising plugins"),
+        _ = interrupt.recv() => bail!("interrupted while initialising plugins"),
+    };
+    let state = DaemonState::new(plugins.records(), exchange.clone());
+    let mut sockets = SocketFiles::default();
+    let mut side_tasks: Vec<JoinHandle<()>> = Vec::new();
+
+    if !config.debug.address.is_empty() {
+        let (listener, path) =
+            sockets::listen(&config.debug.address, config.debug.uid, config.debug.gid)
+                .context("debug endpoint")?;
+        sockets.0.push(path.clone());
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::UnixListener::from_std(listener)?;
+        tracing::info!(address = %path.display(), "serving debug endpoint");
+        side_tasks.push(tokio::spawn(endpoints::serve_debug(
+            listener,
+            state.clone(),
+        )));
+    }
+    if !config.metrics.address.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&config.metrics.address)
+            .await
+            .with_context(|| format!("metrics endpoint {}", config.metrics.address))?;
+        tracing::info!(address = %config.metrics.address, "serving metrics at /v1/metrics");
+        side_tasks.push(tokio::spawn(endpoints::serve_metrics(
+            listener,
+            state.clone(),
+        )));
+    }
+
+    let (ttrpc_uid, ttrpc_gid) = config.ttrpc_owner();
+    let (ttrpc_listener, ttrpc_path) =
+        sockets::listen(&ttrpc_address, ttrpc_uid, ttrpc_gid).context("ttrpc endpoint")?;
+    sockets.0.push(ttrpc_path.clone());
+    let ttrpc = TtrpcServer::start(ttrpc_listener, exchange.clone())
+        .await
+        .context("ttrpc endpoint")?;
+    tracing::info!(address = %ttrpc_path.display(), "serving ttrpc");
+
+    let routes = grpc_routes(&plugins);
+    let (stop_grpc, grpc_stopped) = tokio::sync::watch::channel(false);
+    let mut grpc_servers = Vec::new();
+    if !config.grpc.tcp_address.is_empty() {
+        if !(config.grpc.tcp_tls_cert.is_empty() && config.grpc.tcp_tls_key.is_empty()) {
+            bail!(
+                "[grpc] tcp_tls_cert/tcp_tls_key are set but TLS on tcp_address is not supported yet; refusing to serve gRPC unencrypted on {}",
+                config.grpc.tcp_address
+            );
+        }
+        let listener = tokio::net::TcpListener::bind(&config.grpc.tcp_address)
+            .await
+            .with_context(|| format!("gRPC TCP endpoint {}", config.grpc.tcp_address))?;
+        tracing::info!(address = %config.grpc.tcp_address, "serving gRPC over TCP");
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        grpc_servers.push(tokio::spawn(crate::grpc::serve(
+            routes.clone(),
+            incoming,
+            wait_for(grpc_stopped.clone()),
+            state.clone(),
+        )));
+    }
+    let (grpc_listener, grpc_path) =
+        sockets::listen(&config.grpc.address, config.grpc.uid, config.grpc.gid)
+            .context("gRPC endpoint")?;
+    sockets.0.push(grpc_path.clone());
+    grpc_listener.set_nonblocking(true)?;
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(
+        tokio::net::UnixListener::from_std(grpc_listener)?,
+    );
+    grpc_servers.push(tokio::spawn(crate::grpc::serve(
+        routes,
+        incoming,
+        wait_for(grpc_stopped),
+        state.clone(),
+    )));
+    tracing::info!(address = %grpc_path.display(), "serving gRPC");
+    let counts = state.plugin_counts();
+    tracing::info!(
+        plugins_loaded = counts.loaded,
+        plugins_failed = counts.failed,
+        plugins_skipped = counts.skipped,
+        "berthd successfully booted in {:.3}s",
+        started.elapsed().as_secs_f64()
+    );
+
+    loop {
+        tokio::select! {
+            _ = user1.recv() => {
+                tracing::info!("state dump (SIGUSR1)\n{}", state.dump());
+            }
+            _ = terminate.recv() => { tracing::info!("received SIGTERM, shutting down"); break; }
+            _ = interrupt.recv() => { tracing::info!("received SIGINT, shutting down"); break; }
+            finished = futures::future::select_all(grpc_servers.iter_mut()) => {
+                let (result, _, _) = finished;
+                match result {
+                    Ok(Ok(())) => bail!("gRPC server stopped unexpectedly"),
+                    Ok(Err(e)) => bail!("gRPC server failed: {e}"),
+                    Err(e) => bail!("gRPC server task failed: {e}"),
+                }
+            }
+        }
+    }
+
+    // Stop accepting new connections and calls, then give the open ones time to end.
+    let _ = stop_grpc.send(true);
+    for path in &sockets.0 {
+        let _ = std::fs::remove_file(path);
+    }
+    let graceful = async {
+        for server in grpc_servers {
+            let _ = server.await;
+        }
+        ttrpc.shutdown().await;
+    };
+    tokio::select! {
+        _ = graceful => tracing::info!("all calls finished"),
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "calls still open after the grace period; closing them");
+        }
+        _ = terminate.recv() => tracing::warn!("second SIGTERM: closing open calls now"),
+        _ = interrupt.recv() => tracing::warn!("second SIGINT: closing open calls now"),
+    }
+    for task in side_tasks {
+        task.abort();
+    }
+    drop(sockets);
+    tracing::info!("berthd stopped");
+    Ok(())
+}
+
+async fn wait_for(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+/// Every loaded gRPC plugin's services on one router.
+fn grpc_routes(plugins: &PluginSet) -> tonic::service::Routes {
+    let mut builder = tonic::service::RoutesBuilder::default();
+    for (id, service) in plugins.get_all::<Arc<dyn GrpcService>>(types::GRPC) {
+        tracing::debug!(plugin = %id, "registering gRPC service");
+        service.register(&mut builder);
+    }
+    builder.routes()
+}
