@@ -5,9 +5,12 @@
 //! This is the only place a [`berth_core::Error`] becomes a [`tonic::Status`]
 //! ([`status`]), and the only place the namespace of a call is read ([`namespace`]).
 
+pub mod content;
 pub mod events;
 pub mod health;
+pub mod images;
 pub mod introspection;
+pub mod leases;
 pub mod namespaces;
 pub mod version;
 
@@ -24,6 +27,12 @@ pub fn registrations() -> Vec<berth_plugin::Registration> {
         introspection::registration(),
         namespaces::registration(),
         events::registration(),
+        content::service_registration(),
+        content::registration(),
+        images::service_registration(),
+        images::registration(),
+        leases::service_registration(),
+        leases::registration(),
     ]
 }
 

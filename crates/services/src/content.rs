@@ -1,0 +1,544 @@
+//! `containerd.services.content.v1.Content`: the service plugin
+//! `io.containerd.service.v1.content-service` (the namespaced content store with events;
+//! instance `Arc<dyn ContentStore>`) and the gRPC plugin `io.containerd.grpc.v1.content`.
+
+use crate::{IntoStatus, lease, namespace, status};
+use berth_api::any;
+use berth_api::containerd::events::{ContentCreate, ContentDelete};
+use berth_api::services::content::v1 as api;
+use berth_api::services::content::v1::content_server;
+use berth_api::timestamp;
+use berth_core::content::{
+    ContentStore, Digest, Info, ReaderAt, Scope, Status as IngestStatus, Writer, WriterOpts,
+};
+use berth_core::events::{EventPublisher, Exchange};
+use berth_core::labels::Labels;
+use berth_core::{Error, Result};
+use berth_metadata::MetadataStore;
+use berth_plugin::{GrpcService, InitContext, Instance, Registration, grpc_instance, types};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::BoxStream;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+/// The namespaced content store, publishing `/content/create` and `/content/delete`.
+pub struct EventedContent {
+    inner: Arc<dyn ContentStore>,
+    events: Exchange,
+}
+
+impl EventedContent {
+    pub fn new(inner: Arc<dyn ContentStore>, events: Exchange) -> EventedContent {
+        EventedContent { inner, events }
+    }
+}
+
+struct EventedWriter {
+    inner: Box<dyn Writer>,
+    namespace: String,
+    events: Exchange,
+}
+
+impl Writer for EventedWriter {
+    fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.inner.write(data)
+    }
+    fn status(&self) -> Result<IngestStatus> {
+        self.inner.status()
+    }
+    fn digest(&self) -> Digest {
+        self.inner.digest()
+    }
+    fn truncate(&mut self, size: i64) -> Result<()> {
+        self.inner.truncate(size)
+    }
+    fn commit(&mut self, size: i64, expected: Option<&Digest>, labels: Labels) -> Result<()> {
+        let offset = self.inner.status().map(|s| s.offset).unwrap_or(size);
+        self.inner.commit(size, expected, labels)?;
+        let event = ContentCreate {
+            digest: self.inner.digest().to_string(),
+            size: offset,
+        };
+        let _ = self
+            .events
+            .publish(&self.namespace, "/content/create", any::pack(&event));
+        Ok(())
+    }
+    fn close(&mut self) -> Result<()> {
+        self.inner.close()
+    }
+}
+
+impl ContentStore for EventedContent {
+    fn info(&self, scope: &Scope, digest: &Digest) -> Result<Info> {
+        self.inner.info(scope, digest)
+    }
+    fn update(&self, scope: &Scope, info: Info, paths: &[String]) -> Result<Info> {
+        self.inner.update(scope, info, paths)
+    }
+    fn walk(
+        &self,
+        scope: &Scope,
+        filters: &[String],
+        f: &mut dyn FnMut(Info) -> Result<()>,
+    ) -> Result<()> {
+        self.inner.walk(scope, filters, f)
+    }
+    fn delete(&self, scope: &Scope, digest: &Digest) -> Result<()> {
+        self.inner.delete(scope, digest)?;
+        let event = ContentDelete {
+            digest: digest.to_string(),
+        };
+        let _ = self
+            .events
+            .publish(&scope.namespace, "/content/delete", any::pack(&event));
+        Ok(())
+    }
+    fn reader_at(&self, scope: &Scope, digest: &Digest) -> Result<Box<dyn ReaderAt>> {
+        self.inner.reader_at(scope, digest)
+    }
+    fn writer(&self, scope: &Scope, opts: WriterOpts) -> Result<Box<dyn Writer>> {
+        Ok(Box::new(EventedWriter {
+            inner: self.inner.writer(scope, opts)?,
+            namespace: scope.namespace.clone(),
+            events: self.events.clone(),
+        }))
+    }
+    fn status(&self, scope: &Scope, r#ref: &str) -> Result<IngestStatus> {
+        self.inner.status(scope, r#ref)
+    }
+    fn list_statuses(&self, scope: &Scope, filters: &[String]) -> Result<Vec<IngestStatus>> {
+        self.inner.list_statuses(scope, filters)
+    }
+    fn abort(&self, scope: &Scope, r#ref: &str) -> Result<()> {
+        self.inner.abort(scope, r#ref)
+    }
+}
+
+#[derive(Clone)]
+struct ContentService {
+    store: Arc<dyn ContentStore>,
+}
+
+fn scope<T>(request: &Request<T>) -> Result<Scope, Status> {
+    Ok(Scope::new(namespace(request)?).with_lease(lease(request)))
+}
+
+fn info_to_api(info: Info) -> api::Info {
+    api::Info {
+        digest: info.digest.to_string(),
+        size: info.size,
+        created_at: Some(timestamp::from_system_time(info.created_at)),
+        updated_at: Some(timestamp::from_system_time(info.updated_at)),
+        labels: info.labels.into_iter().collect(),
+    }
+}
+
+fn status_to_api(st: IngestStatus) -> api::Status {
+    api::Status {
+        started_at: Some(timestamp::from_system_time(st.started_at)),
+        updated_at: Some(timestamp::from_system_time(st.updated_at)),
+        r#ref: st.r#ref,
+        offset: st.offset,
+        total: st.total,
+        expected: st.expected,
+    }
+}
+
+fn parse_digest(s: &str) -> Result<Digest, Status> {
+    Digest::parse(s).map_err(|_| Status::invalid_argument(format!("{s:?} failed validation")))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("content task failed: {e}")))?
+        .or_status()
+}
+
+const READ_CHUNK: usize = 1 << 20;
+
+#[tonic::async_trait]
+impl content_server::Content for ContentService {
+    async fn info(
+        &self,
+        request: Request<api::InfoRequest>,
+    ) -> Result<Response<api::InfoResponse>, Status> {
+        let scope = scope(&request)?;
+        let digest = parse_digest(&request.get_ref().digest)?;
+        let store = self.store.clone();
+        let info = blocking(move || store.info(&scope, &digest)).await?;
+        Ok(Response::new(api::InfoResponse {
+            info: Some(info_to_api(info)),
+        }))
+    }
+
+    async fn update(
+        &self,
+        request: Request<api::UpdateRequest>,
+    ) -> Result<Response<api::UpdateResponse>, Status> {
+        let scope = scope(&request)?;
+        let req = request.into_inner();
+        let info = req.info.unwrap_or_default();
+        let digest = parse_digest(&info.digest)?;
+        let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
+        let store = self.store.clone();
+        let updated = blocking(move || {
+            let info = Info {
+                digest,
+                size: info.size,
+                created_at: std::time::UNIX_EPOCH,
+                updated_at: std::time::UNIX_EPOCH,
+                labels: info.labels.into_iter().collect(),
+            };
+            store.update(&scope, info, &paths)
+        })
+        .await?;
+        Ok(Response::new(api::UpdateResponse {
+            info: Some(info_to_api(updated)),
+        }))
+    }
+
+    async fn list(
+        &self,
+        request: Request<api::ListContentRequest>,
+    ) -> Result<Response<BoxStream<api::ListContentResponse>>, Status> {
+        let scope = scope(&request)?;
+        let filters = request.into_inner().filters;
+        let store = self.store.clone();
+        let infos = blocking(move || {
+            let mut out = Vec::new();
+            store.walk(&scope, &filters, &mut |info| {
+                out.push(info);
+                Ok(())
+            })?;
+            Ok(out)
+        })
+        .await?;
+        let blocks: Vec<Result<api::ListContentResponse, Status>> = infos
+            .chunks(100)
+            .map(|chunk| {
+                Ok(api::ListContentResponse {
+                    info: chunk.iter().cloned().map(info_to_api).collect(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(blocks))))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<api::DeleteContentRequest>,
+    ) -> Result<Response<()>, Status> {
+        let scope = scope(&request)?;
+        let digest = Digest::parse(&request.get_ref().digest)
+            .map_err(|e| Status::invalid_argument(e.message().to_string()))?;
+        let store = self.store.clone();
+        blocking(move || store.delete(&scope, &digest)).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn read(
+        &self,
+        request: Request<api::ReadContentRequest>,
+    ) -> Result<Response<BoxStream<api::ReadContentResponse>>, Status> {
+        let scope = scope(&request)?;
+        let req = request.into_inner();
+        let digest = Digest::parse(&req.digest)
+            .map_err(|e| Status::invalid_argument(format!("{}: {}", req.digest, e.message())))?;
+        let store = self.store.clone();
+        let ra = blocking(move || {
+            store.info(&scope, &digest)?;
+            store.reader_at(&scope, &digest)
+        })
+        .await?;
+        let total = ra.size();
+        let offset = req.offset.max(0);
+        if offset > total {
+            return Err(Status::out_of_range(format!(
+                "read past object length {total} bytes"
+            )));
+        }
+        let size = if req.size <= 0 || offset + req.size > total {
+            total - offset
+        } else {
+            req.size
+        };
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let mut off = offset;
+            let end = offset + size;
+            while off < end {
+                let want = ((end - off) as usize).min(READ_CHUNK);
+                let mut buf = vec![0u8; want];
+                let n = match ra.read_at(&mut buf, off) {
+                    Ok(0) => {
+                        let _ = tx.blocking_send(Err(Status::data_loss("short read")));
+                        return;
+                    }
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(status(e)));
+                        return;
+                    }
+                };
+                buf.truncate(n);
+                let msg = api::ReadContentResponse {
+                    offset: off - offset,
+                    data: buf,
+                };
+                if tx.blocking_send(Ok(msg)).is_err() {
+                    return;
+                }
+                off += n as i64;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn status(
+        &self,
+        request: Request<api::StatusRequest>,
+    ) -> Result<Response<api::StatusResponse>, Status> {
+        let scope = scope(&request)?;
+        let r#ref = request.into_inner().r#ref;
+        let store = self.store.clone();
+        let reference = r#ref.clone();
+        let st = blocking(move || {
+            store
+                .status(&scope, &reference)
+                .map_err(|e| e.context(format!("could not get status for ref {reference:?}")))
+        })
+        .await?;
+        Ok(Response::new(api::StatusResponse {
+            status: Some(status_to_api(st)),
+        }))
+    }
+
+    async fn list_statuses(
+        &self,
+        request: Request<api::ListStatusesRequest>,
+    ) -> Result<Response<api::ListStatusesResponse>, Status> {
+        let scope = scope(&request)?;
+        let filters = request.into_inner().filters;
+        let store = self.store.clone();
+        let statuses = blocking(move || store.list_statuses(&scope, &filters)).await?;
+        Ok(Response::new(api::ListStatusesResponse {
+            statuses: statuses.into_iter().map(status_to_api).collect(),
+        }))
+    }
+
+    async fn write(
+        &self,
+        request: Request<Streaming<api::WriteContentRequest>>,
+    ) -> Result<Response<BoxStream<api::WriteContentResponse>>, Status> {
+        let scope = scope(&request)?;
+        let mut stream = request.into_inner();
+        let first = match stream.message().await? {
+            Some(m) => m,
+            None => {
+                return Err(Status::invalid_argument(
+                    "first message must have a reference",
+                ));
+            }
+        };
+        if first.r#ref.is_empty() {
+            return Err(Status::invalid_argument(
+                "first message must have a reference",
+            ));
+        }
+        let store = self.store.clone();
+        let (tx, rx) = mpsc::channel(4);
+        // Open the writer before answering, so open errors are the call's status.
+        let expected = if first.expected.is_empty() {
+            None
+        } else {
+            Some(parse_digest(&first.expected)?)
+        };
+        let opts = WriterOpts {
+            r#ref: first.r#ref.clone(),
+            total: first.total,
+            expected: expected.clone(),
+        };
+        let (s2, sc) = (store.clone(), scope.clone());
+        let writer = blocking(move || s2.writer(&sc, opts)).await?;
+        tokio::spawn(async move {
+            let result =
+                write_session(store, scope, writer, first, expected, &mut stream, &tx).await;
+            if let Err(err) = result {
+                if err.code() != Code::AlreadyExists {
+                    tracing::debug!(error = %err, "content write failed");
+                }
+                let _ = tx.send(Err(err)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn abort(&self, request: Request<api::AbortRequest>) -> Result<Response<()>, Status> {
+        let scope = scope(&request)?;
+        let r#ref = request.into_inner().r#ref;
+        let store = self.store.clone();
+        blocking(move || store.abort(&scope, &r#ref)).await?;
+        Ok(Response::new(()))
+    }
+}
+
+/// Runs `f` on the writer on a blocking thread, giving the writer back.
+async fn with_writer<T: Send + 'static>(
+    writer: &mut Option<Box<dyn Writer>>,
+    f: impl FnOnce(&mut dyn Writer) -> Result<T> + Send + 'static,
+) -> Result<T, Status> {
+    let mut w = writer.take().expect("writer present");
+    let (w, result) = tokio::task::spawn_blocking(move || {
+        let r = f(&mut *w);
+        (w, r)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("content task failed: {e}")))?;
+    *writer = Some(w);
+    result.or_status()
+}
+
+async fn write_session(
+    store: Arc<dyn ContentStore>,
+    scope: Scope,
+    writer: Box<dyn Writer>,
+    first: api::WriteContentRequest,
+    mut expected: Option<Digest>,
+    stream: &mut Streaming<api::WriteContentRequest>,
+    tx: &mpsc::Sender<Result<api::WriteContentResponse, Status>>,
+) -> Result<(), Status> {
+    let mut writer = Some(writer);
+    let mut total = first.total;
+    let r#ref = first.r#ref.clone();
+    let mut req = first;
+    let result = loop {
+        let ws = with_writer(&mut writer, |w| w.status()).await?;
+        let mut msg = api::WriteContentResponse {
+            action: req.action,
+            offset: ws.offset,
+            ..Default::default()
+        };
+        if !req.expected.is_empty() {
+            let d = parse_digest(&req.expected)?;
+            expected = Some(d.clone());
+            let (s, sc) = (store.clone(), scope.clone());
+            let exists = tokio::task::spawn_blocking(move || s.info(&sc, &d).is_ok())
+                .await
+                .unwrap_or(false);
+            if exists {
+                let _ = with_writer(&mut writer, |w| w.close()).await;
+                let (s, sc, r) = (store.clone(), scope.clone(), r#ref.clone());
+                let _ = tokio::task::spawn_blocking(move || s.abort(&sc, &r)).await;
+                break Err(Status::already_exists(format!(
+                    "blob with expected digest {} exists",
+                    req.expected
+                )));
+            }
+        }
+        if req.total > 0 {
+            total = req.total;
+        }
+        let action = api::WriteAction::try_from(req.action).map_err(|_| {
+            Status::invalid_argument(format!("unknown write action {}", req.action))
+        })?;
+        match action {
+            api::WriteAction::Stat => {
+                let digest = with_writer(&mut writer, |w| Ok(w.digest())).await?;
+                msg.digest = digest.to_string();
+                msg.started_at = Some(timestamp::from_system_time(ws.started_at));
+                msg.updated_at = Some(timestamp::from_system_time(ws.updated_at));
+                msg.total = total;
+            }
+            api::WriteAction::Write | api::WriteAction::Commit => {
+                if req.offset > 0 && req.offset != ws.offset {
+                    break Err(Status::out_of_range(format!(
+                        "write @{} must occur at current offset {}",
+                        req.offset, ws.offset
+                    )));
+                }
+                if req.offset < 0 {
+                    break Err(Status::invalid_argument(format!(
+                        "write offset {} must not be negative",
+                        req.offset
+                    )));
+                }
+                if req.offset == 0 && ws.offset > 0 {
+                    with_writer(&mut writer, |w| w.truncate(0)).await?;
+                    msg.offset = 0;
+                }
+                if !req.data.is_empty() {
+                    let data = std::mem::take(&mut req.data);
+                    let n = data.len() as i64;
+                    with_writer(&mut writer, move |w| w.write(&data)).await?;
+                    msg.offset += n;
+                }
+                if action == api::WriteAction::Commit {
+                    let labels: Labels = std::mem::take(&mut req.labels).into_iter().collect();
+                    let exp = expected.clone();
+                    with_writer(&mut writer, move |w| w.commit(total, exp.as_ref(), labels))
+                        .await?;
+                }
+                msg.digest = with_writer(&mut writer, |w| Ok(w.digest()))
+                    .await?
+                    .to_string();
+            }
+        }
+        if tx.send(Ok(msg)).await.is_err() {
+            break Ok(());
+        }
+        if action == api::WriteAction::Commit {
+            break Ok(());
+        }
+        match stream.message().await {
+            Ok(Some(next)) => req = next,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    if writer.is_some() {
+        let _ = with_writer(&mut writer, |w| w.close()).await;
+    }
+    result
+}
+
+impl GrpcService for ContentService {
+    fn register(&self, routes: &mut tonic::service::RoutesBuilder) {
+        routes.add_service(
+            content_server::ContentServer::new(self.clone())
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+        );
+    }
+}
+
+/// `io.containerd.service.v1.content-service`: instance `Arc<dyn ContentStore>`.
+pub fn service_registration() -> Registration {
+    Registration::new(
+        types::SERVICE,
+        "content-service",
+        |ctx: InitContext| async move {
+            let md: Arc<MetadataStore> = ctx.get(types::METADATA)?;
+            let inner = md.content_store().ok_or_else(|| {
+                Error::failed_precondition("no content store is attached to the metadata store")
+            })?;
+            let store: Arc<dyn ContentStore> =
+                Arc::new(EventedContent::new(inner, ctx.events.clone()));
+            Ok::<Instance, _>(Arc::new(store))
+        },
+    )
+    .requires(&[types::METADATA])
+}
+
+/// `io.containerd.grpc.v1.content`.
+pub fn registration() -> Registration {
+    Registration::new(types::GRPC, "content", |ctx: InitContext| async move {
+        let store: Arc<dyn ContentStore> = ctx.get_by_id(types::SERVICE, "content-service")?;
+        Ok::<Instance, _>(grpc_instance(Arc::new(ContentService { store })))
+    })
+    .requires(&[types::SERVICE])
+}
