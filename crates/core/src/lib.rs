@@ -6,6 +6,7 @@
 //! interfaces, never on each other's concrete types.
 
 pub mod content;
+pub mod diff;
 pub mod error;
 pub mod events;
 pub mod fieldpath;
@@ -14,6 +15,7 @@ pub mod identifiers;
 pub mod labels;
 pub mod mount;
 pub mod namespaces;
+pub mod runtime;
 pub mod snapshot;
 
 pub use error::{Error, Result};
