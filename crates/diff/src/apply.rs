@@ -115,7 +115,10 @@ fn pax_time(pax: &HashMap<String, Vec<u8>>, key: &str) -> Option<libc::timespec>
     for (i, c) in frac.chars().take(9).enumerate() {
         nanos += c.to_digit(10)? as i64 * 10i64.pow(8 - i as u32);
     }
-    Some(libc::timespec { tv_sec: secs, tv_nsec: nanos })
+    Some(libc::timespec {
+        tv_sec: secs,
+        tv_nsec: nanos,
+    })
 }
 
 fn io_err(what: &str, path: &RelPath, err: std::io::Error) -> Error {
@@ -149,15 +152,16 @@ impl Applier<'_> {
         if let Some((cached, fd)) = &self.cache
             && *cached == parent
         {
-            return fd
-                .try_clone()
-                .map_err(|e| io_err("dup", &parent, e));
+            return fd.try_clone().map_err(|e| io_err("dup", &parent, e));
         }
         let lowers = &self.lowers;
         let fd = self.root.ensure_dir(&parent, &mut |dirfd, name, path| {
             copy_dir_info_from_lowers(lowers, dirfd, name, path)
         })?;
-        self.cache = Some((parent.clone(), fd.try_clone().map_err(|e| io_err("dup", &parent, e))?));
+        self.cache = Some((
+            parent.clone(),
+            fd.try_clone().map_err(|e| io_err("dup", &parent, e))?,
+        ));
         Ok(fd)
     }
 
@@ -274,7 +278,10 @@ impl Applier<'_> {
             }
             let target = &base[WHITEOUT_PREFIX.len()..];
             if target.is_empty() || target == b"." || target == b".." {
-                return Err(bad(format!("archive entry {:?}: invalid whiteout", rel.display())));
+                return Err(bad(format!(
+                    "archive entry {:?}: invalid whiteout",
+                    rel.display()
+                )));
             }
             let target_rel = parent_rel.join(target);
             confined::remove_all_at(&parent, target)
@@ -298,7 +305,9 @@ impl Applier<'_> {
         if let Some(st) = &existing
             && !(is_dir && confined::is_dir(st))
         {
-            if kind == tar::EntryType::Link && link.map(RelPath::parse).transpose()?.as_ref() == Some(&rel) {
+            if kind == tar::EntryType::Link
+                && link.map(RelPath::parse).transpose()?.as_ref() == Some(&rel)
+            {
                 return Ok(());
             }
             confined::remove_all_at(&parent, &base).map_err(|e| io_err("replacing", &rel, e))?;
@@ -328,10 +337,12 @@ impl Applier<'_> {
             }
             tar::EntryType::Directory => {
                 if existing.is_none() {
-                    confined::mkdirat(&parent, &base, 0o700).map_err(|e| io_err("mkdir", &rel, e))?;
+                    confined::mkdirat(&parent, &base, 0o700)
+                        .map_err(|e| io_err("mkdir", &rel, e))?;
                 }
-                let dir = confined::open_nofollow(&parent, &base, libc::O_RDONLY | libc::O_DIRECTORY, 0)
-                    .map_err(|e| io_err("opening", &rel, e))?;
+                let dir =
+                    confined::open_nofollow(&parent, &base, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+                        .map_err(|e| io_err("opening", &rel, e))?;
                 let dir = std::fs::File::from(dir);
                 fchown(&dir, uid, gid, &rel)?;
                 fchmod(&dir, mode, &rel)?;
@@ -339,7 +350,8 @@ impl Applier<'_> {
                 self.dir_times.push((rel.clone(), times));
             }
             tar::EntryType::Symlink => {
-                let target = link.ok_or_else(|| bad(format!("symlink {:?} without target", rel.display())))?;
+                let target =
+                    link.ok_or_else(|| bad(format!("symlink {:?} without target", rel.display())))?;
                 let t = cname(target)?;
                 let c = cname(&base)?;
                 // The target is only data: it is resolved in the root whenever used.
@@ -353,8 +365,10 @@ impl Applier<'_> {
                 utimens_at(&parent, &base, &times, &rel)?;
             }
             tar::EntryType::Link => {
-                let target = link.ok_or_else(|| bad(format!("hard link {:?} without target", rel.display())))?;
-                let target_rel = RelPath::parse(target).map_err(|e| e.context(format!("hard link {:?}", rel.display())))?;
+                let target = link
+                    .ok_or_else(|| bad(format!("hard link {:?} without target", rel.display())))?;
+                let target_rel = RelPath::parse(target)
+                    .map_err(|e| e.context(format!("hard link {:?}", rel.display())))?;
                 let Some(target_name) = target_rel.name() else {
                     return Err(bad(format!("hard link {:?} to the root", rel.display())));
                 };
@@ -368,7 +382,13 @@ impl Applier<'_> {
                 // which lives in the root whatever it points at.
                 // SAFETY: valid fds and names.
                 if unsafe {
-                    libc::linkat(target_parent.as_raw_fd(), src.as_ptr(), parent.as_raw_fd(), dst.as_ptr(), 0)
+                    libc::linkat(
+                        target_parent.as_raw_fd(),
+                        src.as_ptr(),
+                        parent.as_raw_fd(),
+                        dst.as_ptr(),
+                        0,
+                    )
                 } != 0
                 {
                     return Err(io_err(
@@ -427,19 +447,36 @@ impl Applier<'_> {
                 };
                 let fd = self
                     .root
-                    .resolve(dir_rel, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                    .resolve(
+                        dir_rel,
+                        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                    )
                     .map_err(|e| io_err("opening opaque directory", dir_rel, e))?;
                 // SAFETY: valid fd, NUL-terminated name and 1-byte value.
-                if unsafe { libc::fsetxattr(fd.as_raw_fd(), name.as_ptr().cast(), b"y".as_ptr().cast(), 1, 0) } != 0 {
+                if unsafe {
+                    libc::fsetxattr(
+                        fd.as_raw_fd(),
+                        name.as_ptr().cast(),
+                        b"y".as_ptr().cast(),
+                        1,
+                        0,
+                    )
+                } != 0
+                {
                     return Err(io_err("marking opaque", dir_rel, last_err()));
                 }
             }
             Whiteouts::Apply => {
                 let listing = self
                     .root
-                    .resolve(dir_rel, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                    .resolve(
+                        dir_rel,
+                        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                    )
                     .map_err(|e| io_err("opening opaque directory", dir_rel, e))?;
-                for child in confined::read_dir_names(&listing).map_err(|e| io_err("listing", dir_rel, e))? {
+                for child in
+                    confined::read_dir_names(&listing).map_err(|e| io_err("listing", dir_rel, e))?
+                {
                     if !self.written.contains(&dir_rel.join(&child)) {
                         confined::remove_all_at(dir, &child)
                             .map_err(|e| io_err("removing", &dir_rel.join(&child), e))?;
@@ -454,7 +491,9 @@ impl Applier<'_> {
         self.invalidate();
         for (rel, times) in std::mem::take(&mut self.dir_times).iter().rev() {
             let Some(name) = rel.name() else { continue };
-            let Ok(parent) = self.root.dir(&rel.parent()) else { continue };
+            let Ok(parent) = self.root.dir(&rel.parent()) else {
+                continue;
+            };
             utimens_at(&parent, name, times, rel)?;
         }
         Ok(())
@@ -480,16 +519,38 @@ fn fchmod(file: &std::fs::File, mode: u32, rel: &RelPath) -> Result<()> {
 fn chown_at(dir: &OwnedFd, name: &[u8], uid: u32, gid: u32, rel: &RelPath) -> Result<()> {
     let c = cname(name)?;
     // SAFETY: valid fd and name.
-    if unsafe { libc::fchownat(dir.as_raw_fd(), c.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+    if unsafe {
+        libc::fchownat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            uid,
+            gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    } != 0
+    {
         return Err(io_err("chown", rel, last_err()));
     }
     Ok(())
 }
 
-fn utimens_at(dir: &OwnedFd, name: &[u8], times: &[libc::timespec; 2], rel: &RelPath) -> Result<()> {
+fn utimens_at(
+    dir: &OwnedFd,
+    name: &[u8],
+    times: &[libc::timespec; 2],
+    rel: &RelPath,
+) -> Result<()> {
     let c = cname(name)?;
     // SAFETY: valid fd, name and two timespecs.
-    if unsafe { libc::utimensat(dir.as_raw_fd(), c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+    if unsafe {
+        libc::utimensat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    } != 0
+    {
         return Err(io_err("setting times of", rel, last_err()));
     }
     Ok(())
@@ -513,18 +574,36 @@ fn xattr_error(rel: &RelPath, name: &str) -> Result<()> {
     }
 }
 
-fn set_xattrs_fd(file: &std::fs::File, pax: &HashMap<String, Vec<u8>>, rel: &RelPath) -> Result<()> {
+fn set_xattrs_fd(
+    file: &std::fs::File,
+    pax: &HashMap<String, Vec<u8>>,
+    rel: &RelPath,
+) -> Result<()> {
     for (name, value) in xattrs(pax) {
         let c = cname(name.as_bytes())?;
         // SAFETY: valid fd, name and buffer.
-        if unsafe { libc::fsetxattr(file.as_raw_fd(), c.as_ptr(), value.as_ptr().cast(), value.len(), 0) } != 0 {
+        if unsafe {
+            libc::fsetxattr(
+                file.as_raw_fd(),
+                c.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        } != 0
+        {
             xattr_error(rel, name)?;
         }
     }
     Ok(())
 }
 
-fn set_xattrs_path(dir: &OwnedFd, base: &[u8], pax: &HashMap<String, Vec<u8>>, rel: &RelPath) -> Result<()> {
+fn set_xattrs_path(
+    dir: &OwnedFd,
+    base: &[u8],
+    pax: &HashMap<String, Vec<u8>>,
+    rel: &RelPath,
+) -> Result<()> {
     let mut it = xattrs(pax).peekable();
     if it.peek().is_none() {
         return Ok(());
@@ -534,7 +613,16 @@ fn set_xattrs_path(dir: &OwnedFd, base: &[u8], pax: &HashMap<String, Vec<u8>>, r
         let c = cname(name.as_bytes())?;
         // SAFETY: valid path, name and buffer; lsetxattr does not follow the final
         // component.
-        if unsafe { libc::lsetxattr(path.as_ptr(), c.as_ptr(), value.as_ptr().cast(), value.len(), 0) } != 0 {
+        if unsafe {
+            libc::lsetxattr(
+                path.as_ptr(),
+                c.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        } != 0
+        {
             xattr_error(rel, name)?;
         }
     }
@@ -543,20 +631,35 @@ fn set_xattrs_path(dir: &OwnedFd, base: &[u8], pax: &HashMap<String, Vec<u8>>, r
 
 /// A parent directory created in an overlay upper takes owner, mode and times from the
 /// same directory in the nearest lower layer that has one (else it stays 0755 root).
-fn copy_dir_info_from_lowers(lowers: &[Root], dirfd: &OwnedFd, name: &[u8], path: &RelPath) -> Result<()> {
+fn copy_dir_info_from_lowers(
+    lowers: &[Root],
+    dirfd: &OwnedFd,
+    name: &[u8],
+    path: &RelPath,
+) -> Result<()> {
     for lower in lowers {
-        let Ok(parent) = lower.dir(&path.parent()) else { continue };
+        let Ok(parent) = lower.dir(&path.parent()) else {
+            continue;
+        };
         match confined::lstatat(&parent, name) {
             Ok(Some(st)) if confined::is_dir(&st) => {
                 chown_at(dirfd, name, st.st_uid, st.st_gid, path)?;
                 let c = cname(name)?;
                 // SAFETY: valid fd and name (a directory we just created).
-                if unsafe { libc::fchmodat(dirfd.as_raw_fd(), c.as_ptr(), st.st_mode & 0o7777, 0) } != 0 {
+                if unsafe { libc::fchmodat(dirfd.as_raw_fd(), c.as_ptr(), st.st_mode & 0o7777, 0) }
+                    != 0
+                {
                     return Err(io_err("chmod", path, last_err()));
                 }
                 let times = [
-                    libc::timespec { tv_sec: st.st_atime, tv_nsec: st.st_atime_nsec },
-                    libc::timespec { tv_sec: st.st_mtime, tv_nsec: st.st_mtime_nsec },
+                    libc::timespec {
+                        tv_sec: st.st_atime,
+                        tv_nsec: st.st_atime_nsec,
+                    },
+                    libc::timespec {
+                        tv_sec: st.st_mtime,
+                        tv_nsec: st.st_mtime_nsec,
+                    },
                 ];
                 return utimens_at(dirfd, name, &times, path);
             }
@@ -568,10 +671,16 @@ fn copy_dir_info_from_lowers(lowers: &[Root], dirfd: &OwnedFd, name: &[u8], path
 }
 
 /// Applies the tar stream `reader` to the directory `root`.
-pub fn apply_tar(root: &std::path::Path, reader: impl Read, options: &ApplyOptions) -> Result<ApplyStats> {
+pub fn apply_tar(
+    root: &std::path::Path,
+    reader: impl Read,
+    options: &ApplyOptions,
+) -> Result<ApplyStats> {
     let root_dir = Root::open(root)?;
     let lowers = match &options.whiteouts {
-        Whiteouts::Overlay { lowers, .. } => lowers.iter().filter_map(|p| Root::open(p).ok()).collect(),
+        Whiteouts::Overlay { lowers, .. } => {
+            lowers.iter().filter_map(|p| Root::open(p).ok()).collect()
+        }
         Whiteouts::Apply => Vec::new(),
     };
     let mut applier = Applier {

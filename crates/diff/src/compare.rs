@@ -47,6 +47,7 @@ fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
 }
 
 impl<W: Write> DiffWriter<'_, W> {
+    #[allow(clippy::too_many_arguments)]
     fn append(
         &mut self,
         rel: &Path,
@@ -133,7 +134,15 @@ impl<W: Write> DiffWriter<'_, W> {
             let full = self.upper.join(&dir);
             let meta = fs::symlink_metadata(&full).map_err(|e| io_err("stat", &full, e))?;
             let xattrs = berth_snapshots::fsutil::list_xattrs(&full)?;
-            self.append(&dir, Some(&meta), tar::EntryType::Directory, None, &xattrs, &mut std::io::empty(), 0)?;
+            self.append(
+                &dir,
+                Some(&meta),
+                tar::EntryType::Directory,
+                None,
+                &xattrs,
+                &mut std::io::empty(),
+                0,
+            )?;
             self.emitted_dirs.insert(dir);
         }
         Ok(())
@@ -145,20 +154,53 @@ impl<W: Write> DiffWriter<'_, W> {
         let ft = meta.file_type();
         let xattrs = berth_snapshots::fsutil::list_xattrs(&full)?;
         if ft.is_dir() {
-            self.append(rel, Some(meta), tar::EntryType::Directory, None, &xattrs, &mut std::io::empty(), 0)?;
+            self.append(
+                rel,
+                Some(meta),
+                tar::EntryType::Directory,
+                None,
+                &xattrs,
+                &mut std::io::empty(),
+                0,
+            )?;
             self.emitted_dirs.insert(rel.to_path_buf());
         } else if ft.is_symlink() {
             let target = fs::read_link(&full).map_err(|e| io_err("readlink", &full, e))?;
-            self.append(rel, Some(meta), tar::EntryType::Symlink, Some(target.as_os_str().as_bytes()), &xattrs, &mut std::io::empty(), 0)?;
+            self.append(
+                rel,
+                Some(meta),
+                tar::EntryType::Symlink,
+                Some(target.as_os_str().as_bytes()),
+                &xattrs,
+                &mut std::io::empty(),
+                0,
+            )?;
         } else if ft.is_file() {
             if meta.nlink() > 1 {
                 if let Some(first) = self.links.get(&(meta.dev(), meta.ino())).cloned() {
-                    return self.append(rel, Some(meta), tar::EntryType::Link, Some(first.as_os_str().as_bytes()), &[], &mut std::io::empty(), 0);
+                    return self.append(
+                        rel,
+                        Some(meta),
+                        tar::EntryType::Link,
+                        Some(first.as_os_str().as_bytes()),
+                        &[],
+                        &mut std::io::empty(),
+                        0,
+                    );
                 }
-                self.links.insert((meta.dev(), meta.ino()), rel.to_path_buf());
+                self.links
+                    .insert((meta.dev(), meta.ino()), rel.to_path_buf());
             }
             let mut file = fs::File::open(&full).map_err(|e| io_err("open", &full, e))?;
-            self.append(rel, Some(meta), tar::EntryType::Regular, None, &xattrs, &mut file, meta.len())?;
+            self.append(
+                rel,
+                Some(meta),
+                tar::EntryType::Regular,
+                None,
+                &xattrs,
+                &mut file,
+                meta.len(),
+            )?;
         } else {
             let kind = if ft.is_char_device() {
                 tar::EntryType::Char
@@ -169,7 +211,15 @@ impl<W: Write> DiffWriter<'_, W> {
             } else {
                 return Ok(()); // sockets are not archived
             };
-            self.append(rel, Some(meta), kind, None, &xattrs, &mut std::io::empty(), 0)?;
+            self.append(
+                rel,
+                Some(meta),
+                kind,
+                None,
+                &xattrs,
+                &mut std::io::empty(),
+                0,
+            )?;
         }
         Ok(())
     }
@@ -180,7 +230,15 @@ impl<W: Write> DiffWriter<'_, W> {
         let mut wh = std::ffi::OsString::from(".wh.");
         wh.push(name);
         let path = rel.with_file_name(wh);
-        self.append(&path, None, tar::EntryType::Regular, None, &[], &mut std::io::empty(), 0)
+        self.append(
+            &path,
+            None,
+            tar::EntryType::Regular,
+            None,
+            &[],
+            &mut std::io::empty(),
+            0,
+        )
     }
 
     fn walk(&mut self, lower: &Path, rel: &Path) -> Result<()> {
@@ -188,7 +246,9 @@ impl<W: Write> DiffWriter<'_, W> {
         let lower_dir = lower.join(rel);
         let upper_names = sorted_names(&upper_dir)?;
         let upper_set: HashSet<_> = upper_names.iter().cloned().collect();
-        let lower_is_dir = fs::symlink_metadata(&lower_dir).map(|m| m.is_dir()).unwrap_or(false);
+        let lower_is_dir = fs::symlink_metadata(&lower_dir)
+            .map(|m| m.is_dir())
+            .unwrap_or(false);
         if lower_is_dir {
             for name in sorted_names(&lower_dir)? {
                 if !upper_set.contains(&name) {
@@ -200,7 +260,11 @@ impl<W: Write> DiffWriter<'_, W> {
             let child = rel.join(&name);
             let um = fs::symlink_metadata(self.upper.join(&child))
                 .map_err(|e| io_err("stat", &self.upper.join(&child), e))?;
-            let lm = if lower_is_dir { fs::symlink_metadata(lower.join(&child)).ok() } else { None };
+            let lm = if lower_is_dir {
+                fs::symlink_metadata(lower.join(&child)).ok()
+            } else {
+                None
+            };
             let changed = match &lm {
                 None => true,
                 Some(lm) => differs(lm, &um, &lower.join(&child), &self.upper.join(&child)),

@@ -19,9 +19,7 @@ pub enum Compression {
 pub fn for_media_type(media_type: &str) -> Option<Compression> {
     // Docker and OCI types, with `+gzip`-style suffixes on unknown bases too.
     match media_type {
-        mt::OCI_LAYER | mt::OCI_LAYER_NONDIST | mt::DOCKER_LAYER => {
-            Some(Compression::Uncompressed)
-        }
+        mt::OCI_LAYER | mt::OCI_LAYER_NONDIST | mt::DOCKER_LAYER => Some(Compression::Uncompressed),
         mt::OCI_LAYER_GZIP
         | mt::OCI_LAYER_NONDIST_GZIP
         | mt::DOCKER_LAYER_GZIP
@@ -157,7 +155,10 @@ impl ChannelReader {
 /// the stream has been read to its end.
 pub fn pipeline(
     source: Box<dyn Read + Send>,
-) -> (ChannelReader, std::thread::JoinHandle<Result<(String, u64)>>) {
+) -> (
+    ChannelReader,
+    std::thread::JoinHandle<Result<(String, u64)>>,
+) {
     let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(16);
     let handle = std::thread::Builder::new()
         .name("layer-decompress".into())

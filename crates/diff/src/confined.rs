@@ -103,6 +103,9 @@ impl RelPath {
     }
 }
 
+/// Called for each directory [`Root::ensure_dir`] creates: (parent fd, name, path).
+pub type OnCreate<'a> = dyn FnMut(&OwnedFd, &[u8], &RelPath) -> Result<()> + 'a;
+
 /// A directory every operation is confined to.
 pub struct Root {
     fd: OwnedFd,
@@ -181,11 +184,7 @@ impl Root {
     /// symlink to a missing directory is followed the way the kernel would resolve it in
     /// the root (absolute targets from the root, `..` clamped at the root), and the
     /// missing directories are created there — inside the root, as containerd does.
-    pub fn ensure_dir(
-        &self,
-        rel: &RelPath,
-        on_create: &mut dyn FnMut(&OwnedFd, &[u8], &RelPath) -> Result<()>,
-    ) -> Result<OwnedFd> {
+    pub fn ensure_dir(&self, rel: &RelPath, on_create: &mut OnCreate<'_>) -> Result<OwnedFd> {
         let resolve_err = |p: &RelPath, e: std::io::Error| {
             Error::unknown(format!(
                 "resolving {:?} in {}: {e}",
@@ -223,8 +222,8 @@ impl Root {
                     Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                         // Exists but does not resolve: a dangling symlink. Continue
                         // from its target, resolved as the kernel would in the root.
-                        let target = readlinkat(&current, &name)
-                            .map_err(|e| resolve_err(&prefix, e))?;
+                        let target =
+                            readlinkat(&current, &name).map_err(|e| resolve_err(&prefix, e))?;
                         let mut next: Vec<Vec<u8>> = if target.first() == Some(&b'/') {
                             Vec::new()
                         } else {
@@ -263,7 +262,12 @@ pub fn readlinkat(dir: &OwnedFd, name: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; libc::PATH_MAX as usize];
     // SAFETY: valid fd, name and buffer.
     let n = unsafe {
-        libc::readlinkat(dir.as_raw_fd(), c.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        libc::readlinkat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
     };
     if n < 0 {
         return Err(errno());
@@ -309,7 +313,12 @@ pub fn mkdirat(dir: &OwnedFd, name: &[u8], mode: u32) -> std::io::Result<()> {
 }
 
 /// Opens `name` in `dir` without following it (it may not be a symlink).
-pub fn open_nofollow(dir: &OwnedFd, name: &[u8], flags: i32, mode: u32) -> std::io::Result<OwnedFd> {
+pub fn open_nofollow(
+    dir: &OwnedFd,
+    name: &[u8],
+    flags: i32,
+    mode: u32,
+) -> std::io::Result<OwnedFd> {
     let c = CString::new(name).map_err(|_| std::io::ErrorKind::InvalidInput)?;
     // SAFETY: valid fd and name.
     let fd = unsafe {

@@ -5,7 +5,7 @@
 //! - [`compression`]: gzip/zstd detection and a decompress+hash pipeline thread;
 //! - [`compare`]: the double walk that writes a layer from two trees;
 //! - [`walking`]: `io.containerd.differ.v1.walking` on top of the content store;
-//! - [`processor`]: `[stream_processors]`.
+//! - [`processor`]: the `stream_processors` config.
 
 pub mod apply;
 pub mod compare;

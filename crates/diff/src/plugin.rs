@@ -26,7 +26,8 @@ pub fn registrations() -> Vec<Registration> {
         Registration::new(types::DIFF, "walking", |ctx: InitContext| async move {
             let config: DiffConfig = ctx.config()?;
             // The metadata plugin's content store, as the content engineer exposes it.
-            let content: Arc<dyn ContentStore> = ctx.get::<Arc<dyn ContentStore>>(types::METADATA)
+            let content: Arc<dyn ContentStore> = ctx
+                .get::<Arc<dyn ContentStore>>(types::METADATA)
                 .or_else(|_| ctx.get::<Arc<dyn ContentStore>>(types::CONTENT))?;
             let tmp = ctx.root.join("tmp");
             std::fs::create_dir_all(&tmp)?;

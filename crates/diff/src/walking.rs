@@ -5,7 +5,7 @@ use crate::apply::{ApplyOptions, Whiteouts, apply_tar};
 use crate::compression::{self, Compression, HashingReader};
 use crate::processor::StreamProcessor;
 use berth_core::content::{ContentStore, Descriptor, Digest, ReaderAt, Scope, WriterOpts};
-use berth_core::diff::{ApplyConfig, Applier, Comparer, DiffConfig, media_types as mt};
+use berth_core::diff::{Applier, ApplyConfig, Comparer, DiffConfig, media_types as mt};
 use berth_core::labels::UNCOMPRESSED;
 use berth_core::mount::Mount;
 use berth_core::{Error, Result};
@@ -135,7 +135,9 @@ impl WalkingDiff {
         }
         // A broken stream explains a failed apply better than the apply's own error.
         let (diff_id, size) = match (applied, produced) {
-            (Err(e), Err(p)) if !p.message().contains("consumer stopped") => return Err(p.context(e.message().to_string())),
+            (Err(e), Err(p)) if !p.message().contains("consumer stopped") => {
+                return Err(p.context(e.message().to_string()));
+            }
             (Err(e), _) => return Err(e),
             (Ok(_), Err(p)) => return Err(p),
             (Ok(_), Ok(v)) => v,
@@ -217,21 +219,32 @@ impl WalkingDiff {
                 Compression::Gzip => {
                     let gz = flate2::write::GzEncoder::new(sink, flate2::Compression::default());
                     let hashing = HashingWriter::new(gz);
-                    let hashing = crate::compare::write_diff(&lower_path, upper_mount.path(), hashing)?;
+                    let hashing =
+                        crate::compare::write_diff(&lower_path, upper_mount.path(), hashing)?;
                     let (id, gz) = hashing.finish();
-                    (id, gz.finish().map_err(|e| Error::unknown(format!("gzip: {e}")))?)
+                    (
+                        id,
+                        gz.finish()
+                            .map_err(|e| Error::unknown(format!("gzip: {e}")))?,
+                    )
                 }
                 Compression::Zstd => {
                     let z = zstd::stream::write::Encoder::new(sink, 3)
                         .map_err(|e| Error::unknown(format!("zstd: {e}")))?;
                     let hashing = HashingWriter::new(z);
-                    let hashing = crate::compare::write_diff(&lower_path, upper_mount.path(), hashing)?;
+                    let hashing =
+                        crate::compare::write_diff(&lower_path, upper_mount.path(), hashing)?;
                     let (id, z) = hashing.finish();
-                    (id, z.finish().map_err(|e| Error::unknown(format!("zstd: {e}")))?)
+                    (
+                        id,
+                        z.finish()
+                            .map_err(|e| Error::unknown(format!("zstd: {e}")))?,
+                    )
                 }
                 Compression::Uncompressed => {
                     let hashing = HashingWriter::new(sink);
-                    let hashing = crate::compare::write_diff(&lower_path, upper_mount.path(), hashing)?;
+                    let hashing =
+                        crate::compare::write_diff(&lower_path, upper_mount.path(), hashing)?;
                     hashing.finish()
                 }
             };

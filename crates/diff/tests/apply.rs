@@ -17,7 +17,14 @@ impl Tar {
         Tar(Vec::new())
     }
 
-    fn raw(&mut self, name: &[u8], kind: tar::EntryType, link: &[u8], mode: u32, data: &[u8]) -> &mut Self {
+    fn raw(
+        &mut self,
+        name: &[u8],
+        kind: tar::EntryType,
+        link: &[u8],
+        mode: u32,
+        data: &[u8],
+    ) -> &mut Self {
         let mut h = tar::Header::new_ustar();
         h.as_old_mut().name[..name.len()].copy_from_slice(name);
         h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
@@ -36,16 +43,34 @@ impl Tar {
     }
 
     fn file(&mut self, name: &str, data: &str) -> &mut Self {
-        self.raw(name.as_bytes(), tar::EntryType::Regular, b"", 0o644, data.as_bytes())
+        self.raw(
+            name.as_bytes(),
+            tar::EntryType::Regular,
+            b"",
+            0o644,
+            data.as_bytes(),
+        )
     }
     fn dir(&mut self, name: &str, mode: u32) -> &mut Self {
         self.raw(name.as_bytes(), tar::EntryType::Directory, b"", mode, b"")
     }
     fn symlink(&mut self, name: &str, target: &str) -> &mut Self {
-        self.raw(name.as_bytes(), tar::EntryType::Symlink, target.as_bytes(), 0o777, b"")
+        self.raw(
+            name.as_bytes(),
+            tar::EntryType::Symlink,
+            target.as_bytes(),
+            0o777,
+            b"",
+        )
     }
     fn hardlink(&mut self, name: &str, target: &str) -> &mut Self {
-        self.raw(name.as_bytes(), tar::EntryType::Link, target.as_bytes(), 0o644, b"")
+        self.raw(
+            name.as_bytes(),
+            tar::EntryType::Link,
+            target.as_bytes(),
+            0o644,
+            b"",
+        )
     }
     fn pax(&mut self, records: &[(&str, &[u8])]) -> &mut Self {
         let mut data = Vec::new();
@@ -85,7 +110,12 @@ fn fixture() -> Fixture {
     let victim = outside.join("victim");
     fs::write(&victim, "original").unwrap();
     fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
-    Fixture { root, outside, victim, _dir: dir }
+    Fixture {
+        root,
+        outside,
+        victim,
+        _dir: dir,
+    }
 }
 
 impl Fixture {
@@ -99,8 +129,15 @@ impl Fixture {
         assert_eq!(m.mode() & 0o7777, 0o600, "victim mode");
         assert_eq!(m.uid(), 0);
         assert_eq!(m.nlink(), 1, "no hard link to the victim");
-        let names: Vec<_> = fs::read_dir(&self.outside).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("victim")], "nothing created outside");
+        let names: Vec<_> = fs::read_dir(&self.outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            vec![std::ffi::OsString::from("victim")],
+            "nothing created outside"
+        );
         assert_eq!(fs::metadata(&self.outside).unwrap().mode() & 0o7777, 0o755);
     }
 }
@@ -116,30 +153,75 @@ fn applies_files_dirs_links_modes_and_times() {
         .hardlink("etc/hard", "etc/passwd")
         .raw(b"dev/null", tar::EntryType::Char, b"", 0o666, b"")
         .raw(b"fifo", tar::EntryType::Fifo, b"", 0o600, b"")
-        .pax(&[("SCHILY.xattr.user.test", b"v"), ("path", "long/".repeat(40).as_bytes())])
+        .pax(&[
+            ("SCHILY.xattr.user.test", b"v"),
+            ("path", "long/".repeat(40).as_bytes()),
+        ])
         .file("ignored-name", "long")
         .done();
     f.apply(tar).unwrap();
     let r = &f.root;
-    assert_eq!(fs::read_to_string(r.join("etc/passwd")).unwrap(), "root:x:0:0");
-    assert_eq!(fs::read_link(r.join("etc/link")).unwrap(), Path::new("passwd"));
-    assert_eq!(fs::metadata(r.join("etc/hard")).unwrap().ino(), fs::metadata(r.join("etc/passwd")).unwrap().ino());
-    assert_eq!(fs::metadata(r.join("bin/su")).unwrap().mode() & 0o7777, 0o4755);
+    assert_eq!(
+        fs::read_to_string(r.join("etc/passwd")).unwrap(),
+        "root:x:0:0"
+    );
+    assert_eq!(
+        fs::read_link(r.join("etc/link")).unwrap(),
+        Path::new("passwd")
+    );
+    assert_eq!(
+        fs::metadata(r.join("etc/hard")).unwrap().ino(),
+        fs::metadata(r.join("etc/passwd")).unwrap().ino()
+    );
+    assert_eq!(
+        fs::metadata(r.join("bin/su")).unwrap().mode() & 0o7777,
+        0o4755
+    );
     assert_eq!(fs::metadata(r.join("etc")).unwrap().mtime(), 1_600_000_000);
-    assert_eq!(fs::metadata(r.join("etc/passwd")).unwrap().mtime(), 1_600_000_000);
-    assert!(fs::metadata(r.join("dev/null")).unwrap().file_type().is_char_device());
+    assert_eq!(
+        fs::metadata(r.join("etc/passwd")).unwrap().mtime(),
+        1_600_000_000
+    );
+    assert!(
+        fs::metadata(r.join("dev/null"))
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
     assert!(fs::metadata(r.join("fifo")).unwrap().file_type().is_fifo());
     let long = r.join("long/".repeat(40).trim_end_matches('/'));
     assert_eq!(fs::read_to_string(&long).unwrap(), "long");
     let xattrs = berth_snapshots::fsutil::list_xattrs(&long).unwrap();
-    assert!(xattrs.iter().any(|(k, v)| k.to_str() == Ok("user.test") && v == b"v"), "{xattrs:?}");
+    assert!(
+        xattrs
+            .iter()
+            .any(|(k, v)| k.to_str() == Ok("user.test") && v == b"v"),
+        "{xattrs:?}"
+    );
 }
 
 #[test]
 fn whiteouts_remove_and_opaque_dirs_keep_only_this_layer() {
     let f = fixture();
-    f.apply(Tar::new().file("a/x", "1").file("a/y", "2").file("b/z", "3").file("keep", "k").done()).unwrap();
-    f.apply(Tar::new().file(".wh.keep", "").dir("a/", 0o755).file(".wh.b", "").file("a/.wh..wh..opq", "").file("a/new", "n").done()).unwrap();
+    f.apply(
+        Tar::new()
+            .file("a/x", "1")
+            .file("a/y", "2")
+            .file("b/z", "3")
+            .file("keep", "k")
+            .done(),
+    )
+    .unwrap();
+    f.apply(
+        Tar::new()
+            .file(".wh.keep", "")
+            .dir("a/", 0o755)
+            .file(".wh.b", "")
+            .file("a/.wh..wh..opq", "")
+            .file("a/new", "n")
+            .done(),
+    )
+    .unwrap();
     let r = &f.root;
     assert!(!r.join("keep").exists());
     assert!(!r.join("b").exists());
@@ -150,16 +232,27 @@ fn whiteouts_remove_and_opaque_dirs_keep_only_this_layer() {
 #[test]
 fn overlay_whiteouts_are_translated() {
     let f = fixture();
-    let tar = Tar::new().dir("a/", 0o755).file("a/.wh..wh..opq", "").file(".wh.gone", "").done();
+    let tar = Tar::new()
+        .dir("a/", 0o755)
+        .file("a/.wh..wh..opq", "")
+        .file(".wh.gone", "")
+        .done();
     let opts = ApplyOptions {
-        whiteouts: Whiteouts::Overlay { lowers: vec![], userxattr: false },
+        whiteouts: Whiteouts::Overlay {
+            lowers: vec![],
+            userxattr: false,
+        },
     };
     apply_tar(&f.root, tar.as_slice(), &opts).unwrap();
     let m = fs::symlink_metadata(f.root.join("gone")).unwrap();
     assert!(m.file_type().is_char_device());
     assert_eq!(m.rdev(), 0);
     let xattrs = berth_snapshots::fsutil::list_xattrs(&f.root.join("a")).unwrap();
-    assert!(xattrs.iter().any(|(k, v)| k.to_str() == Ok("trusted.overlay.opaque") && v == b"y"));
+    assert!(
+        xattrs
+            .iter()
+            .any(|(k, v)| k.to_str() == Ok("trusted.overlay.opaque") && v == b"y")
+    );
 }
 
 fn expect_invalid(result: berth_core::Result<()>, needle: &str) {
@@ -171,10 +264,20 @@ fn expect_invalid(result: berth_core::Result<()>, needle: &str) {
 #[test]
 fn dotdot_names_are_refused() {
     let f = fixture();
-    expect_invalid(f.apply(Tar::new().file("../outside/victim", "pwned").done()), "path escapes the root");
-    expect_invalid(f.apply(Tar::new().file("a/../../outside/victim", "pwned").done()), "path escapes the root");
     expect_invalid(
-        f.apply(Tar::new().raw(b"../outside/dev", tar::EntryType::Char, b"", 0o666, b"").done()),
+        f.apply(Tar::new().file("../outside/victim", "pwned").done()),
+        "path escapes the root",
+    );
+    expect_invalid(
+        f.apply(Tar::new().file("a/../../outside/victim", "pwned").done()),
+        "path escapes the root",
+    );
+    expect_invalid(
+        f.apply(
+            Tar::new()
+                .raw(b"../outside/dev", tar::EntryType::Char, b"", 0o666, b"")
+                .done(),
+        ),
         "path escapes the root",
     );
     f.assert_host_untouched();
@@ -184,7 +287,10 @@ fn dotdot_names_are_refused() {
 fn absolute_names_are_refused() {
     let f = fixture();
     let name = f.victim.display().to_string();
-    expect_invalid(f.apply(Tar::new().file(&name, "pwned").done()), "absolute path");
+    expect_invalid(
+        f.apply(Tar::new().file(&name, "pwned").done()),
+        "absolute path",
+    );
     f.assert_host_untouched();
 }
 
@@ -193,19 +299,47 @@ fn symlink_escapes_stay_in_the_root() {
     let f = fixture();
     let outside = f.outside.display().to_string();
     // An absolute symlink to the host directory, then a write through it.
-    f.apply(Tar::new().symlink("abs", &outside).file("abs/victim", "pwned").done()).unwrap();
+    f.apply(
+        Tar::new()
+            .symlink("abs", &outside)
+            .file("abs/victim", "pwned")
+            .done(),
+    )
+    .unwrap();
     // A relative one climbing past the root.
-    f.apply(Tar::new().symlink("up", "../../../../../../..").file(&format!("up{outside}/victim"), "pwned2").done()).unwrap();
+    f.apply(
+        Tar::new()
+            .symlink("up", "../../../../../../..")
+            .file(&format!("up{outside}/victim"), "pwned2")
+            .done(),
+    )
+    .unwrap();
     // A symlink as the final component is replaced, never written through.
-    f.apply(Tar::new().symlink("direct", &f.victim.display().to_string()).file("direct", "pwned3").done()).unwrap();
+    f.apply(
+        Tar::new()
+            .symlink("direct", &f.victim.display().to_string())
+            .file("direct", "pwned3")
+            .done(),
+    )
+    .unwrap();
     // A directory entry over a symlink to a host dir must not chmod the host dir.
-    f.apply(Tar::new().symlink("hostdir", &outside).dir("hostdir/", 0o777).done()).unwrap();
+    f.apply(
+        Tar::new()
+            .symlink("hostdir", &outside)
+            .dir("hostdir/", 0o777)
+            .done(),
+    )
+    .unwrap();
     f.assert_host_untouched();
     // The writes landed inside the root, where the layer's own paths point.
     let inside = f.root.join(outside.trim_start_matches('/')).join("victim");
     assert_eq!(fs::read_to_string(&inside).unwrap(), "pwned2");
     assert_eq!(fs::read_to_string(f.root.join("direct")).unwrap(), "pwned3");
-    assert!(fs::symlink_metadata(f.root.join("hostdir")).unwrap().is_dir());
+    assert!(
+        fs::symlink_metadata(f.root.join("hostdir"))
+            .unwrap()
+            .is_dir()
+    );
 }
 
 #[test]
@@ -221,23 +355,50 @@ fn symlink_swapped_between_entries_stays_in_the_root() {
         .done();
     f.apply(tar).unwrap();
     f.assert_host_untouched();
-    assert!(f.root.join(outside.trim_start_matches('/')).join("victim").exists());
+    assert!(
+        f.root
+            .join(outside.trim_start_matches('/'))
+            .join("victim")
+            .exists()
+    );
 }
 
 #[test]
 fn hardlink_escapes_are_refused() {
     let f = fixture();
-    expect_invalid(f.apply(Tar::new().hardlink("h", "../outside/victim").done()), "path escapes the root");
+    expect_invalid(
+        f.apply(Tar::new().hardlink("h", "../outside/victim").done()),
+        "path escapes the root",
+    );
     let victim = f.victim.display().to_string();
-    expect_invalid(f.apply(Tar::new().hardlink("h", &victim).done()), "absolute path");
+    expect_invalid(
+        f.apply(Tar::new().hardlink("h", &victim).done()),
+        "absolute path",
+    );
     // Through a symlinked directory: resolved in the root, where there is no victim.
     let err = f
-        .apply(Tar::new().symlink("s", &f.outside.display().to_string()).hardlink("h", "s/victim").done())
+        .apply(
+            Tar::new()
+                .symlink("s", &f.outside.display().to_string())
+                .hardlink("h", "s/victim")
+                .done(),
+        )
         .unwrap_err();
     assert!(err.to_string().contains("link target"), "{err}");
     // A hard link to a symlink links the symlink, not its target.
-    f.apply(Tar::new().symlink("sl", &victim).hardlink("h2", "sl").done()).unwrap();
-    assert!(fs::symlink_metadata(f.root.join("h2")).unwrap().file_type().is_symlink());
+    f.apply(
+        Tar::new()
+            .symlink("sl", &victim)
+            .hardlink("h2", "sl")
+            .done(),
+    )
+    .unwrap();
+    assert!(
+        fs::symlink_metadata(f.root.join("h2"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
     f.assert_host_untouched();
 }
 
@@ -255,7 +416,9 @@ fn oversized_headers_are_refused() {
     let err = f.apply(t.done()).unwrap_err();
     assert!(err.to_string().contains("exceeds the limit"), "{err}");
     let big = vec![b'a'; 2 << 20];
-    let err = f.apply(Tar::new().pax(&[("comment", &big)]).file("x", "y").done()).unwrap_err();
+    let err = f
+        .apply(Tar::new().pax(&[("comment", &big)]).file("x", "y").done())
+        .unwrap_err();
     assert!(err.to_string().contains("exceeds the limit"), "{err}");
     f.assert_host_untouched();
 }
