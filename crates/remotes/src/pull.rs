@@ -1,0 +1,519 @@
+//! The pull pipeline: resolve, pick the platform's manifest, fetch config and layers in
+//! parallel into a [`BlobSink`] with digests verified while streaming, report per-blob
+//! progress, and notify a [`LayerHook`] of each layer in dependency order.
+//!
+//! # Where the content goes
+//!
+//! A [`BlobSink`] is anything that can hold blobs by digest with resumable writes: the
+//! daemon implements it over the content store (an ingest per blob under the pull's
+//! lease), [`DirSink`] over a plain directory. The pipeline only commits a blob after its
+//! size and digest were checked; a blob whose bytes do not match is aborted (its partial
+//! data discarded) so nothing half-written ever becomes visible. A blob interrupted by a
+//! connection error or cancellation is closed, not aborted: the next pull resumes it with
+//! an HTTP range request from the sink's offset, after re-hashing the bytes already held.
+//!
+//! Manifests are written last (child manifest, then index) so that a visible manifest
+//! implies its config and layers are present.
+//!
+//! # Unpacking while pulling (the layer hook)
+//!
+//! [`LayerHook::layer_ready`] is called for layer 0, 1, 2, … strictly in order: the call
+//! for layer *i* happens once layer *i* is committed to the sink **and** the call for
+//! layer *i − 1* has returned. Downloads of later layers go on meanwhile, so an
+//! implementation that applies the layer (decompress + unpack onto the snapshot of its
+//! parent) gets pipelined unpacking for free. The hook should move CPU-heavy work to a
+//! blocking thread; an error from it fails the pull (downloads are dropped, their ingests
+//! kept for resume).
+
+use crate::client::Resolver;
+use crate::manifest::{self, descriptor_digest};
+use crate::platform::Platform;
+use crate::reference::Reference;
+use crate::verify::Verifier;
+use berth_core::error::ErrorKind;
+use berth_core::{Error, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use oci_spec::image::Descriptor;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::mpsc::UnboundedSender;
+pub use tokio_util::sync::CancellationToken;
+
+/// An open, resumable write of one blob.
+#[async_trait::async_trait]
+pub trait BlobWriter: Send {
+    /// Bytes already held from an earlier, interrupted write (0 for a fresh one).
+    fn offset(&self) -> u64;
+    /// The bytes already held, so the pipeline can hash them before resuming; `None`
+    /// makes the pipeline truncate and start over.
+    async fn read_written(&mut self) -> Result<Option<Box<dyn AsyncRead + Send + Unpin>>>;
+    /// Drops what was written (back to offset 0).
+    async fn truncate(&mut self) -> Result<()>;
+    async fn write(&mut self, data: Bytes) -> Result<()>;
+    /// Makes the blob visible under `desc`'s digest. The pipeline has verified it.
+    async fn commit(self: Box<Self>, desc: &Descriptor) -> Result<()>;
+    /// Discards the write: its data was wrong.
+    async fn abort(self: Box<Self>) -> Result<()>;
+    /// Stops writing but keeps the data for a later resume.
+    async fn close(self: Box<Self>) -> Result<()>;
+}
+
+/// Where pulled blobs go.
+#[async_trait::async_trait]
+pub trait BlobSink: Send + Sync {
+    /// Opens a writer for `desc` (resuming an earlier one if the sink has it), or `None`
+    /// when the blob is already present.
+    async fn open(&self, desc: &Descriptor) -> Result<Option<Box<dyn BlobWriter>>>;
+}
+
+/// Notified of each layer, in order, as soon as it can be applied. See the module docs.
+#[async_trait::async_trait]
+pub trait LayerHook: Send + Sync {
+    async fn layer_ready(&self, index: usize, layer: &Descriptor, image: &ImageInfo) -> Result<()>;
+}
+
+/// What a blob is in the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlobKind {
+    Index,
+    Manifest,
+    Config,
+    Layer(usize),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProgressState {
+    /// Queued behind `max_concurrent_downloads`.
+    Waiting,
+    Downloading,
+    /// Continuing an earlier partial download from `offset`.
+    Resuming,
+    /// Already in the sink: nothing to download.
+    Exists,
+    Done,
+    Failed(String),
+}
+
+/// One progress report of one blob.
+#[derive(Debug, Clone)]
+pub struct ProgressEvent {
+    pub digest: String,
+    pub media_type: String,
+    pub kind: BlobKind,
+    pub state: ProgressState,
+    pub offset: u64,
+    pub total: u64,
+}
+
+/// The pulled image.
+#[derive(Debug, Clone)]
+pub struct ImageInfo {
+    /// The reference as pulled (`host/repo:tag`).
+    pub name: String,
+    /// What the reference resolved to (an index or a manifest).
+    pub target: Descriptor,
+    /// The platform's manifest.
+    pub manifest: Descriptor,
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
+}
+
+#[derive(Clone)]
+pub struct PullOptions {
+    pub platform: Platform,
+    pub max_concurrent_downloads: usize,
+    /// Times one blob download is resumed after a connection error.
+    pub download_retries: u32,
+    pub progress: Option<UnboundedSender<ProgressEvent>>,
+    pub cancel: CancellationToken,
+    pub layer_hook: Option<Arc<dyn LayerHook>>,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        PullOptions {
+            platform: Platform::host(),
+            max_concurrent_downloads: 3,
+            download_retries: 3,
+            progress: None,
+            cancel: CancellationToken::new(),
+            layer_hook: None,
+        }
+    }
+}
+
+fn emit(opts: &PullOptions, desc: &Descriptor, kind: &BlobKind, state: ProgressState, offset: u64) {
+    if let Some(tx) = &opts.progress {
+        let _ = tx.send(ProgressEvent {
+            digest: desc.digest().to_string(),
+            media_type: desc.media_type().to_string(),
+            kind: kind.clone(),
+            state,
+            offset,
+            total: desc.size(),
+        });
+    }
+}
+
+/// Pulls `reference` into `sink`. See the module docs for the guarantees.
+pub async fn pull(
+    resolver: &Resolver,
+    reference: &Reference,
+    sink: &dyn BlobSink,
+    opts: &PullOptions,
+) -> Result<ImageInfo> {
+    let cancelled = || Error::new(ErrorKind::Canceled, format!("pull {reference}"));
+    let resolved = tokio::select! {
+        r = resolver.resolve(reference) => r?,
+        _ = opts.cancel.cancelled() => return Err(cancelled()),
+    };
+    let target = resolved.descriptor.clone();
+    let what = reference.to_string();
+    let top = resolver.fetch_manifest(reference, &target).await?;
+    let top_mt = target.media_type().to_string();
+    let top_mt = if manifest::is_manifest_like(&top_mt) {
+        manifest::detect_media_type(&top, Some(&top_mt), &what)?
+    } else {
+        manifest::detect_media_type(&top, None, &what)?
+    };
+    let mut manifests: Vec<(Descriptor, Vec<u8>, BlobKind)> = vec![];
+    let (manifest_desc, manifest_body) = if manifest::is_index(&top_mt) {
+        let index = manifest::parse_index(&top, &what)?;
+        let chosen = manifest::select_platform(&index, &opts.platform, &what)?;
+        let body = resolver.fetch_manifest(reference, &chosen).await?;
+        manifests.push((target.clone(), top, BlobKind::Index));
+        (chosen, body)
+    } else {
+        (target.clone(), top)
+    };
+    let mt = manifest::detect_media_type(
+        &manifest_body,
+        Some(&manifest_desc.media_type().to_string()),
+        &what,
+    )?;
+    if !manifest::is_manifest(&mt) {
+        return Err(Error::invalid_argument(format!(
+            "{what}: expected an image manifest, got {mt}"
+        )));
+    }
+    let m = manifest::parse_manifest(&manifest_body, &what)?;
+    let image = ImageInfo {
+        name: reference.to_string(),
+        target: target.clone(),
+        manifest: manifest_desc.clone(),
+        config: m.config().clone(),
+        layers: m.layers().clone(),
+    };
+    manifests.insert(0, (manifest_desc, manifest_body, BlobKind::Manifest));
+    for d in std::iter::once(&image.config).chain(image.layers.iter()) {
+        descriptor_digest(d).map_err(|e| e.context(&what))?;
+    }
+
+    let mut blobs: Vec<(Descriptor, BlobKind)> = vec![(image.config.clone(), BlobKind::Config)];
+    blobs.extend(
+        image
+            .layers
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, d)| (d, BlobKind::Layer(i))),
+    );
+    for (d, k) in &blobs {
+        emit(opts, d, k, ProgressState::Waiting, 0);
+    }
+    let sem = Arc::new(tokio::sync::Semaphore::new(
+        opts.max_concurrent_downloads.max(1),
+    ));
+    let mut senders = vec![];
+    let mut receivers = vec![];
+    for _ in &image.layers {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        senders.push(Some(tx));
+        receivers.push(rx);
+    }
+    let downloads = futures::future::try_join_all(blobs.into_iter().map(|(d, kind)| {
+        let sem = sem.clone();
+        let tx = match kind {
+            BlobKind::Layer(i) => senders[i].take(),
+            _ => None,
+        };
+        async move {
+            let _permit = sem
+                .acquire()
+                .await
+                .map_err(|_| Error::unknown("semaphore closed"))?;
+            fetch_into(resolver, reference, &d, &kind, sink, opts).await?;
+            if let Some(tx) = tx {
+                let _ = tx.send(());
+            }
+            Ok::<(), Error>(())
+        }
+    }));
+    let image_ref = &image;
+    let notifier = async move {
+        for (i, rx) in receivers.into_iter().enumerate() {
+            if rx.await.is_err() {
+                // That download failed: its error ends the pull.
+                futures::future::pending::<()>().await;
+            }
+            if let Some(h) = &opts.layer_hook {
+                h.layer_ready(i, &image_ref.layers[i], image_ref).await?;
+            }
+        }
+        Ok::<(), Error>(())
+    };
+    tokio::select! {
+        r = futures::future::try_join(downloads, notifier) => { r?; }
+        _ = opts.cancel.cancelled() => return Err(cancelled()),
+    }
+    for (d, body, kind) in manifests {
+        if let Some(mut w) = sink.open(&d).await? {
+            if w.offset() > 0 {
+                w.truncate().await?;
+            }
+            w.write(Bytes::from(body)).await?;
+            w.commit(&d).await?;
+        }
+        emit(opts, &d, &kind, ProgressState::Done, d.size());
+    }
+    Ok(image)
+}
+
+/// Downloads one blob into the sink, resuming where the sink left off, verifying size and
+/// digest; commits on success, aborts on bad content, closes (keeps) on interruption.
+pub async fn fetch_into(
+    resolver: &Resolver,
+    reference: &Reference,
+    desc: &Descriptor,
+    kind: &BlobKind,
+    sink: &dyn BlobSink,
+    opts: &PullOptions,
+) -> Result<()> {
+    let what = format!("{}@{}", reference.name(), desc.digest());
+    let Some(mut w) = sink.open(desc).await? else {
+        emit(opts, desc, kind, ProgressState::Exists, desc.size());
+        return Ok(());
+    };
+    let mut v = Verifier::new(desc)?;
+    let held = w.offset();
+    if held > 0 {
+        let mut prefix_ok = false;
+        if held <= desc.size() {
+            if let Some(mut r) = w.read_written().await? {
+                let mut buf = vec![0u8; 1 << 16];
+                let mut total = 0u64;
+                loop {
+                    let n = r.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                    v.update(&buf[..n])?;
+                }
+                prefix_ok = total == held;
+            }
+        }
+        if prefix_ok {
+            emit(opts, desc, kind, ProgressState::Resuming, held);
+        } else {
+            w.truncate().await?;
+            v = Verifier::new(desc)?;
+        }
+    }
+    if v.seen() == 0 {
+        emit(opts, desc, kind, ProgressState::Downloading, 0);
+    }
+    let mut failures = 0u32;
+    'fetch: while v.seen() < desc.size() {
+        let opened = tokio::select! {
+            r = resolver.fetch(reference, desc, v.seen()) => r,
+            _ = opts.cancel.cancelled() => {
+                w.close().await?;
+                return Err(Error::new(ErrorKind::Canceled, &what));
+            }
+        };
+        let mut bs = match opened {
+            Ok(bs) => bs,
+            Err(e) if e.is(ErrorKind::Unavailable) && failures < opts.download_retries => {
+                failures += 1;
+                continue;
+            }
+            Err(e) => {
+                emit(
+                    opts,
+                    desc,
+                    kind,
+                    ProgressState::Failed(e.to_string()),
+                    v.seen(),
+                );
+                w.close().await?;
+                return Err(e);
+            }
+        };
+        if bs.offset != v.seen() {
+            // The server ignored the range: start over.
+            w.truncate().await?;
+            v = Verifier::new(desc)?;
+        }
+        loop {
+            let next = tokio::select! {
+                n = bs.stream.next() => n,
+                _ = opts.cancel.cancelled() => {
+                    w.close().await?;
+                    return Err(Error::new(ErrorKind::Canceled, &what));
+                }
+            };
+            match next {
+                None => break 'fetch,
+                Some(Ok(chunk)) => {
+                    if let Err(e) = v.update(&chunk) {
+                        let e = e.context(&what);
+                        emit(
+                            opts,
+                            desc,
+                            kind,
+                            ProgressState::Failed(e.to_string()),
+                            v.seen(),
+                        );
+                        w.abort().await?;
+                        return Err(e);
+                    }
+                    w.write(chunk).await?;
+                    emit(opts, desc, kind, ProgressState::Downloading, v.seen());
+                }
+                Some(Err(e)) => {
+                    if failures < opts.download_retries {
+                        failures += 1;
+                        tracing::info!(blob = %what, offset = v.seen(), error = %e, "download interrupted; resuming");
+                        emit(opts, desc, kind, ProgressState::Resuming, v.seen());
+                        continue 'fetch;
+                    }
+                    emit(
+                        opts,
+                        desc,
+                        kind,
+                        ProgressState::Failed(e.to_string()),
+                        v.seen(),
+                    );
+                    w.close().await?;
+                    return Err(e);
+                }
+            }
+        }
+    }
+    let seen = v.seen();
+    if let Err(e) = v.finish() {
+        let e = e.context(&what);
+        emit(opts, desc, kind, ProgressState::Failed(e.to_string()), seen);
+        w.abort().await?;
+        return Err(e);
+    }
+    w.commit(desc).await?;
+    emit(opts, desc, kind, ProgressState::Done, seen);
+    Ok(())
+}
+
+/// A [`BlobSink`] over a directory: committed blobs in `blobs/<alg>/<hex>` (the OCI
+/// layout's place for them), partial ones in `ingest/<alg>-<hex>`, made visible by an
+/// atomic rename after an fsync.
+#[derive(Debug, Clone)]
+pub struct DirSink {
+    root: PathBuf,
+}
+
+impl DirSink {
+    pub fn new(root: impl Into<PathBuf>) -> DirSink {
+        DirSink { root: root.into() }
+    }
+
+    pub fn blob_path(&self, desc: &Descriptor) -> Result<PathBuf> {
+        let d = descriptor_digest(desc)?;
+        Ok(self.root.join("blobs").join(d.algorithm()).join(d.hex()))
+    }
+
+    pub fn ingest_path(&self, desc: &Descriptor) -> Result<PathBuf> {
+        let d = descriptor_digest(desc)?;
+        Ok(self
+            .root
+            .join("ingest")
+            .join(format!("{}-{}", d.algorithm(), d.hex())))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+struct DirWriter {
+    file: tokio::fs::File,
+    ingest: PathBuf,
+    target: PathBuf,
+    offset: u64,
+}
+
+#[async_trait::async_trait]
+impl BlobSink for DirSink {
+    async fn open(&self, desc: &Descriptor) -> Result<Option<Box<dyn BlobWriter>>> {
+        let target = self.blob_path(desc)?;
+        if tokio::fs::metadata(&target).await.is_ok() {
+            return Ok(None);
+        }
+        let ingest = self.ingest_path(desc)?;
+        tokio::fs::create_dir_all(ingest.parent().expect("ingest dir")).await?;
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&ingest)
+            .await?;
+        let offset = file.metadata().await?.len();
+        Ok(Some(Box::new(DirWriter {
+            file,
+            ingest,
+            target,
+            offset,
+        })))
+    }
+}
+
+#[async_trait::async_trait]
+impl BlobWriter for DirWriter {
+    fn offset(&self) -> u64 {
+        self.offset
+    }
+    async fn read_written(&mut self) -> Result<Option<Box<dyn AsyncRead + Send + Unpin>>> {
+        let f = tokio::fs::File::open(&self.ingest).await?;
+        Ok(Some(Box::new(f.take(self.offset))))
+    }
+    async fn truncate(&mut self) -> Result<()> {
+        self.file.set_len(0).await?;
+        self.file.seek(std::io::SeekFrom::Start(0)).await?;
+        self.offset = 0;
+        Ok(())
+    }
+    async fn write(&mut self, data: Bytes) -> Result<()> {
+        self.file.write_all(&data).await?;
+        self.offset += data.len() as u64;
+        Ok(())
+    }
+    async fn commit(mut self: Box<Self>, _desc: &Descriptor) -> Result<()> {
+        self.file.flush().await?;
+        self.file.sync_all().await?;
+        tokio::fs::create_dir_all(self.target.parent().expect("blob dir")).await?;
+        tokio::fs::rename(&self.ingest, &self.target).await?;
+        Ok(())
+    }
+    async fn abort(self: Box<Self>) -> Result<()> {
+        drop(self.file);
+        match tokio::fs::remove_file(&self.ingest).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+    async fn close(mut self: Box<Self>) -> Result<()> {
+        self.file.flush().await?;
+        Ok(())
+    }
+}
