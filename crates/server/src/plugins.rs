@@ -8,6 +8,8 @@ use berth_plugin::Registration;
 pub fn all_registrations() -> Vec<Registration> {
     let mut registrations = vec![crate::opt::registration(), berth_metadata::registration()];
     registrations.extend(berth_services::registrations());
+    registrations.extend(berth_content::registrations());
+    registrations.extend(berth_gc::registrations());
     registrations
 }
 
