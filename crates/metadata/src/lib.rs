@@ -16,6 +16,7 @@ pub mod gc;
 pub mod images;
 pub mod leases;
 pub mod namespaces;
+pub mod snapshots;
 mod util;
 
 mod plugin;
@@ -37,6 +38,10 @@ pub const NAMESPACED_TABLES: &[namespaces::NamespacedTableInfo] = &[
     namespaces::NamespacedTableInfo {
         table: containers::CONTAINERS,
         what: "containers",
+    },
+    namespaces::NamespacedTableInfo {
+        table: snapshots::SNAPSHOTS,
+        what: "snapshots",
     },
 ];
 
