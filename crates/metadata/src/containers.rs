@@ -190,7 +190,9 @@ fn validate(container: &Container) -> Result<()> {
     }
     labels::validate_all(&container.labels).map_err(|e| e.context("containers.Labels"))?;
     if container.runtime.name.is_empty() {
-        return Err(Error::invalid_argument("container.Runtime.Name must be set"));
+        return Err(Error::invalid_argument(
+            "container.Runtime.Name must be set",
+        ));
     }
     if container.spec.is_none() {
         return Err(Error::invalid_argument("container.Spec must be set"));
@@ -241,8 +243,15 @@ impl MetadataStore {
                 .open_table(CONTAINERS)
                 .map_err(|e| db_error("containers", e))?;
             let key = namespaced_key(namespace, &container.id);
-            if table.get(key.as_str()).map_err(|e| db_error("get", e))?.is_some() {
-                return Err(Error::already_exists(format!("container {:?}", container.id)));
+            if table
+                .get(key.as_str())
+                .map_err(|e| db_error("get", e))?
+                .is_some()
+            {
+                return Err(Error::already_exists(format!(
+                    "container {:?}",
+                    container.id
+                )));
             }
             let record = to_json(&ContainerRecord::from_container(&container))?;
             table
@@ -481,8 +490,9 @@ mod tests {
 
         let refs = store.container_references().unwrap();
         assert_eq!(refs.len(), 3);
-        assert!(refs.iter().any(|r| r.namespace == "other"
-            && r.snapshot == Some(("overlayfs".into(), "c1".into()))));
+        assert!(refs.iter().any(
+            |r| r.namespace == "other" && r.snapshot == Some(("overlayfs".into(), "c1".into()))
+        ));
 
         let err = store.delete_namespace("ns").unwrap_err();
         assert!(err.to_string().contains("containers"), "{err}");
@@ -521,7 +531,10 @@ mod tests {
         let c = container("c1");
         let f = |p: &[&str]| filter_field(&c, &p.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         assert_eq!(f(&["id"]).as_deref(), Some("c1"));
-        assert_eq!(f(&["runtime", "name"]).as_deref(), Some("io.containerd.runc.v2"));
+        assert_eq!(
+            f(&["runtime", "name"]).as_deref(),
+            Some("io.containerd.runc.v2")
+        );
         assert_eq!(f(&["labels", "a"]).as_deref(), Some("1"));
         assert_eq!(f(&["snapshotter"]), None);
     }
