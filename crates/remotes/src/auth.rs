@@ -301,10 +301,10 @@ impl Authorizer {
             };
             let h = basic_header(&a.username, &a.password);
             let mut hosts = self.hosts.lock().unwrap();
-            if let Some(HostAuth::Basic(old)) = hosts.get(host) {
-                if *old == h {
-                    return Ok(false); // the same credentials were already refused
-                }
+            if let Some(HostAuth::Basic(old)) = hosts.get(host)
+                && *old == h
+            {
+                return Ok(false); // the same credentials were already refused
             }
             hosts.insert(host.to_string(), HostAuth::Basic(h));
             return Ok(true);

@@ -246,12 +246,12 @@ fn authority(u: &url::Url) -> String {
 
 /// Reads a whole body, failing as soon as it exceeds `max` bytes.
 pub async fn read_bounded(resp: reqwest::Response, max: u64, what: &str) -> Result<Vec<u8>> {
-    if let Some(len) = resp.content_length() {
-        if len > max {
-            return Err(Error::invalid_argument(format!(
-                "{what}: size {len} exceeds the limit of {max} bytes"
-            )));
-        }
+    if let Some(len) = resp.content_length()
+        && len > max
+    {
+        return Err(Error::invalid_argument(format!(
+            "{what}: size {len} exceeds the limit of {max} bytes"
+        )));
     }
     let mut out = Vec::new();
     let mut stream = resp.bytes_stream();
@@ -412,18 +412,17 @@ impl Resolver {
                 rb = rb.body(b.clone());
             }
             let resp = rb.send().await?;
-            if resp.status().is_redirection() {
-                if let Some(loc) = header_str(&resp, "location") {
-                    if let Ok(next) = url.join(&loc) {
-                        if resp.status() == StatusCode::SEE_OTHER {
-                            method = Method::GET;
-                            body = None;
-                        }
-                        tracing::debug!(from = %url, to = %next, "following redirect");
-                        url = next;
-                        continue;
-                    }
+            if resp.status().is_redirection()
+                && let Some(loc) = header_str(&resp, "location")
+                && let Ok(next) = url.join(&loc)
+            {
+                if resp.status() == StatusCode::SEE_OTHER {
+                    method = Method::GET;
+                    body = None;
                 }
+                tracing::debug!(from = %url, to = %next, "following redirect");
+                url = next;
+                continue;
             }
             return Ok(resp);
         }
@@ -552,18 +551,20 @@ impl Resolver {
             let digest = header_str(&head, "docker-content-digest");
             let ct = header_str(&head, "content-type")
                 .map(|c| c.split(';').next().unwrap_or_default().trim().to_string());
-            let size = head.content_length();
+            // Not `content_length()`: for HEAD that is the (empty) body's size.
+            let size =
+                header_str(&head, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
             if let (Some(d), Some(ct), Some(size)) = (digest, ct, size) {
                 if ct == manifest::DOCKER_SCHEMA1 || ct == manifest::DOCKER_SCHEMA1_SIGNED {
                     // Let GET produce the schema 1 error with the body's evidence.
                 } else if manifest::is_manifest_like(&ct) {
                     let d = Digest::parse(&d).map_err(|e| e.context(&what))?;
-                    if let Some(want) = &r.digest {
-                        if *want != d {
-                            return Err(Error::invalid_argument(format!(
-                                "{what}: registry returned digest {d}, asked for {want}"
-                            )));
-                        }
+                    if let Some(want) = &r.digest
+                        && *want != d
+                    {
+                        return Err(Error::invalid_argument(format!(
+                            "{what}: registry returned digest {d}, asked for {want}"
+                        )));
                     }
                     if size > max {
                         return Err(Error::invalid_argument(format!(
@@ -605,13 +606,13 @@ impl Resolver {
         let body = read_bounded(resp, max, &what).await?;
         let mt = manifest::detect_media_type(&body, ct.as_deref(), &what)?;
         let desc = manifest::descriptor_for(&mt, &body);
-        if let Some(want) = &r.digest {
-            if want.as_str() != desc.digest().to_string() {
-                return Err(Error::invalid_argument(format!(
-                    "{what}: content digest {} does not match the reference digest {want}",
-                    desc.digest()
-                )));
-            }
+        if let Some(want) = &r.digest
+            && want.as_str() != desc.digest().to_string()
+        {
+            return Err(Error::invalid_argument(format!(
+                "{what}: content digest {} does not match the reference digest {want}",
+                desc.digest()
+            )));
         }
         Ok(desc)
     }

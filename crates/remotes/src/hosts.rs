@@ -148,17 +148,17 @@ pub fn configure_hosts(opts: &HostOptions, host: &str) -> Result<Vec<RegistryHos
     }
     let mut hosts = hosts.unwrap_or_else(|| vec![empty_host()]);
     // A trailing entry without a host (no `server`) is the registry itself.
-    if let Some(last) = hosts.last_mut() {
-        if last.host.is_empty() {
-            let mut d = RegistryHost::default_for(host, opts.default_scheme.as_deref());
-            d.tls.ca = std::mem::take(&mut last.tls.ca);
-            d.tls.client = std::mem::take(&mut last.tls.client);
-            if last.tls.skip_verify.is_some() {
-                d.tls.skip_verify = last.tls.skip_verify;
-            }
-            d.headers = std::mem::take(&mut last.headers);
-            *last = d;
+    if let Some(last) = hosts.last_mut()
+        && last.host.is_empty()
+    {
+        let mut d = RegistryHost::default_for(host, opts.default_scheme.as_deref());
+        d.tls.ca = std::mem::take(&mut last.tls.ca);
+        d.tls.client = std::mem::take(&mut last.tls.client);
+        if last.tls.skip_verify.is_some() {
+            d.tls.skip_verify = last.tls.skip_verify;
         }
+        d.headers = std::mem::take(&mut last.headers);
+        *last = d;
     }
     Ok(hosts)
 }
@@ -529,15 +529,15 @@ pub fn convert_cri_registry(registry: &toml::Table) -> Result<CriRegistryConvers
             Some(v) => string_list(v, "endpoint")?,
             None => vec![],
         };
-        let upstream_host = url_host(&server);
         for ep in &endpoints {
             let ep_url = if ep.contains("://") {
                 ep.clone()
             } else {
                 format!("https://{ep}")
             };
+            let ep_url = ep_url.trim_end_matches('/').to_string();
             let h = url_host(&ep_url);
-            if !server.is_empty() && h == upstream_host {
+            if !server.is_empty() && ep_url == server {
                 continue; // the upstream itself stays the last (server) entry
             }
             text.push_str(&format!(

@@ -121,17 +121,17 @@ pub fn select_platform(index: &ImageIndex, want: &Platform, what: &str) -> Resul
     let mut best: Option<(usize, &Descriptor)> = None;
     let mut seen = vec![];
     for d in index.manifests() {
-        if !is_manifest(&d.media_type().to_string()) && !is_index(&d.media_type().to_string()) {
+        if !is_manifest(d.media_type().as_ref()) && !is_index(d.media_type().as_ref()) {
             continue;
         }
         let Some(p) = descriptor_platform(d) else {
             continue;
         };
         seen.push(p.to_string());
-        if let Some(rank) = want.match_rank(&p) {
-            if best.is_none_or(|(r, _)| rank < r) {
-                best = Some((rank, d));
-            }
+        if let Some(rank) = want.match_rank(&p)
+            && best.is_none_or(|(r, _)| rank < r)
+        {
+            best = Some((rank, d));
         }
     }
     best.map(|(_, d)| d.clone()).ok_or_else(|| {
@@ -148,7 +148,7 @@ pub fn select_platform(index: &ImageIndex, want: &Platform, what: &str) -> Resul
 
 /// Our digest type from an oci-spec descriptor.
 pub fn descriptor_digest(d: &Descriptor) -> Result<Digest> {
-    Digest::parse(&d.digest().to_string())
+    Digest::parse(d.digest().as_ref())
 }
 
 /// The core descriptor (what the content store and image records carry).

@@ -105,10 +105,10 @@ impl Platform {
         if self.architecture == "amd64" {
             // amd64/v3 hosts run v2 and v1 images.
             let lvl = |v: &str| v.trim_start_matches('v').parse::<u32>().ok();
-            if let (Some(w), Some(h)) = (lvl(&self.variant), lvl(&o.variant)) {
-                if h <= w {
-                    return Some(1 + (w - h) as usize);
-                }
+            if let (Some(w), Some(h)) = (lvl(&self.variant), lvl(&o.variant))
+                && h <= w
+            {
+                return Some(1 + (w - h) as usize);
             }
         }
         None

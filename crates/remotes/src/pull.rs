@@ -190,7 +190,7 @@ pub async fn pull(
     };
     let mt = manifest::detect_media_type(
         &manifest_body,
-        Some(&manifest_desc.media_type().to_string()),
+        Some(manifest_desc.media_type().as_ref()),
         &what,
     )?;
     if !manifest::is_manifest(&mt) {
@@ -300,20 +300,20 @@ pub async fn fetch_into(
     let held = w.offset();
     if held > 0 {
         let mut prefix_ok = false;
-        if held <= desc.size() {
-            if let Some(mut r) = w.read_written().await? {
-                let mut buf = vec![0u8; 1 << 16];
-                let mut total = 0u64;
-                loop {
-                    let n = r.read(&mut buf).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    total += n as u64;
-                    v.update(&buf[..n])?;
+        if held <= desc.size()
+            && let Some(mut r) = w.read_written().await?
+        {
+            let mut buf = vec![0u8; 1 << 16];
+            let mut total = 0u64;
+            loop {
+                let n = r.read(&mut buf).await?;
+                if n == 0 {
+                    break;
                 }
-                prefix_ok = total == held;
+                total += n as u64;
+                v.update(&buf[..n])?;
             }
+            prefix_ok = total == held;
         }
         if prefix_ok {
             emit(opts, desc, kind, ProgressState::Resuming, held);

@@ -68,10 +68,10 @@ impl Reference {
             }
             _ => (rest, None),
         };
-        if let Some(t) = &tag {
-            if !valid_tag(t) {
-                return Err(invalid("invalid tag"));
-            }
+        if let Some(t) = &tag
+            && !valid_tag(t)
+        {
+            return Err(invalid("invalid tag"));
         }
         let Some((host, repository)) = locator.split_once('/') else {
             return Err(invalid("object required (expected host/repository)"));

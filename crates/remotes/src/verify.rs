@@ -21,7 +21,7 @@ pub struct Verifier {
 
 impl Verifier {
     pub fn new(desc: &Descriptor) -> Result<Verifier> {
-        let expected = Digest::parse(&desc.digest().to_string())?;
+        let expected = Digest::parse(desc.digest().as_ref())?;
         let hasher = match expected.algorithm() {
             "sha256" => Hasher::Sha256(sha2::Sha256::new()),
             "sha384" => Hasher::Sha384(sha2::Sha384::new()),
