@@ -5,7 +5,7 @@
 use crate::config::Config;
 use crate::state::DaemonState;
 use crate::ttrpc_server::TtrpcServer;
-use crate::{endpoints, opt, plugins, sockets};
+use crate::{endpoints, notify, opt, plugins, sockets};
 use anyhow::{Context, anyhow, bail};
 use berth_core::events::Exchange;
 use berth_plugin::{DaemonInfo, GrpcService, InitOptions, PluginSet, types};
@@ -245,6 +245,7 @@ async fn serve(mut config: Config, started: Instant) -> anyhow::Result<()> {
         "berthd successfully booted in {:.3}s",
         started.elapsed().as_secs_f64()
     );
+    notify::notify("READY=1");
 
     loop {
         tokio::select! {
@@ -265,6 +266,7 @@ async fn serve(mut config: Config, started: Instant) -> anyhow::Result<()> {
     }
 
     // Stop accepting new connections and calls, then give the open ones time to end.
+    notify::notify("STOPPING=1");
     let _ = stop_grpc.send(true);
     for path in &sockets.0 {
         let _ = std::fs::remove_file(path);

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod endpoints;
 pub mod grpc;
 pub mod logging;
+pub mod notify;
 pub mod opt;
 pub mod plugins;
 pub mod publish;

@@ -103,6 +103,11 @@ impl DaemonState {
             self.in_flight(),
             self.event_subscribers()
         );
+        // What shims and runtimes started from now on inherit (the opt plugin's doing).
+        for variable in ["PATH", "LD_LIBRARY_PATH"] {
+            let value = std::env::var(variable).unwrap_or_default();
+            let _ = writeln!(out, "{variable}={value}");
+        }
         let _ = writeln!(
             out,
             "plugins: {} loaded, {} failed, {} skipped",
