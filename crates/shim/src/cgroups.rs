@@ -22,15 +22,20 @@ impl Cgroups {
         let mut cg = Cgroups::default();
         for line in data.lines() {
             let mut it = line.splitn(3, ':');
-            let (Some(_), Some(ctrls), Some(path)) = (it.next(), it.next(), it.next()) else { continue };
+            let (Some(_), Some(ctrls), Some(path)) = (it.next(), it.next(), it.next()) else {
+                continue;
+            };
             if ctrls.is_empty() {
-                if let Some((root, mp)) = mounts.iter().find(|m| m.0.is_empty()).map(|m| (&m.1, &m.2)) {
+                if let Some((root, mp)) =
+                    mounts.iter().find(|m| m.0.is_empty()).map(|m| (&m.1, &m.2))
+                {
                     cg.v2 = Some(join_cg(mp, root, path));
                 }
                 continue;
             }
             for c in ctrls.split(',') {
-                if let Some((_, root, mp)) = mounts.iter().find(|m| m.0.split(',').any(|x| x == c)) {
+                if let Some((_, root, mp)) = mounts.iter().find(|m| m.0.split(',').any(|x| x == c))
+                {
                     cg.v1.insert(c.to_string(), join_cg(mp, root, path));
                 }
             }
@@ -148,11 +153,22 @@ impl Cgroups {
         if let Some(d) = self.v1.get("blkio") {
             let mut b = v1::BlkIOStat::new();
             let pick = |names: &[&str]| {
-                names.iter().map(|n| blkio_entries(&d.join(n))).find(|v| !v.is_empty()).unwrap_or_default()
+                names
+                    .iter()
+                    .map(|n| blkio_entries(&d.join(n)))
+                    .find(|v| !v.is_empty())
+                    .unwrap_or_default()
             };
-            b.io_service_bytes_recursive =
-                pick(&["blkio.io_service_bytes_recursive", "blkio.throttle.io_service_bytes_recursive", "blkio.throttle.io_service_bytes"]);
-            b.io_serviced_recursive = pick(&["blkio.io_serviced_recursive", "blkio.throttle.io_serviced_recursive", "blkio.throttle.io_serviced"]);
+            b.io_service_bytes_recursive = pick(&[
+                "blkio.io_service_bytes_recursive",
+                "blkio.throttle.io_service_bytes_recursive",
+                "blkio.throttle.io_service_bytes",
+            ]);
+            b.io_serviced_recursive = pick(&[
+                "blkio.io_serviced_recursive",
+                "blkio.throttle.io_serviced_recursive",
+                "blkio.throttle.io_serviced",
+            ]);
             m.blkio = MessageField::some(b);
         }
         m
@@ -222,7 +238,9 @@ fn cgroup_mounts() -> Vec<(String, String, String)> {
     let data = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mut out = Vec::new();
     for line in data.lines() {
-        let Some((pre, post)) = line.split_once(" - ") else { continue };
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
         let pf: Vec<&str> = pre.split(' ').collect();
         let qf: Vec<&str> = post.split(' ').collect();
         if pf.len() < 5 || qf.len() < 3 {
@@ -238,7 +256,10 @@ fn cgroup_mounts() -> Vec<(String, String, String)> {
 }
 
 fn join_cg(mountpoint: &str, root: &str, path: &str) -> PathBuf {
-    let rel = path.strip_prefix(root).unwrap_or(path).trim_start_matches('/');
+    let rel = path
+        .strip_prefix(root)
+        .unwrap_or(path)
+        .trim_start_matches('/');
     Path::new(mountpoint).join(rel)
 }
 
@@ -249,7 +270,11 @@ fn read_to_string(p: &Path) -> String {
 fn read_u64(p: &Path) -> u64 {
     let s = read_to_string(p);
     let s = s.trim();
-    if s == "max" { u64::MAX } else { s.parse().unwrap_or(0) }
+    if s == "max" {
+        u64::MAX
+    } else {
+        s.parse().unwrap_or(0)
+    }
 }
 
 fn flat_keyed(p: &Path) -> HashMap<String, u64> {
@@ -292,6 +317,9 @@ mod tests {
         for p in cg.v1.values().chain(cg.v2.iter()) {
             assert!(p.exists(), "{}", p.display());
         }
-        assert_eq!(join_cg("/sys/fs/cgroup/memory", "/", "/a/b"), PathBuf::from("/sys/fs/cgroup/memory/a/b"));
+        assert_eq!(
+            join_cg("/sys/fs/cgroup/memory", "/", "/a/b"),
+            PathBuf::from("/sys/fs/cgroup/memory/a/b")
+        );
     }
 }

@@ -58,13 +58,21 @@ event!(TaskCheckpointed, "/tasks/checkpointed");
 const HEADER_LEN: usize = 10;
 
 impl Publisher {
-    pub fn new(namespace: &str, ttrpc_address: &str, containerd_address: &str, publish_binary: &str) -> Self {
+    pub fn new(
+        namespace: &str,
+        ttrpc_address: &str,
+        containerd_address: &str,
+        publish_binary: &str,
+    ) -> Self {
         Publisher {
             namespace: namespace.into(),
             ttrpc_address: ttrpc_address.trim_start_matches("unix://").into(),
             containerd_address: containerd_address.into(),
             publish_binary: publish_binary.into(),
-            conn: Mutex::new(Conn { stream: None, next_id: 1 }),
+            conn: Mutex::new(Conn {
+                stream: None,
+                next_id: 1,
+            }),
         }
     }
 
@@ -76,7 +84,10 @@ impl Publisher {
             Err(_) => return,
         };
         if let Err(err) = self.forward(E::TOPIC, &any) {
-            slog!("forwarding {} over ttrpc failed ({err}); trying the publish binary", E::TOPIC);
+            slog!(
+                "forwarding {} over ttrpc failed ({err}); trying the publish binary",
+                E::TOPIC
+            );
             if let Err(err) = self.exec_publish(E::TOPIC, &any) {
                 slog!("publishing {} failed: {err}", E::TOPIC);
             }
@@ -119,10 +130,10 @@ impl Publisher {
             let r = roundtrip(c.stream.as_mut().unwrap(), id, &body);
             match r {
                 Ok(resp) => {
-                    if let Some(st) = resp.status.as_ref() {
-                        if st.code.value() != 0 {
-                            return Err(io::Error::other(format!("Forward: {}", st.message)));
-                        }
+                    if let Some(st) = resp.status.as_ref()
+                        && st.code.value() != 0
+                    {
+                        return Err(io::Error::other(format!("Forward: {}", st.message)));
                     }
                     return Ok(());
                 }
@@ -142,7 +153,13 @@ impl Publisher {
         // Runs outside the monitor's bookkeeping: the exit is reaped by the monitor and
         // reported as an unknown pid, which the service ignores.
         let mut child = Command::new(&self.publish_binary)
-            .args(["--address", &self.containerd_address, "publish", "--topic", topic])
+            .args([
+                "--address",
+                &self.containerd_address,
+                "publish",
+                "--topic",
+                topic,
+            ])
             .args(["--namespace", &self.namespace])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())

@@ -68,7 +68,10 @@ fn parse_flags(args: &[String]) -> Result<Flags, String> {
                 let v = match inline {
                     Some(v) => v,
                     None => {
-                        let v = args.get(i).cloned().ok_or_else(|| format!("flag needs an argument: -{name}"))?;
+                        let v = args
+                            .get(i)
+                            .cloned()
+                            .ok_or_else(|| format!("flag needs an argument: -{name}"))?;
                         i += 1;
                         v
                     }
@@ -90,7 +93,9 @@ fn parse_flags(args: &[String]) -> Result<Flags, String> {
 }
 
 fn socket_dir() -> PathBuf {
-    std::env::var_os("BERTH_SHIM_SOCKET_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_DIR))
+    std::env::var_os("BERTH_SHIM_SOCKET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_DIR))
 }
 
 fn main() {
@@ -105,7 +110,10 @@ fn main() {
         }
     };
     if flags.version {
-        println!("containerd-shim-berth-v2 {} (runtime io.containerd.berth.v2, task API v2)", env!("CARGO_PKG_VERSION"));
+        println!(
+            "containerd-shim-berth-v2 {} (runtime io.containerd.berth.v2, task API v2)",
+            env!("CARGO_PKG_VERSION")
+        );
         return;
     }
     let r = match flags.action.as_str() {
@@ -160,7 +168,14 @@ fn start(flags: &Flags) -> Result<(), String> {
     };
     let exe = std::env::current_exe().map_err(|e| format!("finding own binary: {e}"))?;
     let mut cmd = Command::new(exe);
-    cmd.args(["-namespace", &flags.namespace, "-id", &flags.id, "-address", &flags.address]);
+    cmd.args([
+        "-namespace",
+        &flags.namespace,
+        "-id",
+        &flags.id,
+        "-address",
+        &flags.address,
+    ]);
     if !flags.publish_binary.is_empty() {
         cmd.args(["-publish-binary", &flags.publish_binary]);
     }
@@ -216,22 +231,38 @@ fn delete(flags: &Flags) -> Result<(), String> {
     };
     let (bin, root) = runc::read_options(&bundle);
     if let Ok(rt) = runc::Runtime::new(&bin, &root, &flags.namespace, &bundle) {
-        let out = rt.command(&["delete", "--force", &flags.id]).stdin(Stdio::null()).output();
-        if let Ok(o) = out {
-            if !o.status.success() {
-                slog!("delete action: runtime delete: {}", String::from_utf8_lossy(&o.stderr).trim());
-            }
+        let out = rt
+            .command(&["delete", "--force", &flags.id])
+            .stdin(Stdio::null())
+            .output();
+        if let Ok(o) = out
+            && !o.status.success()
+        {
+            slog!(
+                "delete action: runtime delete: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
         }
     }
     sys::unmount_all(&bundle.join("rootfs"));
-    let _ = std::fs::remove_file(service::socket_path(&socket_dir(), &flags.address, &flags.namespace, &flags.id));
-    let pid: u32 = std::fs::read_to_string(bundle.join("init.pid")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    let _ = std::fs::remove_file(service::socket_path(
+        &socket_dir(),
+        &flags.address,
+        &flags.namespace,
+        &flags.id,
+    ));
+    let pid: u32 = std::fs::read_to_string(bundle.join("init.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
     let mut r = DeleteResponse::new();
     r.pid = pid;
     r.exit_status = 128 + libc::SIGKILL as u32;
     r.exited_at = MessageField::some(sys::now());
     let bytes = r.write_to_bytes().map_err(|e| e.to_string())?;
-    std::io::stdout().write_all(&bytes).map_err(|e| e.to_string())?;
+    std::io::stdout()
+        .write_all(&bytes)
+        .map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -251,9 +282,20 @@ fn serve(flags: &Flags) -> Result<(), String> {
     let (tx, rx) = std::sync::mpsc::channel();
     let mon = Monitor::start(tx.clone()).map_err(|e| format!("starting the monitor: {e}"))?;
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
-    let publisher = events::Publisher::new(&flags.namespace, &ttrpc_address, &flags.address, &flags.publish_binary);
+    let publisher = events::Publisher::new(
+        &flags.namespace,
+        &ttrpc_address,
+        &flags.address,
+        &flags.publish_binary,
+    );
     let dir = socket_dir();
-    let svc = Arc::new(service::Service::new(&flags.namespace, dir.clone(), mon, publisher, tx));
+    let svc = Arc::new(service::Service::new(
+        &flags.namespace,
+        dir.clone(),
+        mon,
+        publisher,
+        tx,
+    ));
     let task: Arc<dyn containerd_shim_protos::Task + Send + Sync> = svc.clone();
     let mut server = containerd_shim_protos::ttrpc::Server::new()
         .add_listener(3)
@@ -272,7 +314,12 @@ fn serve(flags: &Flags) -> Result<(), String> {
     }
     // Let the Shutdown reply go out before the process ends.
     std::thread::sleep(std::time::Duration::from_millis(20));
-    let _ = std::fs::remove_file(service::socket_path(&dir, &flags.address, &flags.namespace, &flags.id));
+    let _ = std::fs::remove_file(service::socket_path(
+        &dir,
+        &flags.address,
+        &flags.namespace,
+        &flags.id,
+    ));
     std::process::exit(0);
 }
 
@@ -286,9 +333,37 @@ mod tests {
 
     #[test]
     fn flags() {
-        let f = parse_flags(&v(&["-namespace", "ns", "-address", "/a.sock", "-publish-binary", "/bin/c", "-id", "x", "start"])).unwrap();
-        assert_eq!((f.namespace.as_str(), f.address.as_str(), f.id.as_str(), f.action.as_str()), ("ns", "/a.sock", "x", "start"));
-        let f = parse_flags(&v(&["--namespace=ns", "-debug", "-id", "x", "-bundle", "/b", "delete"])).unwrap();
+        let f = parse_flags(&v(&[
+            "-namespace",
+            "ns",
+            "-address",
+            "/a.sock",
+            "-publish-binary",
+            "/bin/c",
+            "-id",
+            "x",
+            "start",
+        ]))
+        .unwrap();
+        assert_eq!(
+            (
+                f.namespace.as_str(),
+                f.address.as_str(),
+                f.id.as_str(),
+                f.action.as_str()
+            ),
+            ("ns", "/a.sock", "x", "start")
+        );
+        let f = parse_flags(&v(&[
+            "--namespace=ns",
+            "-debug",
+            "-id",
+            "x",
+            "-bundle",
+            "/b",
+            "delete",
+        ]))
+        .unwrap();
         assert!(f.debug);
         assert_eq!((f.bundle.as_str(), f.action.as_str()), ("/b", "delete"));
         assert!(parse_flags(&v(&["-bogus", "1"])).is_err());

@@ -48,7 +48,11 @@ pub fn block_sigchld() -> io::Result<libc::sigset_t> {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGCHLD);
-        sys::cvt(libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()))?;
+        sys::cvt(libc::pthread_sigmask(
+            libc::SIG_BLOCK,
+            &set,
+            std::ptr::null_mut(),
+        ))?;
         Ok(set)
     }
 }
@@ -56,9 +60,14 @@ pub fn block_sigchld() -> io::Result<libc::sigset_t> {
 impl Monitor {
     pub fn start(tx: Sender<Msg>) -> io::Result<Arc<Monitor>> {
         let set = block_sigchld()?;
-        let sfd = sys::cvt(unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) })?;
+        let sfd =
+            sys::cvt(unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) })?;
         let sfd = unsafe { File::from_raw_fd(sfd) };
-        let m = Arc::new(Monitor { inner: Mutex::new(Inner::default()), cv: Condvar::new(), wake: sys::eventfd()? });
+        let m = Arc::new(Monitor {
+            inner: Mutex::new(Inner::default()),
+            cv: Condvar::new(),
+            wake: sys::eventfd()?,
+        });
         let m2 = m.clone();
         std::thread::Builder::new()
             .name("monitor".into())
@@ -86,7 +95,14 @@ impl Monitor {
             }
             if ready.contains(&0) {
                 let mut buf = [0u8; 128 * 8];
-                while unsafe { libc::read(sfd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) } > 0 {}
+                while unsafe {
+                    libc::read(
+                        sfd.as_raw_fd(),
+                        buf.as_mut_ptr() as *mut libc::c_void,
+                        buf.len(),
+                    )
+                } > 0
+                {}
             }
             self.reap(&tx);
             let ooms: Vec<usize> = ready.iter().filter(|&&i| i >= 2).map(|&i| ids[i]).collect();
@@ -97,7 +113,9 @@ impl Monitor {
                     let Some(w) = g.oom.get(i) else { continue };
                     sys::eventfd_read(&w.efd);
                     if w.cgroup_dir.exists() {
-                        let _ = tx.send(Msg::Oom { container_id: w.container_id.clone() });
+                        let _ = tx.send(Msg::Oom {
+                            container_id: w.container_id.clone(),
+                        });
                     } else {
                         gone.push(i);
                     }
@@ -165,7 +183,12 @@ impl Monitor {
             memcg.join("cgroup.event_control"),
             format!("{} {}", efd.as_raw_fd(), ctl.as_raw_fd()),
         )?;
-        self.add_watch(OomWatch { efd, _ctl: Some(ctl), container_id: container_id.into(), cgroup_dir: memcg });
+        self.add_watch(OomWatch {
+            efd,
+            _ctl: Some(ctl),
+            container_id: container_id.into(),
+            cgroup_dir: memcg,
+        });
         Ok(())
     }
 

@@ -60,7 +60,11 @@ pub fn parse_options(opts: &[String]) -> (libc::c_ulong, libc::c_ulong, String) 
 
 pub fn mount_one(m: &Mount, target: &Path) -> io::Result<()> {
     let (flags, prop, data) = parse_options(&m.options);
-    let fstype = if m.type_ == "bind" || m.type_ == "rbind" { "" } else { m.type_.as_str() };
+    let fstype = if m.type_ == "bind" || m.type_ == "rbind" {
+        ""
+    } else {
+        m.type_.as_str()
+    };
     let mut flags = flags;
     if m.type_ == "bind" || m.type_ == "rbind" {
         flags |= libc::MS_BIND;
@@ -68,9 +72,22 @@ pub fn mount_one(m: &Mount, target: &Path) -> io::Result<()> {
             flags |= libc::MS_REC;
         }
     }
-    let first = if flags & libc::MS_BIND != 0 { flags & !libc::MS_RDONLY } else { flags };
-    sys::mount(&m.source, target, fstype, first, &data)
-        .map_err(|e| io::Error::new(e.kind(), format!("mount {} ({}) on {}: {e}", m.source, m.type_, target.display())))?;
+    let first = if flags & libc::MS_BIND != 0 {
+        flags & !libc::MS_RDONLY
+    } else {
+        flags
+    };
+    sys::mount(&m.source, target, fstype, first, &data).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "mount {} ({}) on {}: {e}",
+                m.source,
+                m.type_,
+                target.display()
+            ),
+        )
+    })?;
     // A bind mount only becomes read-only with a remount.
     if flags & libc::MS_BIND != 0 && flags & libc::MS_RDONLY != 0 {
         sys::mount("", target, "", flags | libc::MS_REMOUNT, "")?;
@@ -102,9 +119,22 @@ mod tests {
 
     #[test]
     fn options() {
-        let o: Vec<String> = ["ro", "rbind", "nosuid", "lowerdir=/a:/b", "upperdir=/u", "rprivate"].iter().map(|s| s.to_string()).collect();
+        let o: Vec<String> = [
+            "ro",
+            "rbind",
+            "nosuid",
+            "lowerdir=/a:/b",
+            "upperdir=/u",
+            "rprivate",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let (f, p, d) = parse_options(&o);
-        assert_eq!(f, libc::MS_RDONLY | libc::MS_BIND | libc::MS_REC | libc::MS_NOSUID);
+        assert_eq!(
+            f,
+            libc::MS_RDONLY | libc::MS_BIND | libc::MS_REC | libc::MS_NOSUID
+        );
         assert_eq!(p, libc::MS_PRIVATE | libc::MS_REC);
         assert_eq!(d, "lowerdir=/a:/b,upperdir=/u");
     }

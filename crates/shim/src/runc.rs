@@ -37,24 +37,51 @@ pub fn look_path(name: &str) -> Option<PathBuf> {
     if name.contains('/') {
         return Some(PathBuf::from(name));
     }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
-    })
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(p)
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
 }
 
 impl Runtime {
-    pub fn new(binary_name: &str, root: &str, namespace: &str, bundle: &Path) -> io::Result<Runtime> {
-        let name = if binary_name.is_empty() { "runc" } else { binary_name };
-        let binary = look_path(name).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("OCI runtime {name:?} not found in PATH")))?;
+    pub fn new(
+        binary_name: &str,
+        root: &str,
+        namespace: &str,
+        bundle: &Path,
+    ) -> io::Result<Runtime> {
+        let name = if binary_name.is_empty() {
+            "runc"
+        } else {
+            binary_name
+        };
+        let binary = look_path(name).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("OCI runtime {name:?} not found in PATH"),
+            )
+        })?;
         let root = if root.is_empty() { DEFAULT_ROOT } else { root };
-        Ok(Runtime { binary, root: Path::new(root).join(namespace), log: bundle.join("log.json") })
+        Ok(Runtime {
+            binary,
+            root: Path::new(root).join(namespace),
+            log: bundle.join("log.json"),
+        })
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.binary);
-        c.arg("--root").arg(&self.root).arg("--log").arg(&self.log).args(["--log-format", "json"]);
+        c.arg("--root")
+            .arg(&self.root)
+            .arg("--log")
+            .arg(&self.log)
+            .args(["--log-format", "json"]);
         c.args(args);
         c
     }
@@ -71,18 +98,18 @@ impl Runtime {
         drop(c); // close our copies of the stdio handed to the child
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
-        if capture_out {
-            if let Some(mut o) = child.stdout.take() {
-                let _ = o.read_to_end(&mut stdout);
-            }
+        if capture_out && let Some(mut o) = child.stdout.take() {
+            let _ = o.read_to_end(&mut stdout);
         }
-        if capture_err {
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_end(&mut stderr);
-            }
+        if capture_err && let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_end(&mut stderr);
         }
         let status = mon.wait(child.id() as i32);
-        Ok(Output { status, stdout, stderr })
+        Ok(Output {
+            status,
+            stdout,
+            stderr,
+        })
     }
 
     /// Like [`Runtime::run`] but fails with the runtime's own error message on a non-zero exit.
@@ -111,7 +138,12 @@ impl Runtime {
         data.lines()
             .rev()
             .take(50)
-            .find(|l| matches!(sys::json_str(l, "level").as_deref(), Some("error") | Some("fatal")))
+            .find(|l| {
+                matches!(
+                    sys::json_str(l, "level").as_deref(),
+                    Some("error") | Some("fatal")
+                )
+            })
             .and_then(|l| sys::json_str(l, "msg"))
     }
 }

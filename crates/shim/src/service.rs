@@ -49,7 +49,16 @@ struct Proc {
 
 impl Proc {
     fn new(exec_id: &str, io_cfg: IoConfig) -> Proc {
-        Proc { exec_id: exec_id.into(), pid: 0, status: Status::CREATED, exit_status: 0, exited_at: None, io_cfg, io: ProcIo::default(), spec: None }
+        Proc {
+            exec_id: exec_id.into(),
+            pid: 0,
+            status: Status::CREATED,
+            exit_status: 0,
+            exited_at: None,
+            io_cfg,
+            io: ProcIo::default(),
+            spec: None,
+        }
     }
 
     fn exited(&mut self, code: u32) {
@@ -75,7 +84,9 @@ impl Container {
         if exec_id.is_empty() {
             Ok(&mut self.init)
         } else {
-            self.execs.get_mut(exec_id).ok_or_else(|| not_found(&format!("process {exec_id}")))
+            self.execs
+                .get_mut(exec_id)
+                .ok_or_else(|| not_found(&format!("process {exec_id}")))
         }
     }
 }
@@ -113,7 +124,13 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(namespace: &str, socket_dir: PathBuf, mon: Arc<Monitor>, events: Publisher, tx: Sender<Msg>) -> Service {
+    pub fn new(
+        namespace: &str,
+        socket_dir: PathBuf,
+        mon: Arc<Monitor>,
+        events: Publisher,
+        tx: Sender<Msg>,
+    ) -> Service {
         Service {
             namespace: namespace.into(),
             socket_dir,
@@ -148,7 +165,11 @@ impl Service {
                     p.exited(code);
                     let mut e = ev::TaskExit::new();
                     e.container_id = cid.clone();
-                    e.id = if p.exec_id.is_empty() { cid.clone() } else { p.exec_id.clone() };
+                    e.id = if p.exec_id.is_empty() {
+                        cid.clone()
+                    } else {
+                        p.exec_id.clone()
+                    };
                     e.pid = p.pid;
                     e.exit_status = code;
                     e.exited_at = MessageField::from_option(p.exited_at.clone());
@@ -174,12 +195,29 @@ impl Service {
     }
 
     /// Spawns a runtime command that may hand back a pty (create / exec) and waits for it.
-    fn run_with_io(&self, rt: &Runtime, args: &[&str], prep: &mut stdio::Prepared) -> TResult<Option<std::fs::File>> {
+    fn run_with_io(
+        &self,
+        rt: &Runtime,
+        args: &[&str],
+        prep: &mut stdio::Prepared,
+    ) -> TResult<Option<std::fs::File>> {
         let mut cmd = rt.command(args);
         let s = prep.take_stdios();
-        cmd.stdin(s.stdin.map(std::process::Stdio::from).unwrap_or_else(std::process::Stdio::null));
-        cmd.stdout(s.stdout.map(std::process::Stdio::from).unwrap_or_else(std::process::Stdio::null));
-        cmd.stderr(s.stderr.map(std::process::Stdio::from).unwrap_or_else(std::process::Stdio::null));
+        cmd.stdin(
+            s.stdin
+                .map(std::process::Stdio::from)
+                .unwrap_or_else(std::process::Stdio::null),
+        );
+        cmd.stdout(
+            s.stdout
+                .map(std::process::Stdio::from)
+                .unwrap_or_else(std::process::Stdio::null),
+        );
+        cmd.stderr(
+            s.stderr
+                .map(std::process::Stdio::from)
+                .unwrap_or_else(std::process::Stdio::null),
+        );
         let child = self.mon.spawn(&mut cmd).map_err(internal)?;
         drop(cmd);
         let pid = child.id() as i32;
@@ -192,7 +230,11 @@ impl Service {
         };
         let status = exited.unwrap_or_else(|| self.mon.wait(pid));
         if status != 0 {
-            let out = runc::Output { status, stdout: vec![], stderr: vec![] };
+            let out = runc::Output {
+                status,
+                stdout: vec![],
+                stderr: vec![],
+            };
             return Err(internal(rt.error(args[0], &out)));
         }
         if prep.console.is_some() && master.is_none() {
@@ -204,13 +246,15 @@ impl Service {
     fn do_create(&self, st: &mut State, req: &api::CreateTaskRequest) -> TResult<Container> {
         let bundle = PathBuf::from(&req.bundle);
         let mut opts = Options::new();
-        if let Some(a) = req.options.as_ref() {
-            if a.type_url.ends_with("containerd.runc.v1.Options") {
-                opts = Options::parse_from_bytes(&a.value).map_err(|e| err(Code::INVALID_ARGUMENT, format!("runc options: {e}")))?;
-            }
+        if let Some(a) = req.options.as_ref()
+            && a.type_url.ends_with("containerd.runc.v1.Options")
+        {
+            opts = Options::parse_from_bytes(&a.value)
+                .map_err(|e| err(Code::INVALID_ARGUMENT, format!("runc options: {e}")))?;
         }
         runc::write_options(&bundle, &opts.binary_name, &opts.root).map_err(internal)?;
-        let rt = Runtime::new(&opts.binary_name, &opts.root, &self.namespace, &bundle).map_err(|e| err(Code::FAILED_PRECONDITION, e.to_string()))?;
+        let rt = Runtime::new(&opts.binary_name, &opts.root, &self.namespace, &bundle)
+            .map_err(|e| err(Code::FAILED_PRECONDITION, e.to_string()))?;
         let rootfs = bundle.join("rootfs");
         let mounted = if req.rootfs.is_empty() {
             None
@@ -218,7 +262,12 @@ impl Service {
             mounts::mount_all(&req.rootfs, &rootfs).map_err(internal)?;
             Some(rootfs.clone())
         };
-        let io_cfg = IoConfig { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
+        let io_cfg = IoConfig {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
         let result = (|| {
             let mut prep = stdio::prepare(&io_cfg, &self.console_path(st)).map_err(internal)?;
             let pidfile = bundle.join("init.pid");
@@ -267,12 +316,20 @@ impl Service {
             init.exited(sys::exit_code(status));
         }
         let cgroups = Cgroups::of_pid(pid);
-        if let Some(m) = cgroups.memory_v1() {
-            if let Err(e) = self.mon.watch_oom_v1(&req.id, m.clone()) {
-                slog!("no OOM notifications for {}: {e}", req.id);
-            }
+        if let Some(m) = cgroups.memory_v1()
+            && let Err(e) = self.mon.watch_oom_v1(&req.id, m.clone())
+        {
+            slog!("no OOM notifications for {}: {e}", req.id);
         }
-        Ok(Container { id: req.id.clone(), bundle, runtime: rt, rootfs: mounted, cgroups, init, execs: HashMap::new() })
+        Ok(Container {
+            id: req.id.clone(),
+            bundle,
+            runtime: rt,
+            rootfs: mounted,
+            cgroups,
+            init,
+            execs: HashMap::new(),
+        })
     }
 
     fn start_exec(&self, st: &mut State, id: &str, exec_id: &str) -> TResult<u32> {
@@ -280,18 +337,31 @@ impl Service {
         let c = st.container(id)?;
         let (rt, bundle) = (c.runtime.clone(), c.bundle.clone());
         if c.init.exited_at.is_some() {
-            return Err(err(Code::FAILED_PRECONDITION, format!("container {id} is not running")));
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("container {id} is not running"),
+            ));
         }
         let p = c.process(exec_id)?;
         if p.status != Status::CREATED {
-            return Err(err(Code::FAILED_PRECONDITION, format!("process {exec_id} was already started")));
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("process {exec_id} was already started"),
+            ));
         }
         let spec = p.spec.clone().unwrap_or_default();
         let mut prep = stdio::prepare(&p.io_cfg, &path).map_err(internal)?;
         let pidfile = bundle.join(format!("{exec_id}.pid"));
         let pidfile_s = pidfile.to_string_lossy().into_owned();
         let spec_s = spec.to_string_lossy().into_owned();
-        let mut args = vec!["exec", "--detach", "--pid-file", &pidfile_s, "--process", &spec_s];
+        let mut args = vec![
+            "exec",
+            "--detach",
+            "--pid-file",
+            &pidfile_s,
+            "--process",
+            &spec_s,
+        ];
         let cs;
         if let Some(c) = &prep.console {
             cs = c.path.to_string_lossy().into_owned();
@@ -347,7 +417,11 @@ impl containerd_shim_protos::Task for Service {
         let bundle = c.bundle.to_string_lossy().into_owned();
         let p = c.process(&req.exec_id)?;
         let mut r = api::StateResponse::new();
-        r.id = if req.exec_id.is_empty() { req.id.clone() } else { req.exec_id.clone() };
+        r.id = if req.exec_id.is_empty() {
+            req.id.clone()
+        } else {
+            req.exec_id.clone()
+        };
         r.bundle = bundle;
         r.pid = p.pid;
         r.status = status_of(p);
@@ -361,13 +435,23 @@ impl containerd_shim_protos::Task for Service {
         Ok(r)
     }
 
-    fn create(&self, _ctx: &TtrpcContext, req: api::CreateTaskRequest) -> TResult<api::CreateTaskResponse> {
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TResult<api::CreateTaskResponse> {
         let mut st = self.lock();
         if st.container.is_some() {
-            return Err(err(Code::ALREADY_EXISTS, format!("container {}: already exists", req.id)));
+            return Err(err(
+                Code::ALREADY_EXISTS,
+                format!("container {}: already exists", req.id),
+            ));
         }
         if !req.checkpoint.is_empty() {
-            return Err(err(Code::UNIMPLEMENTED, "restoring from a checkpoint is not supported by the berth shim"));
+            return Err(err(
+                Code::UNIMPLEMENTED,
+                "restoring from a checkpoint is not supported by the berth shim",
+            ));
         }
         let c = self.do_create(&mut st, &req)?;
         let mut e = ev::TaskCreate::new();
@@ -398,9 +482,14 @@ impl containerd_shim_protos::Task for Service {
         }
         let c = st.container(&req.id)?;
         if c.init.status != Status::CREATED {
-            return Err(err(Code::FAILED_PRECONDITION, format!("container {} is not in the created state", req.id)));
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("container {} is not in the created state", req.id),
+            ));
         }
-        c.runtime.run_ok(&self.mon, &["start", &req.id], Stdios::default()).map_err(internal)?;
+        c.runtime
+            .run_ok(&self.mon, &["start", &req.id], Stdios::default())
+            .map_err(internal)?;
         if c.init.exited_at.is_none() {
             c.init.status = Status::RUNNING;
         }
@@ -419,7 +508,10 @@ impl containerd_shim_protos::Task for Service {
         if !req.exec_id.is_empty() {
             let p = c.process(&req.exec_id)?;
             if matches!(p.status, Status::RUNNING | Status::PAUSED) {
-                return Err(err(Code::FAILED_PRECONDITION, format!("cannot delete running process {}", req.exec_id)));
+                return Err(err(
+                    Code::FAILED_PRECONDITION,
+                    format!("cannot delete running process {}", req.exec_id),
+                ));
             }
             let p = c.execs.remove(&req.exec_id).unwrap();
             if let Some(s) = &p.spec {
@@ -432,9 +524,19 @@ impl containerd_shim_protos::Task for Service {
             return Ok(r);
         }
         if matches!(c.init.status, Status::RUNNING | Status::PAUSED) && c.init.exited_at.is_none() {
-            return Err(err(Code::FAILED_PRECONDITION, format!("cannot delete running task {}", req.id)));
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("cannot delete running task {}", req.id),
+            ));
         }
-        let out = c.runtime.run(&self.mon, &["delete", "--force", &req.id], Stdios::default()).map_err(internal)?;
+        let out = c
+            .runtime
+            .run(
+                &self.mon,
+                &["delete", "--force", &req.id],
+                Stdios::default(),
+            )
+            .map_err(internal)?;
         if out.status != 0 {
             let e = c.runtime.error("delete", &out);
             if !e.to_string().contains("does not exist") {
@@ -465,7 +567,14 @@ impl containerd_shim_protos::Task for Service {
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TResult<api::PidsResponse> {
         let mut st = self.lock();
         let c = st.container(&req.id)?;
-        let out = c.runtime.run_ok(&self.mon, &["ps", "--format", "json", &req.id], Stdios::default()).map_err(internal)?;
+        let out = c
+            .runtime
+            .run_ok(
+                &self.mon,
+                &["ps", "--format", "json", &req.id],
+                Stdios::default(),
+            )
+            .map_err(internal)?;
         let mut r = api::PidsResponse::new();
         for pid in runc::parse_pids(&out.stdout) {
             let mut pi = ProcessInfo::new();
@@ -486,7 +595,9 @@ impl containerd_shim_protos::Task for Service {
     fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TResult<Empty> {
         let mut st = self.lock();
         let c = st.container(&req.id)?;
-        c.runtime.run_ok(&self.mon, &["pause", &req.id], Stdios::default()).map_err(internal)?;
+        c.runtime
+            .run_ok(&self.mon, &["pause", &req.id], Stdios::default())
+            .map_err(internal)?;
         c.init.status = Status::PAUSED;
         let mut e = ev::TaskPaused::new();
         e.container_id = req.id;
@@ -497,7 +608,9 @@ impl containerd_shim_protos::Task for Service {
     fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TResult<Empty> {
         let mut st = self.lock();
         let c = st.container(&req.id)?;
-        c.runtime.run_ok(&self.mon, &["resume", &req.id], Stdios::default()).map_err(internal)?;
+        c.runtime
+            .run_ok(&self.mon, &["resume", &req.id], Stdios::default())
+            .map_err(internal)?;
         if c.init.exited_at.is_none() {
             c.init.status = Status::RUNNING;
         }
@@ -509,23 +622,46 @@ impl containerd_shim_protos::Task for Service {
 
     fn checkpoint(&self, _ctx: &TtrpcContext, req: api::CheckpointTaskRequest) -> TResult<Empty> {
         if runc::look_path("criu").is_none() {
-            return Err(err(Code::UNIMPLEMENTED, "checkpoint needs criu, which is not installed on this host"));
+            return Err(err(
+                Code::UNIMPLEMENTED,
+                "checkpoint needs criu, which is not installed on this host",
+            ));
         }
         let mut st = self.lock();
         let c = st.container(&req.id)?;
         let mut o = CheckpointOptions::new();
-        if let Some(a) = req.options.as_ref() {
-            if a.type_url.ends_with("CheckpointOptions") {
-                o = CheckpointOptions::parse_from_bytes(&a.value).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
-            }
+        if let Some(a) = req.options.as_ref()
+            && a.type_url.ends_with("CheckpointOptions")
+        {
+            o = CheckpointOptions::parse_from_bytes(&a.value)
+                .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
         }
-        let work = if o.work_path.is_empty() { c.bundle.join("criu-work").to_string_lossy().into_owned() } else { o.work_path.clone() };
-        let image = if req.path.is_empty() { o.image_path.clone() } else { req.path.clone() };
-        let mut args: Vec<String> = vec!["checkpoint".into(), "--image-path".into(), image.clone(), "--work-path".into(), work];
+        let work = if o.work_path.is_empty() {
+            c.bundle.join("criu-work").to_string_lossy().into_owned()
+        } else {
+            o.work_path.clone()
+        };
+        let image = if req.path.is_empty() {
+            o.image_path.clone()
+        } else {
+            req.path.clone()
+        };
+        let mut args: Vec<String> = vec![
+            "checkpoint".into(),
+            "--image-path".into(),
+            image.clone(),
+            "--work-path".into(),
+            work,
+        ];
         if !o.exit {
             args.push("--leave-running".into());
         }
-        for (flag, on) in [("--tcp-established", o.open_tcp), ("--ext-unix-sk", o.external_unix_sockets), ("--shell-job", o.terminal), ("--file-locks", o.file_locks)] {
+        for (flag, on) in [
+            ("--tcp-established", o.open_tcp),
+            ("--ext-unix-sk", o.external_unix_sockets),
+            ("--shell-job", o.terminal),
+            ("--file-locks", o.file_locks),
+        ] {
             if on {
                 args.push(flag.into());
             }
@@ -536,7 +672,9 @@ impl containerd_shim_protos::Task for Service {
         }
         args.push(req.id.clone());
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        c.runtime.run_ok(&self.mon, &a, Stdios::default()).map_err(internal)?;
+        c.runtime
+            .run_ok(&self.mon, &a, Stdios::default())
+            .map_err(internal)?;
         let mut e = ev::TaskCheckpointed::new();
         e.container_id = req.id;
         e.checkpoint = image;
@@ -551,7 +689,13 @@ impl containerd_shim_protos::Task for Service {
         if !req.exec_id.is_empty() {
             let p = c.process(&req.exec_id)?;
             if p.exited_at.is_some() || p.pid == 0 {
-                return Err(err(Code::NOT_FOUND, format!("process {}: process already finished: not found", req.exec_id)));
+                return Err(err(
+                    Code::NOT_FOUND,
+                    format!(
+                        "process {}: process already finished: not found",
+                        req.exec_id
+                    ),
+                ));
             }
             sys::cvt(unsafe { libc::kill(p.pid as i32, req.signal as i32) }).map_err(internal)?;
             return Ok(Empty::new());
@@ -564,11 +708,20 @@ impl containerd_shim_protos::Task for Service {
             args.push("--all");
         }
         args.extend([req.id.as_str(), sig.as_str()]);
-        let out = c.runtime.run(&self.mon, &args, Stdios::default()).map_err(internal)?;
+        let out = c
+            .runtime
+            .run(&self.mon, &args, Stdios::default())
+            .map_err(internal)?;
         if out.status != 0 {
             let e = c.runtime.error("kill", &out).to_string();
-            if e.contains("not running") || e.contains("does not exist") || c.init.exited_at.is_some() {
-                return Err(err(Code::NOT_FOUND, format!("process already finished: not found ({e})")));
+            if e.contains("not running")
+                || e.contains("does not exist")
+                || c.init.exited_at.is_some()
+            {
+                return Err(err(
+                    Code::NOT_FOUND,
+                    format!("process already finished: not found ({e})"),
+                ));
             }
             return Err(err(Code::INTERNAL, e));
         }
@@ -579,18 +732,36 @@ impl containerd_shim_protos::Task for Service {
         let mut st = self.lock();
         let c = st.container(&req.id)?;
         if c.execs.contains_key(&req.exec_id) || req.exec_id.is_empty() {
-            return Err(err(Code::ALREADY_EXISTS, format!("exec process {}: already exists", req.exec_id)));
+            return Err(err(
+                Code::ALREADY_EXISTS,
+                format!("exec process {}: already exists", req.exec_id),
+            ));
         }
         if c.init.exited_at.is_some() {
-            return Err(err(Code::FAILED_PRECONDITION, format!("container {} is not running", req.id)));
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("container {} is not running", req.id),
+            ));
         }
         if req.exec_id.contains('/') || req.exec_id.starts_with('.') {
-            return Err(err(Code::INVALID_ARGUMENT, format!("invalid exec id {:?}", req.exec_id)));
+            return Err(err(
+                Code::INVALID_ARGUMENT,
+                format!("invalid exec id {:?}", req.exec_id),
+            ));
         }
         let spec = c.bundle.join(format!("{}.process.json", req.exec_id));
-        let value = req.spec.as_ref().map(|a| a.value.clone()).unwrap_or_default();
+        let value = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.clone())
+            .unwrap_or_default();
         std::fs::write(&spec, value).map_err(internal)?;
-        let io = IoConfig { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
+        let io = IoConfig {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
         let mut p = Proc::new(&req.exec_id, io);
         p.spec = Some(spec);
         c.execs.insert(req.exec_id.clone(), p);
@@ -624,10 +795,18 @@ impl containerd_shim_protos::Task for Service {
         let mut st = self.lock();
         let c = st.container(&req.id)?;
         let res = c.bundle.join("update-resources.json");
-        let value = req.resources.as_ref().map(|a| a.value.clone()).unwrap_or_default();
+        let value = req
+            .resources
+            .as_ref()
+            .map(|a| a.value.clone())
+            .unwrap_or_default();
         std::fs::write(&res, value).map_err(internal)?;
         let res_s = res.to_string_lossy().into_owned();
-        let r = c.runtime.run_ok(&self.mon, &["update", "--resources", &res_s, &req.id], Stdios::default());
+        let r = c.runtime.run_ok(
+            &self.mon,
+            &["update", "--resources", &res_s, &req.id],
+            Stdios::default(),
+        );
         let _ = std::fs::remove_file(&res);
         r.map_err(internal)?;
         Ok(Empty::new())
@@ -643,7 +822,11 @@ impl containerd_shim_protos::Task for Service {
                 r.exited_at = MessageField::from_option(p.exited_at.clone());
                 return Ok(r);
             }
-            st = self.cv.wait_timeout(st, Duration::from_secs(60)).unwrap_or_else(|e| e.into_inner()).0;
+            st = self
+                .cv
+                .wait_timeout(st, Duration::from_secs(60))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -658,7 +841,11 @@ impl containerd_shim_protos::Task for Service {
         Ok(r)
     }
 
-    fn connect(&self, _ctx: &TtrpcContext, req: api::ConnectRequest) -> TResult<api::ConnectResponse> {
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TResult<api::ConnectResponse> {
         let mut st = self.lock();
         let mut r = api::ConnectResponse::new();
         r.shim_pid = std::process::id();

@@ -77,33 +77,39 @@ fn open_output(path: &str) -> io::Result<File> {
         return sys::open(p, libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND, 0o644);
     }
     if path.starts_with("binary://") {
-        return Err(io::Error::new(io::ErrorKind::Unsupported, "binary:// log URIs are not supported by the berth shim"));
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "binary:// log URIs are not supported by the berth shim",
+        ));
     }
     sys::open(Path::new(strip_scheme(path)), libc::O_RDWR, 0)
 }
 
 /// Copies the stdin fifo into `holder`'s writer until EOF, then closes it.
 fn spawn_stdin_copier(fifo: String, holder: StdinHolder) -> io::Result<()> {
-    std::thread::Builder::new().name("stdin".into()).stack_size(64 * 1024).spawn(move || {
-        // Blocks until the client opens its writing end.
-        let Ok(mut f) = sys::open(Path::new(strip_scheme(&fifo)), libc::O_RDONLY, 0) else {
-            holder.lock().unwrap().take();
-            return;
-        };
-        let mut buf = vec![0u8; 8192];
-        loop {
-            let n = match f.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
+    std::thread::Builder::new()
+        .name("stdin".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            // Blocks until the client opens its writing end.
+            let Ok(mut f) = sys::open(Path::new(strip_scheme(&fifo)), libc::O_RDONLY, 0) else {
+                holder.lock().unwrap().take();
+                return;
             };
-            let mut g = holder.lock().unwrap();
-            let Some(w) = g.as_mut() else { break };
-            if w.write_all(&buf[..n]).is_err() {
-                break;
+            let mut buf = vec![0u8; 8192];
+            loop {
+                let n = match f.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let mut g = holder.lock().unwrap();
+                let Some(w) = g.as_mut() else { break };
+                if w.write_all(&buf[..n]).is_err() {
+                    break;
+                }
             }
-        }
-        holder.lock().unwrap().take();
-    })?;
+            holder.lock().unwrap().take();
+        })?;
     Ok(())
 }
 
@@ -116,13 +122,24 @@ pub fn prepare(cfg: &IoConfig, console_path: &Path) -> io::Result<Prepared> {
         listener.set_nonblocking(true)?;
         let null = || sys::open(Path::new("/dev/null"), libc::O_RDWR, 0);
         return Ok(Prepared {
-            stdios: Stdios { stdin: Some(null()?), stdout: Some(null()?), stderr: Some(null()?) },
-            console: Some(ConsoleSocket { listener, path: console_path.to_path_buf() }),
+            stdios: Stdios {
+                stdin: Some(null()?),
+                stdout: Some(null()?),
+                stderr: Some(null()?),
+            },
+            console: Some(ConsoleSocket {
+                listener,
+                path: console_path.to_path_buf(),
+            }),
             stdin: None,
             cfg: cfg.clone(),
         });
     }
-    let mut stdios = Stdios { stdout: Some(open_output(&cfg.stdout)?), stderr: Some(open_output(&cfg.stderr)?), stdin: None };
+    let mut stdios = Stdios {
+        stdout: Some(open_output(&cfg.stdout)?),
+        stderr: Some(open_output(&cfg.stderr)?),
+        stdin: None,
+    };
     let mut holder = None;
     if !cfg.stdin.is_empty() {
         let (r, w) = sys::pipe()?;
@@ -131,7 +148,12 @@ pub fn prepare(cfg: &IoConfig, console_path: &Path) -> io::Result<Prepared> {
     } else {
         stdios.stdin = Some(sys::open(Path::new("/dev/null"), libc::O_RDONLY, 0)?);
     }
-    Ok(Prepared { stdios, console: None, stdin: holder, cfg: cfg.clone() })
+    Ok(Prepared {
+        stdios,
+        console: None,
+        stdin: holder,
+        cfg: cfg.clone(),
+    })
 }
 
 impl Prepared {
@@ -142,8 +164,14 @@ impl Prepared {
 
     /// After the runtime was spawned (pid `runtime_pid`): receives the pty master if a
     /// terminal was asked for. Returns the runtime's wait status if it exited meanwhile.
-    pub fn receive_console(&mut self, mon: &Monitor, runtime_pid: i32) -> io::Result<(Option<File>, Option<i32>)> {
-        let Some(cs) = &self.console else { return Ok((None, None)) };
+    pub fn receive_console(
+        &mut self,
+        mon: &Monitor,
+        runtime_pid: i32,
+    ) -> io::Result<(Option<File>, Option<i32>)> {
+        let Some(cs) = &self.console else {
+            return Ok((None, None));
+        };
         let lfd = cs.listener.as_raw_fd();
         let mut exited = None;
         loop {
@@ -174,10 +202,16 @@ impl Prepared {
             if let (Some(h), false) = (&self.stdin, self.cfg.stdin.is_empty()) {
                 spawn_stdin_copier(self.cfg.stdin.clone(), h.clone())?;
             }
-            return Ok(ProcIo { stdin: self.stdin, console: None });
+            return Ok(ProcIo {
+                stdin: self.stdin,
+                console: None,
+            });
         };
         let master = Arc::new(master);
-        let mut pio = ProcIo { stdin: None, console: Some(master.clone()) };
+        let mut pio = ProcIo {
+            stdin: None,
+            console: Some(master.clone()),
+        };
         if !self.cfg.stdin.is_empty() {
             let h: StdinHolder = Arc::new(Mutex::new(Some(master.try_clone()?)));
             spawn_stdin_copier(self.cfg.stdin.clone(), h.clone())?;
@@ -185,31 +219,34 @@ impl Prepared {
         }
         let out = self.cfg.stdout.clone();
         let mut reader = master.try_clone()?;
-        std::thread::Builder::new().name("pty-out".into()).stack_size(64 * 1024).spawn(move || {
-            let mut w = if out.is_empty() {
-                None
-            } else if out.starts_with("file://") {
-                open_output(&out).ok()
-            } else {
-                // Blocks until the client has the reading end open (it has, for ctr).
-                sys::open(Path::new(strip_scheme(&out)), libc::O_WRONLY, 0).ok()
-            };
-            let mut buf = vec![0u8; 8192];
-            loop {
-                match reader.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        if let Some(f) = w.as_mut() {
-                            if f.write_all(&buf[..n]).is_err() {
+        std::thread::Builder::new()
+            .name("pty-out".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                let mut w = if out.is_empty() {
+                    None
+                } else if out.starts_with("file://") {
+                    open_output(&out).ok()
+                } else {
+                    // Blocks until the client has the reading end open (it has, for ctr).
+                    sys::open(Path::new(strip_scheme(&out)), libc::O_WRONLY, 0).ok()
+                };
+                let mut buf = vec![0u8; 8192];
+                loop {
+                    match reader.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            if let Some(f) = w.as_mut()
+                                && f.write_all(&buf[..n]).is_err()
+                            {
                                 w = None;
                             }
                         }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => break, // EIO: every slave fd is closed
                     }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => break, // EIO: every slave fd is closed
                 }
-            }
-        })?;
+            })?;
         Ok(pio)
     }
 

@@ -44,7 +44,11 @@ pub fn open(path: &Path, flags: libc::c_int, mode: libc::mode_t) -> io::Result<F
 
 pub fn set_nonblock(fd: RawFd, on: bool) -> io::Result<()> {
     let fl = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
-    let nfl = if on { fl | libc::O_NONBLOCK } else { fl & !libc::O_NONBLOCK };
+    let nfl = if on {
+        fl | libc::O_NONBLOCK
+    } else {
+        fl & !libc::O_NONBLOCK
+    };
     cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, nfl) })?;
     Ok(())
 }
@@ -69,7 +73,11 @@ pub fn eventfd_read(f: &File) -> u64 {
 pub fn poll_read(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<usize>> {
     let mut p: Vec<libc::pollfd> = fds
         .iter()
-        .map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
         .collect();
     loop {
         let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
@@ -92,7 +100,10 @@ pub fn poll_read(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<usize>> {
 /// Receives one file descriptor passed with SCM_RIGHTS over a connected unix socket.
 pub fn recv_fd(sock: RawFd) -> io::Result<OwnedFd> {
     let mut buf = [0u8; 4096];
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
     let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
     let mut cbuf = vec![0u64; space.div_ceil(8)];
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -121,22 +132,43 @@ pub fn recv_fd(sock: RawFd) -> io::Result<OwnedFd> {
             c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
-    Err(io::Error::other("no file descriptor received on console socket"))
+    Err(io::Error::other(
+        "no file descriptor received on console socket",
+    ))
 }
 
 pub fn set_winsize(fd: RawFd, width: u32, height: u32) -> io::Result<()> {
-    let ws = libc::winsize { ws_row: height as u16, ws_col: width as u16, ws_xpixel: 0, ws_ypixel: 0 };
+    let ws = libc::winsize {
+        ws_row: height as u16,
+        ws_col: width as u16,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     cvt(unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) })?;
     Ok(())
 }
 
-pub fn mount(src: &str, target: &Path, fstype: &str, flags: libc::c_ulong, data: &str) -> io::Result<()> {
+pub fn mount(
+    src: &str,
+    target: &Path,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
     let s = CString::new(src).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let t = cstr(target)?;
     let f = CString::new(fstype).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let d = CString::new(data).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let dp = if data.is_empty() { std::ptr::null() } else { d.as_ptr() as *const libc::c_void };
-    let fp = if fstype.is_empty() { std::ptr::null() } else { f.as_ptr() };
+    let dp = if data.is_empty() {
+        std::ptr::null()
+    } else {
+        d.as_ptr() as *const libc::c_void
+    };
+    let fp = if fstype.is_empty() {
+        std::ptr::null()
+    } else {
+        f.as_ptr()
+    };
     cvt(unsafe { libc::mount(s.as_ptr(), t.as_ptr(), fp, flags, dp) })?;
     Ok(())
 }
@@ -187,7 +219,9 @@ pub fn hash_hex(parts: &[&str]) -> String {
     for p in parts {
         for &c in p.as_bytes().iter().chain(std::iter::once(&0u8)) {
             a = (a ^ c as u64).wrapping_mul(0x100000001b3);
-            b = (b ^ (c as u64).rotate_left(5)).wrapping_mul(0x100000001b3).rotate_left(7);
+            b = (b ^ (c as u64).rotate_left(5))
+                .wrapping_mul(0x100000001b3)
+                .rotate_left(7);
         }
     }
     format!("{a:016x}{b:016x}")
@@ -241,11 +275,17 @@ mod tests {
     #[test]
     fn json_helpers() {
         let l = r#"{"level":"error","msg":"container \"x\" does not exist\n","time":"t"}"#;
-        assert_eq!(json_str(l, "msg").unwrap(), "container \"x\" does not exist\n");
+        assert_eq!(
+            json_str(l, "msg").unwrap(),
+            "container \"x\" does not exist\n"
+        );
         assert_eq!(json_str(l, "level").unwrap(), "error");
         assert!(json_str(l, "nope").is_none());
         let e = json_escape("a\"b\\c");
-        assert_eq!(json_str(&format!("{{\"k\":\"{e}\"}}"), "k").unwrap(), "a\"b\\c");
+        assert_eq!(
+            json_str(&format!("{{\"k\":\"{e}\"}}"), "k").unwrap(),
+            "a\"b\\c"
+        );
     }
 
     #[test]

@@ -1,0 +1,652 @@
+//! End-to-end tests of containerd-shim-berth-v2 under the real containerd 1.6, driven by
+//! `ctr`, on the busybox image built by shared/tools/make-images.sh.
+//!
+//! Each test starts its own containerd (shared/tools/refd.sh) under a private temp WORKDIR,
+//! in a private mount namespace, and stops and removes it at the end. The tests need root,
+//! containerd, ctr, runc and the image tools; when one is missing they print why and pass.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-berth-v2");
+const IMAGE: &str = "import.local/busybox:latest";
+
+fn tools_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("BERTH_SHARED_TOOLS") {
+        return PathBuf::from(d);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/tools")
+}
+
+fn have(bin: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p).any(|d| {
+                std::fs::metadata(d.join(bin))
+                    .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                    .unwrap_or(false)
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Why the tests cannot run here, if they cannot.
+fn missing() -> Option<String> {
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root".into());
+    }
+    for b in [
+        "containerd",
+        "ctr",
+        "runc",
+        "umoci",
+        "jq",
+        "openssl",
+        "unshare",
+        "timeout",
+    ] {
+        if !have(b) {
+            return Some(format!("{b} not found in PATH"));
+        }
+    }
+    if !Path::new("/usr/bin/busybox").exists() && std::env::var_os("BUSYBOX_BIN").is_none() {
+        return Some("no static busybox (Debian's busybox-static)".into());
+    }
+    if !tools_dir().join("refd.sh").exists() {
+        return Some(format!("no refd.sh in {}", tools_dir().display()));
+    }
+    None
+}
+
+macro_rules! require_env {
+    () => {
+        if let Some(why) = missing() {
+            eprintln!("SKIP: {why}");
+            return;
+        }
+    };
+}
+
+/// The shared image directory, built once per test process (make-images.sh skips what exists).
+fn images_dir() -> PathBuf {
+    static LOCK: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = g.as_ref() {
+        return p.clone();
+    }
+    let work = std::env::var_os("BERTH_SHIM_IMAGES_WORKDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("berth-shim-test-images"));
+    let st = Command::new("bash")
+        .arg(tools_dir().join("make-images.sh"))
+        .env("WORKDIR", &work)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run make-images.sh");
+    assert!(st.success(), "make-images.sh failed");
+    let p = work.join("images");
+    *g = Some(p.clone());
+    p
+}
+
+struct Env {
+    work: PathBuf,
+    addr: String,
+    fifo: String,
+}
+
+impl Env {
+    fn new(name: &str) -> Env {
+        let images = images_dir();
+        let work = std::env::temp_dir().join(format!("berth-shim-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work).unwrap();
+        let env = Env {
+            addr: work
+                .join("ref/containerd.sock")
+                .to_string_lossy()
+                .into_owned(),
+            fifo: work.join("fifo").to_string_lossy().into_owned(),
+            work,
+        };
+        let out = env.refd("start");
+        assert!(
+            out.status.success(),
+            "refd start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = env.ctr(&[
+            "images",
+            "import",
+            &images.join("busybox.oci.tar").to_string_lossy(),
+        ]);
+        assert!(
+            out.status.success(),
+            "import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        env
+    }
+
+    fn refd(&self, action: &str) -> Output {
+        // The daemon inherits PATH: put our shim first so that `io.containerd.berth.v2`
+        // resolves to containerd-shim-berth-v2 from this build.
+        let bindir = Path::new(SHIM).parent().unwrap();
+        let path = format!(
+            "{}:{}",
+            bindir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        Command::new("bash")
+            .arg(tools_dir().join("refd.sh"))
+            .arg(action)
+            .env("WORKDIR", &self.work)
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .output()
+            .expect("refd.sh")
+    }
+
+    fn ctr_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("timeout");
+        c.args(["-k", "5", "60", "ctr", "--address", &self.addr])
+            .args(args);
+        c.stdin(Stdio::null());
+        c
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_cmd(args).output().expect("ctr")
+    }
+
+    /// `ctr run --fifo-dir ... --runtime io.containerd.berth.v2 <extra> IMAGE id <cmd>`.
+    fn run(&self, extra: &[&str], id: &str, cmd: &[&str]) -> Output {
+        let mut a = vec![
+            "run",
+            "--fifo-dir",
+            &self.fifo,
+            "--runtime",
+            "io.containerd.berth.v2",
+        ];
+        a.extend_from_slice(extra);
+        a.push(IMAGE);
+        a.push(id);
+        a.extend_from_slice(cmd);
+        self.ctr(&a)
+    }
+
+    fn task_status(&self, id: &str) -> Option<String> {
+        let out = self.ctr(&["task", "ls"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.first() == Some(&id))
+            .and_then(|f| f.get(2).map(|s| s.to_string()))
+    }
+
+    fn wait_status(&self, id: &str, want: &str) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if self.task_status(id).as_deref() == Some(want) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    /// PID of the running shim serving task `id` of this daemon.
+    fn shim_pid(&self, binary: &str, id: &str) -> Option<u32> {
+        for e in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmd
+                .split(|&b| b == 0)
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect();
+            if args.first().map(|a| a.ends_with(binary)) != Some(true) {
+                continue;
+            }
+            let has = |k: &str, v: &str| args.windows(2).any(|w| w[0] == k && w[1] == v);
+            if has("-id", id)
+                && has("-address", &self.addr)
+                && !args.iter().any(|a| a == "start" || a == "delete")
+            {
+                return Some(pid);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = self.refd("clean");
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn show(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        stdout(o),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn rss_kb(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn run_rm_output_and_exit_codes() {
+    require_env!();
+    let env = Env::new("run");
+    let o = env.run(&["--rm"], "echo", &["echo", "hi"]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(stdout(&o), "hi\n");
+
+    let o = env.run(
+        &["--rm"],
+        "exit3",
+        &["sh", "-c", "echo out; echo err >&2; exit 3"],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    assert_eq!(stdout(&o), "out\n");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("err"),
+        "{}",
+        show(&o)
+    );
+
+    // Killed by a signal: 128 + 9 (not as pid 1, which the kernel shields from SIGKILL
+    // sent inside its own pid namespace).
+    let o = env.run(
+        &["--rm"],
+        "sig",
+        &["sh", "-c", "sh -c 'kill -9 $$'; exit $?"],
+    );
+    assert_eq!(o.status.code(), Some(137), "{}", show(&o));
+
+    // Stdin reaches the container, and its EOF too.
+    let mut c = env.ctr_cmd(&[
+        "run",
+        "--fifo-dir",
+        &env.fifo,
+        "--rm",
+        "--runtime",
+        "io.containerd.berth.v2",
+        IMAGE,
+        "cat",
+        "cat",
+    ]);
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut ch = c.spawn().unwrap();
+    {
+        use std::io::Write;
+        let mut i = ch.stdin.take().unwrap();
+        i.write_all(b"through stdin\n").unwrap();
+    }
+    let o = ch.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(stdout(&o), "through stdin\n");
+
+    // The shims are gone once their tasks are deleted.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(env.shim_pid("containerd-shim-berth-v2", "echo").is_none());
+}
+
+#[test]
+fn detached_task_lifecycle() {
+    require_env!();
+    let env = Env::new("life");
+    let o = env.run(&["-d"], "d1", &["sleep", "1000"]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(env.task_status("d1").as_deref(), Some("RUNNING"));
+    let shim = env
+        .shim_pid("containerd-shim-berth-v2", "d1")
+        .expect("shim process");
+
+    let o = env.ctr(&["task", "ps", "d1"]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(stdout(&o).lines().count(), 2, "{}", show(&o));
+
+    let o = env.ctr(&[
+        "task",
+        "exec",
+        "--fifo-dir",
+        &env.fifo,
+        "--exec-id",
+        "e1",
+        "d1",
+        "sh",
+        "-c",
+        "echo in-exec; exit 5",
+    ]);
+    assert_eq!(o.status.code(), Some(5), "{}", show(&o));
+    assert_eq!(stdout(&o), "in-exec\n");
+
+    // A long-running exec shows up in `task ps` with its exec id, and can be killed.
+    let mut ex = env
+        .ctr_cmd(&[
+            "task",
+            "exec",
+            "--fifo-dir",
+            &env.fifo,
+            "--exec-id",
+            "e2",
+            "d1",
+            "sleep",
+            "1000",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !stdout(&env.ctr(&["task", "ps", "d1"])).contains("e2")
+        && t.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(stdout(&env.ctr(&["task", "ps", "d1"])).contains("e2"));
+    let o = env.ctr(&["task", "kill", "-s", "KILL", "--exec-id", "e2", "d1"]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(ex.wait().unwrap().code(), Some(137));
+
+    let o = env.ctr(&["task", "pause", "d1"]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(env.task_status("d1").as_deref(), Some("PAUSED"));
+    let o = env.ctr(&["task", "resume", "d1"]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(env.task_status("d1").as_deref(), Some("RUNNING"));
+
+    let o = env.ctr(&["task", "metrics", "d1"]);
+    assert!(o.status.success(), "{}", show(&o));
+    let m = stdout(&o);
+    assert!(m.contains("pids.current") || m.contains("memory"), "{m}");
+
+    // Not stopped yet: deleting must fail.
+    let o = env.ctr(&["task", "delete", "d1"]);
+    assert!(!o.status.success());
+
+    let o = env.ctr(&["task", "kill", "-s", "KILL", "d1"]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(env.wait_status("d1", "STOPPED"), "task did not stop");
+    let o = env.ctr(&["task", "delete", "d1"]);
+    assert!(o.status.success(), "{}", show(&o));
+    let o = env.ctr(&["containers", "rm", "d1"]);
+    assert!(o.status.success(), "{}", show(&o));
+    let t = Instant::now();
+    while Path::new(&format!("/proc/{shim}/cmdline")).exists()
+        && rss_kb(shim).is_some()
+        && t.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        rss_kb(shim).is_none(),
+        "shim {shim} still running after delete"
+    );
+}
+
+#[test]
+fn terminal_mode() {
+    require_env!();
+    if !have("script") {
+        eprintln!(
+            "SKIP: `script` (util-linux) not found; the console-socket path needs a tty for ctr"
+        );
+        return;
+    }
+    let env = Env::new("tty");
+    let run = |id: &str, cmd: &str| {
+        let line = format!(
+            "ctr --address {} run --fifo-dir {} -t --rm --runtime io.containerd.berth.v2 {IMAGE} {id} sh -c '{cmd}'",
+            env.addr, env.fifo
+        );
+        Command::new("timeout")
+            .args(["-k", "5", "60", "script", "-qec", &line, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let o = run("t1", "tty; exit 4");
+    assert_eq!(o.status.code(), Some(4), "{}", show(&o));
+    assert!(stdout(&o).contains("/dev/pts/"), "{}", show(&o));
+
+    // Exec with a terminal in a detached task.
+    let o = env.run(&["-d"], "t2", &["sleep", "1000"]);
+    assert!(o.status.success(), "{}", show(&o));
+    let line = format!(
+        "ctr --address {} task exec --fifo-dir {} -t --exec-id x t2 sh -c 'tty; exit 6'",
+        env.addr, env.fifo
+    );
+    let o = Command::new("timeout")
+        .args(["-k", "5", "60", "script", "-qec", &line, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(6), "{}", show(&o));
+    assert!(stdout(&o).contains("/dev/pts/"), "{}", show(&o));
+    let o = env.ctr(&["task", "kill", "-s", "KILL", "t2"]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(env.wait_status("t2", "STOPPED"));
+    assert!(env.ctr(&["task", "delete", "t2"]).status.success());
+}
+
+#[test]
+fn events_and_oom() {
+    require_env!();
+    let env = Env::new("events");
+    // Not under `timeout`: killing it must end ctr itself, or its stdout never closes.
+    let mut events = Command::new("ctr")
+        .args(["--address", &env.addr, "events"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let o = env.run(
+        &["--rm", "--memory-limit", "16777216"],
+        "oom",
+        &["sh", "-c", "tail /dev/zero"],
+    );
+    assert_eq!(o.status.code(), Some(137), "{}", show(&o));
+
+    assert!(env.run(&["-d"], "ev", &["sleep", "1000"]).status.success());
+    assert!(
+        env.ctr(&[
+            "task",
+            "exec",
+            "--fifo-dir",
+            &env.fifo,
+            "--exec-id",
+            "x",
+            "ev",
+            "true"
+        ])
+        .status
+        .success()
+    );
+    assert!(env.ctr(&["task", "pause", "ev"]).status.success());
+    assert!(env.ctr(&["task", "resume", "ev"]).status.success());
+    assert!(
+        env.ctr(&["task", "kill", "-s", "KILL", "ev"])
+            .status
+            .success()
+    );
+    assert!(env.wait_status("ev", "STOPPED"));
+    assert!(env.ctr(&["task", "delete", "ev"]).status.success());
+    std::thread::sleep(Duration::from_millis(500));
+
+    let _ = events.kill();
+    let o = events.wait_with_output().unwrap();
+    let ev = stdout(&o);
+    for topic in [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/oom",
+        "/tasks/exit",
+        "/tasks/delete",
+        "/tasks/exec-added",
+        "/tasks/exec-started",
+        "/tasks/paused",
+        "/tasks/resumed",
+    ] {
+        assert!(ev.contains(topic), "no {topic} event in:\n{ev}");
+    }
+    assert!(ev.contains("\"exit_status\":137"), "{ev}");
+}
+
+#[test]
+fn dead_shim_is_cleaned_up_by_delete_action() {
+    require_env!();
+    let env = Env::new("dead");
+    assert!(env.run(&["-d"], "k1", &["sleep", "1000"]).status.success());
+    let shim = env
+        .shim_pid("containerd-shim-berth-v2", "k1")
+        .expect("shim");
+    let init: u32 = stdout(&env.ctr(&["task", "ls"]))
+        .lines()
+        .find(|l| l.starts_with("k1 "))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .expect("task pid");
+    unsafe { libc::kill(shim as i32, libc::SIGKILL) };
+    // containerd notices the disconnect and runs `containerd-shim-berth-v2 ... delete`,
+    // which force-deletes the container with runc.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(15) {
+        let st = std::fs::read_to_string(format!("/proc/{init}/stat")).unwrap_or_default();
+        if st.is_empty() || st.split_whitespace().nth(2) == Some("Z") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = std::fs::read_to_string(format!("/proc/{init}/stat")).unwrap_or_default();
+    assert!(
+        st.is_empty() || st.split_whitespace().nth(2) == Some("Z"),
+        "container init {init} survived its shim"
+    );
+    assert!(env.task_status("k1").is_none(), "task still listed");
+}
+
+/// The release binary to measure: BERTH_SHIM_RELEASE_BIN, or a static-pie release build made
+/// here (into its own target dir, so as not to wait on this test run's build lock).
+fn release_shim() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("BERTH_SHIM_RELEASE_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let target = Path::new(SHIM).parent()?.parent()?.join("shim-static");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+    let host = "x86_64-unknown-linux-gnu";
+    let st = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "berth-shim",
+            "--target",
+            host,
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        .env("CARGO_TARGET_DIR", &target)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .stdin(Stdio::null())
+        .status()
+        .ok()?;
+    if !st.success() {
+        return None;
+    }
+    Some(target.join(host).join("release/containerd-shim-berth-v2"))
+}
+
+#[test]
+fn shim_rss_release() {
+    require_env!();
+    if std::env::consts::ARCH != "x86_64" {
+        eprintln!("SKIP: the static release build recipe is for x86_64");
+        return;
+    }
+    let bin = release_shim().expect("building the static release shim");
+    let env = Env::new("rss");
+    let o = env.ctr(&[
+        "run",
+        "--fifo-dir",
+        &env.fifo,
+        "-d",
+        "--runtime",
+        &bin.to_string_lossy(),
+        IMAGE,
+        "r1",
+        "sleep",
+        "1000",
+    ]);
+    assert!(o.status.success(), "{}", show(&o));
+    // An exec, so that the measurement includes a used shim, not only a fresh one.
+    let o = env.ctr(&[
+        "task",
+        "exec",
+        "--fifo-dir",
+        &env.fifo,
+        "--exec-id",
+        "x",
+        "r1",
+        "true",
+    ]);
+    assert!(o.status.success(), "{}", show(&o));
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = env
+        .shim_pid("containerd-shim-berth-v2", "r1")
+        .expect("shim pid");
+    let rss = rss_kb(pid).expect("VmRSS");
+    let mut line = format!("berth shim VmRSS: {rss} kB");
+    if have("containerd-shim-runc-v2") {
+        let o = env.ctr(&[
+            "run",
+            "--fifo-dir",
+            &env.fifo,
+            "-d",
+            IMAGE,
+            "g1",
+            "sleep",
+            "1000",
+        ]);
+        if o.status.success() {
+            std::thread::sleep(Duration::from_millis(300));
+            if let Some(g) = env
+                .shim_pid("containerd-shim-runc-v2", "g1")
+                .and_then(rss_kb)
+            {
+                line += &format!("; Go runc shim (io.containerd.runc.v2) VmRSS: {g} kB");
+            }
+        }
+    }
+    eprintln!("{line}");
+    assert!(rss <= 2560, "{line}: over the 2.5 MB budget");
+}
