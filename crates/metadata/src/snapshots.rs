@@ -838,3 +838,36 @@ mod tests {
         assert!(keys[0].ends_with("/kept"));
     }
 }
+
+/// Every loaded snapshotter with its namespaced records: the instance of
+/// `io.containerd.service.v1.snapshots-service`, shared by the snapshots and diff
+/// services, the unpacker and CRI.
+#[derive(Clone, Default)]
+pub struct Snapshotters {
+    map: BTreeMap<String, Arc<SnapshotDb>>,
+}
+
+impl Snapshotters {
+    pub fn new(map: BTreeMap<String, Arc<SnapshotDb>>) -> Snapshotters {
+        Snapshotters { map }
+    }
+
+    /// The snapshotter `name` (containerd's errors for a missing or unknown name).
+    pub fn get(&self, name: &str) -> Result<Arc<SnapshotDb>> {
+        if name.is_empty() {
+            return Err(Error::invalid_argument("snapshotter argument missing"));
+        }
+        self.map
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::invalid_argument(format!("snapshotter not loaded: {name}")))
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.map.keys()
+    }
+
+    pub fn all(&self) -> &BTreeMap<String, Arc<SnapshotDb>> {
+        &self.map
+    }
+}

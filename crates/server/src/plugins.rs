@@ -10,6 +10,8 @@ pub fn all_registrations() -> Vec<Registration> {
     registrations.extend(berth_services::registrations());
     registrations.extend(berth_content::registrations());
     registrations.extend(berth_gc::registrations());
+    registrations.extend(berth_snapshots::registrations());
+    registrations.extend(berth_diff::registrations());
     registrations
 }
 

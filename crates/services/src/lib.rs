@@ -6,12 +6,14 @@
 //! ([`status`]), and the only place the namespace of a call is read ([`namespace`]).
 
 pub mod content;
+pub mod diff;
 pub mod events;
 pub mod health;
 pub mod images;
 pub mod introspection;
 pub mod leases;
 pub mod namespaces;
+pub mod snapshots;
 pub mod version;
 
 use berth_core::Error;
@@ -33,6 +35,10 @@ pub fn registrations() -> Vec<berth_plugin::Registration> {
         images::registration(),
         leases::service_registration(),
         leases::registration(),
+        snapshots::service_registration(),
+        snapshots::registration(),
+        diff::service_registration(),
+        diff::registration(),
     ]
 }
 
