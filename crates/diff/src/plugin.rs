@@ -25,10 +25,13 @@ pub fn registrations() -> Vec<Registration> {
     vec![
         Registration::new(types::DIFF, "walking", |ctx: InitContext| async move {
             let config: DiffConfig = ctx.config()?;
-            // The metadata plugin's content store, as the content engineer exposes it.
-            let content: Arc<dyn ContentStore> = ctx
-                .get::<Arc<dyn ContentStore>>(types::METADATA)
-                .or_else(|_| ctx.get::<Arc<dyn ContentStore>>(types::CONTENT))?;
+            // The namespaced content store of the metadata layer.
+            let md: Arc<berth_metadata::MetadataStore> = ctx.get(types::METADATA)?;
+            let content: Arc<dyn ContentStore> = md.content_store().ok_or_else(|| {
+                berth_core::Error::failed_precondition(
+                    "no content store is attached to the metadata store",
+                )
+            })?;
             let tmp = ctx.root.join("tmp");
             std::fs::create_dir_all(&tmp)?;
             let processors = config.stream_processors.into_values().collect();
