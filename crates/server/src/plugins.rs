@@ -12,6 +12,7 @@ pub fn all_registrations() -> Vec<Registration> {
     registrations.extend(berth_gc::registrations());
     registrations.extend(berth_snapshots::registrations());
     registrations.extend(berth_diff::registrations());
+    registrations.extend(berth_runtime::registrations());
     registrations
 }
 

@@ -5,6 +5,7 @@
 //! This is the only place a [`berth_core::Error`] becomes a [`tonic::Status`]
 //! ([`status`]), and the only place the namespace of a call is read ([`namespace`]).
 
+pub mod containers;
 pub mod content;
 pub mod diff;
 pub mod events;
@@ -13,6 +14,8 @@ pub mod images;
 pub mod introspection;
 pub mod leases;
 pub mod namespaces;
+pub mod restart;
+pub mod tasks;
 pub mod snapshots;
 pub mod version;
 
@@ -39,6 +42,9 @@ pub fn registrations() -> Vec<berth_plugin::Registration> {
         snapshots::registration(),
         diff::service_registration(),
         diff::registration(),
+        containers::registration(),
+        tasks::registration(),
+        restart::registration(),
     ]
 }
 
