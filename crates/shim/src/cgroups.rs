@@ -67,7 +67,7 @@ impl Cgroups {
         if let Some(d) = self.v1.get("pids") {
             let mut p = v1::PidsStat::new();
             p.current = read_u64(&d.join("pids.current"));
-            p.limit = read_u64(&d.join("pids.max"));
+            p.limit = pids_limit(&d.join("pids.max"));
             m.pids = MessageField::some(p);
         }
         if let Some(d) = self.v1.get("cpuacct") {
@@ -179,7 +179,7 @@ fn metrics_v2(d: &Path) -> v2::Metrics {
     let mut m = v2::Metrics::new();
     let mut p = v2::PidsStat::new();
     p.current = read_u64(&d.join("pids.current"));
-    p.limit = read_u64(&d.join("pids.max"));
+    p.limit = pids_limit(&d.join("pids.max"));
     m.pids = MessageField::some(p);
     let s = flat_keyed(&d.join("cpu.stat"));
     let g = |k: &str| s.get(k).copied().unwrap_or(0);
@@ -274,6 +274,14 @@ fn read_u64(p: &Path) -> u64 {
         u64::MAX
     } else {
         s.parse().unwrap_or(0)
+    }
+}
+
+/// `pids.max`: "max" means no limit, reported as 0 (as containerd's cgroups library does).
+fn pids_limit(p: &Path) -> u64 {
+    match read_u64(p) {
+        u64::MAX => 0,
+        v => v,
     }
 }
 

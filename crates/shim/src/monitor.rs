@@ -22,10 +22,21 @@ pub enum Msg {
 }
 
 struct OomWatch {
+    /// An eventfd (cgroup v1) or an inotify fd on memory.events (cgroup v2).
     efd: File,
     _ctl: Option<File>,
     container_id: String,
     cgroup_dir: PathBuf,
+    /// cgroup v2: the last `oom_kill` count seen in memory.events.
+    v2_count: Option<u64>,
+}
+
+fn v2_oom_kills(dir: &std::path::Path) -> u64 {
+    std::fs::read_to_string(dir.join("memory.events"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 #[derive(Default)]
@@ -110,14 +121,35 @@ impl Monitor {
                 let mut g = self.inner.lock().unwrap();
                 let mut gone = Vec::new();
                 for i in ooms {
-                    let Some(w) = g.oom.get(i) else { continue };
-                    sys::eventfd_read(&w.efd);
-                    if w.cgroup_dir.exists() {
+                    let Some(w) = g.oom.get_mut(i) else { continue };
+                    if w.v2_count.is_some() {
+                        let mut buf = [0u8; 4096];
+                        unsafe {
+                            libc::read(
+                                w.efd.as_raw_fd(),
+                                buf.as_mut_ptr() as *mut libc::c_void,
+                                buf.len(),
+                            )
+                        };
+                    } else {
+                        sys::eventfd_read(&w.efd);
+                    }
+                    if !w.cgroup_dir.exists() {
+                        gone.push(i);
+                        continue;
+                    }
+                    let fire = match w.v2_count {
+                        Some(last) => {
+                            let now = v2_oom_kills(&w.cgroup_dir);
+                            w.v2_count = Some(now);
+                            now > last
+                        }
+                        None => true,
+                    };
+                    if fire {
                         let _ = tx.send(Msg::Oom {
                             container_id: w.container_id.clone(),
                         });
-                    } else {
-                        gone.push(i);
                     }
                 }
                 gone.sort_unstable();
@@ -188,6 +220,31 @@ impl Monitor {
             _ctl: Some(ctl),
             container_id: container_id.into(),
             cgroup_dir: memcg,
+            v2_count: None,
+        });
+        Ok(())
+    }
+
+    /// Watches a cgroup v2 directory's memory.events for new `oom_kill`s.
+    pub fn watch_oom_v2(&self, container_id: &str, dir: PathBuf) -> io::Result<()> {
+        let events = dir.join("memory.events");
+        if !events.exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "no memory controller in the cgroup",
+            ));
+        }
+        let fd = sys::cvt(unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) })?;
+        let efd = unsafe { File::from_raw_fd(fd) };
+        let c = sys::cstr(&events)?;
+        sys::cvt(unsafe { libc::inotify_add_watch(fd, c.as_ptr(), libc::IN_MODIFY) })?;
+        let count = v2_oom_kills(&dir);
+        self.add_watch(OomWatch {
+            efd,
+            _ctl: None,
+            container_id: container_id.into(),
+            cgroup_dir: dir,
+            v2_count: Some(count),
         });
         Ok(())
     }

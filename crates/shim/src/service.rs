@@ -77,6 +77,9 @@ struct Container {
     cgroups: Cgroups,
     init: Proc,
     execs: HashMap<String, Proc>,
+    /// The container has no pid namespace of its own: when its init exits, the rest of
+    /// its processes must be killed explicitly (the kernel does it otherwise).
+    shares_pid_ns: bool,
 }
 
 impl Container {
@@ -175,6 +178,13 @@ impl Service {
                     e.exited_at = MessageField::from_option(p.exited_at.clone());
                     self.events.publish(&e);
                     matched = true;
+                    if p.exec_id.is_empty() && c.shares_pid_ns {
+                        let _ = c.runtime.run(
+                            &self.mon,
+                            &["kill", "--all", &cid, "9"],
+                            Stdios::default(),
+                        );
+                    }
                     break;
                 }
             }
@@ -316,12 +326,18 @@ impl Service {
             init.exited(sys::exit_code(status));
         }
         let cgroups = Cgroups::of_pid(pid);
-        if let Some(m) = cgroups.memory_v1()
-            && let Err(e) = self.mon.watch_oom_v1(&req.id, m.clone())
-        {
+        let watched = match (cgroups.memory_v1(), &cgroups.v2) {
+            (Some(m), _) => self.mon.watch_oom_v1(&req.id, m.clone()),
+            (None, Some(d)) => self.mon.watch_oom_v2(&req.id, d.clone()),
+            _ => Ok(()),
+        };
+        if let Err(e) = watched {
             slog!("no OOM notifications for {}: {e}", req.id);
         }
+        let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
+        let shares_pid_ns = ns(&pid.to_string()).is_some() && ns(&pid.to_string()) == ns("self");
         Ok(Container {
+            shares_pid_ns,
             id: req.id.clone(),
             bundle,
             runtime: rt,
