@@ -1,1 +1,476 @@
+//! `berth`, the friendly command line for berthd. It speaks only containerd's public gRPC
+//! API over the daemon's unix socket (the stock `ctr` keeps working alongside).
 
+pub mod client;
+pub mod progress;
+pub mod pull;
+pub mod table;
+
+use berth_api::services::images::v1::{
+    CreateImageRequest, DeleteImageRequest, Image, ListImagesRequest, UpdateImageRequest,
+};
+use berth_api::services::introspection::v1::PluginsRequest;
+use berth_api::services::leases::v1::{CreateRequest as LeaseCreate, DeleteRequest as LeaseDelete};
+use berth_api::types::Descriptor as ApiDescriptor;
+use berth_remotes::auth::StaticCredentials;
+use berth_remotes::hosts::{AuthConfig, HostOptions};
+use berth_remotes::pull::PullOptions;
+use berth_remotes::{Platform, Reference, Resolver, ResolverOptions};
+use clap::{CommandFactory, Parser, Subcommand};
+use client::{Client, status_message};
+use std::sync::Arc;
+
+pub const DEFAULT_ADDRESS: &str = "/run/berth/berth.sock";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "berth",
+    version,
+    about = "The friendly command line for berthd (containerd's API; the stock ctr works too)",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// berthd's gRPC socket
+    #[arg(long, short = 'a', global = true, env = "BERTH_ADDRESS", default_value = DEFAULT_ADDRESS)]
+    pub address: String,
+    /// Namespace to work in
+    #[arg(
+        long,
+        short = 'n',
+        global = true,
+        env = "CONTAINERD_NAMESPACE",
+        default_value = "default"
+    )]
+    pub namespace: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Show the client's and berthd's versions
+    Version,
+    /// Show berthd's plugins and their status
+    Info,
+    /// List images
+    #[command(visible_alias = "ls")]
+    Images {
+        /// Print only image names
+        #[arg(long, short)]
+        quiet: bool,
+        /// containerd filters (e.g. 'name~=busybox')
+        filters: Vec<String>,
+    },
+    /// Remove images (the records; content is collected later by berthd's GC)
+    Rmi {
+        /// Wait for the garbage collector before returning
+        #[arg(long)]
+        sync: bool,
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Pull an image from a registry into berthd.
+    ///
+    /// The registry is contacted by this command itself (client side, like `ctr images
+    /// pull`): it resolves the reference, picks the platform's manifest, downloads the
+    /// config and layers in parallel with their digests verified, streams them into
+    /// berthd's content store through the content API under a lease, then creates or
+    /// updates the image record. Registry configuration comes from hosts.toml files
+    /// (--hosts-dir). Layers are NOT unpacked into a snapshot yet; daemon-side pulls (the
+    /// transfer service) are not implemented yet.
+    Pull {
+        /// Image reference; Docker-style short names are expanded (busybox →
+        /// docker.io/library/busybox:latest)
+        reference: String,
+        /// Platform to pull (os/arch[/variant]); default: this machine's
+        #[arg(long)]
+        platform: Option<String>,
+        /// Directories with <registry>/hosts.toml (':'-separated)
+        #[arg(
+            long,
+            env = "BERTH_HOSTS_DIR",
+            default_value = "/etc/berth/certs.d:/etc/containerd/certs.d"
+        )]
+        hosts_dir: String,
+        /// Use plain HTTP for registries without a hosts.toml
+        #[arg(long)]
+        plain_http: bool,
+        /// Credentials as user:password (otherwise ~/.docker/config.json)
+        #[arg(long, short = 'u')]
+        user: Option<String>,
+        #[arg(long, default_value_t = 3)]
+        max_concurrent_downloads: usize,
+        /// Print only the image name when done
+        #[arg(long, short, conflicts_with = "json")]
+        quiet: bool,
+        /// Print progress as JSON lines on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script
+    Completions { shell: clap_complete::Shell },
+}
+
+/// A failure to report: the message is already in words.
+#[derive(Debug)]
+pub struct CliError(pub String);
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<berth_core::Error> for CliError {
+    fn from(e: berth_core::Error) -> Self {
+        CliError(e.to_string())
+    }
+}
+
+impl From<client::ConnectError> for CliError {
+    fn from(e: client::ConnectError) -> Self {
+        CliError(e.0)
+    }
+}
+
+fn grpc(what: &str) -> impl Fn(tonic::Status) -> CliError + '_ {
+    move |s| CliError(status_message(what, &s))
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "berth", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Version => {
+            println!("Client:\n  Version:  {}", env!("CARGO_PKG_VERSION"));
+            let c = Client::connect(&cli.address, &cli.namespace).await?;
+            let v = c
+                .version()
+                .version(c.request(()))
+                .await
+                .map_err(grpc("version"))?
+                .into_inner();
+            println!(
+                "\nServer:\n  Version:  {}\n  Revision: {}",
+                v.version, v.revision
+            );
+            Ok(())
+        }
+        Command::Info => info(&cli.address, &cli.namespace).await,
+        Command::Images { quiet, filters } => {
+            let c = Client::connect(&cli.address, &cli.namespace).await?;
+            let mut imgs = c
+                .images()
+                .list(c.request(ListImagesRequest { filters }))
+                .await
+                .map_err(grpc("list images"))?
+                .into_inner()
+                .images;
+            imgs.sort_by(|a, b| a.name.cmp(&b.name));
+            if quiet {
+                for i in imgs {
+                    println!("{}", i.name);
+                }
+                return Ok(());
+            }
+            let mut t = table::Table::new(&["REF", "TYPE", "DIGEST", "SIZE", "CREATED"]);
+            for i in imgs {
+                let target = i.target.unwrap_or_default();
+                t.row(vec![
+                    i.name,
+                    table::short_media_type(&target.media_type),
+                    target.digest,
+                    table::human_size(target.size as u64),
+                    i.created_at
+                        .map(|ts| table::ago(ts.seconds))
+                        .unwrap_or_else(|| "-".into()),
+                ]);
+            }
+            print!("{}", t.render());
+            Ok(())
+        }
+        Command::Rmi { sync, names } => {
+            let c = Client::connect(&cli.address, &cli.namespace).await?;
+            let mut failed = vec![];
+            for name in names {
+                match c
+                    .images()
+                    .delete(c.request(DeleteImageRequest {
+                        name: name.clone(),
+                        sync,
+                        target: None,
+                    }))
+                    .await
+                {
+                    Ok(_) => println!("{name}"),
+                    Err(s) => failed.push(status_message(&format!("remove {name}"), &s)),
+                }
+            }
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                Err(CliError(failed.join("\n")))
+            }
+        }
+        Command::Pull {
+            reference,
+            platform,
+            hosts_dir,
+            plain_http,
+            user,
+            max_concurrent_downloads,
+            quiet,
+            json,
+        } => {
+            let mode = if json {
+                progress::Mode::Json
+            } else if quiet {
+                progress::Mode::Quiet
+            } else {
+                progress::Mode::Bars
+            };
+            pull_cmd(
+                &cli.address,
+                &cli.namespace,
+                &reference,
+                platform.as_deref(),
+                &hosts_dir,
+                plain_http,
+                user.as_deref(),
+                max_concurrent_downloads,
+                mode,
+            )
+            .await
+        }
+    }
+}
+
+async fn info(address: &str, namespace: &str) -> Result<(), CliError> {
+    let c = Client::connect(address, namespace).await?;
+    let v = c
+        .version()
+        .version(c.request(()))
+        .await
+        .map_err(grpc("version"))?
+        .into_inner();
+    println!("Server:    berthd {} ({})", v.version, v.revision);
+    println!("Socket:    {}", c.address.display());
+    if let Ok(s) = c.introspection().server(c.request(())).await {
+        let s = s.into_inner();
+        println!("UUID:      {}\nPID:       {}", s.uuid, s.pid);
+        for d in s.deprecations {
+            println!("Deprecated: {} ({})", d.message, d.id);
+        }
+    }
+    let plugins = c
+        .introspection()
+        .plugins(c.request(PluginsRequest { filters: vec![] }))
+        .await
+        .map_err(grpc("list plugins"))?
+        .into_inner()
+        .plugins;
+    let ok = plugins.iter().filter(|p| p.init_err.is_none()).count();
+    println!(
+        "Plugins:   {} loaded, {} failed or skipped\n",
+        ok,
+        plugins.len() - ok
+    );
+    let mut t = table::Table::new(&["TYPE", "ID", "PLATFORMS", "STATUS"]);
+    for p in plugins {
+        let platforms = p
+            .platforms
+            .iter()
+            .map(|pl| {
+                let mut s = format!("{}/{}", pl.os, pl.architecture);
+                if !pl.variant.is_empty() {
+                    s.push('/');
+                    s.push_str(&pl.variant);
+                }
+                s
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        let status = match &p.init_err {
+            None => "ok".to_string(),
+            Some(e) if e.message.contains("skip") => format!("skipped: {}", e.message),
+            Some(e) => format!("error: {}", e.message),
+        };
+        t.row(vec![
+            p.r#type,
+            p.id,
+            if platforms.is_empty() {
+                "-".into()
+            } else {
+                platforms
+            },
+            status,
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}
+
+fn to_api_descriptor(d: &oci_spec::image::Descriptor) -> ApiDescriptor {
+    ApiDescriptor {
+        media_type: d.media_type().to_string(),
+        digest: d.digest().to_string(),
+        size: d.size() as i64,
+        annotations: d.annotations().clone().unwrap_or_default(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pull_cmd(
+    address: &str,
+    namespace: &str,
+    reference: &str,
+    platform: Option<&str>,
+    hosts_dir: &str,
+    plain_http: bool,
+    user: Option<&str>,
+    max_concurrent_downloads: usize,
+    mode: progress::Mode,
+) -> Result<(), CliError> {
+    let reference = Reference::parse_normalized(reference)?;
+    let platform = match platform {
+        Some(p) => Platform::parse(p)?,
+        None => Platform::host(),
+    };
+    let mut client = Client::connect(address, namespace).await?;
+    let mut creds = StaticCredentials::from_default_docker_config().unwrap_or_else(|e| {
+        eprintln!("berth: ignoring docker config: {e}");
+        StaticCredentials::default()
+    });
+    if let Some(u) = user {
+        let (name, pass) = u
+            .split_once(':')
+            .ok_or_else(|| CliError("--user expects user:password".into()))?;
+        creds.insert(
+            &reference.host,
+            AuthConfig {
+                username: name.into(),
+                password: pass.into(),
+                identity_token: String::new(),
+            },
+        );
+        if reference.host == "docker.io" {
+            creds.insert(
+                "registry-1.docker.io",
+                AuthConfig {
+                    username: name.into(),
+                    password: pass.into(),
+                    identity_token: String::new(),
+                },
+            );
+        }
+    }
+    let resolver = Resolver::new(ResolverOptions {
+        credentials: Arc::new(creds),
+        ..ResolverOptions::with_hosts(HostOptions {
+            config_path: Some(hosts_dir.to_string()),
+            default_scheme: plain_http.then(|| "http".to_string()),
+        })
+    });
+
+    // A lease keeps what is written from the collector until the image record exists.
+    let lease_id = format!("berth-pull-{}", uuid::Uuid::new_v4());
+    let mut labels = std::collections::HashMap::new();
+    let expire = std::time::SystemTime::now() + std::time::Duration::from_secs(24 * 3600);
+    labels.insert(
+        "containerd.io/gc.expire".to_string(),
+        table::rfc3339(expire),
+    );
+    let leased = match client
+        .leases()
+        .create(client.request(LeaseCreate {
+            id: lease_id.clone(),
+            labels,
+        }))
+        .await
+    {
+        Ok(_) => {
+            client.lease = Some(lease_id.clone());
+            true
+        }
+        Err(s) if s.code() == tonic::Code::Unimplemented => false,
+        Err(s) => return Err(grpc("create lease")(s)),
+    };
+
+    let sink = pull::ContentSink {
+        client: client.clone(),
+        source: Some((
+            format!("containerd.io/distribution.source.{}", reference.host),
+            reference.repository.clone(),
+        )),
+    };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let opts = PullOptions {
+        platform,
+        max_concurrent_downloads: max_concurrent_downloads.max(1),
+        progress: Some(tx),
+        ..Default::default()
+    };
+    let cancel = opts.cancel.clone();
+    let display = tokio::spawn(progress::display(rx, mode));
+    let started = std::time::Instant::now();
+    let result = tokio::select! {
+        r = berth_remotes::pull::pull(&resolver, &reference, &sink, &opts) => r,
+        _ = tokio::signal::ctrl_c() => {
+            cancel.cancel();
+            Err(berth_core::Error::new(berth_core::error::ErrorKind::Canceled, format!("pull {reference}")))
+        }
+    };
+    drop(opts);
+    let _ = display.await;
+    let outcome = match result {
+        Ok(image) => {
+            let name = reference.to_string();
+            let img = Image {
+                name: name.clone(),
+                target: Some(to_api_descriptor(&image.target)),
+                ..Default::default()
+            };
+            let created = client
+                .images()
+                .create(client.request(CreateImageRequest {
+                    image: Some(img.clone()),
+                    source_date_epoch: None,
+                }))
+                .await;
+            match created {
+                Ok(_) => Ok(image),
+                Err(s) if s.code() == tonic::Code::AlreadyExists => client
+                    .images()
+                    .update(client.request(UpdateImageRequest {
+                        image: Some(img),
+                        update_mask: Some(prost_types::FieldMask {
+                            paths: vec!["target".into()],
+                        }),
+                        source_date_epoch: None,
+                    }))
+                    .await
+                    .map(|_| image)
+                    .map_err(grpc("update image")),
+                Err(s) => Err(grpc("create image")(s)),
+            }
+        }
+        Err(e) => Err(CliError(e.to_string())),
+    };
+    if leased {
+        client.lease = None;
+        let _ = client
+            .leases()
+            .delete(client.request(LeaseDelete {
+                id: lease_id,
+                sync: false,
+            }))
+            .await;
+    }
+    let image = outcome?;
+    progress::finish(mode, &reference.to_string(), &image, started.elapsed());
+    Ok(())
+}

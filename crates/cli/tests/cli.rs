@@ -1,0 +1,227 @@
+//! `berth` against a private berthd (started by the testkit) and a private
+//! `docker-registry` on 127.0.0.1.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn berth(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(args)
+        .env_remove("BERTH_ADDRESS")
+        .env_remove("CONTAINERD_NAMESPACE")
+        .env("HOME", "/nonexistent")
+        .output()
+        .expect("running berth")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+#[test]
+fn help_and_completions() {
+    let o = berth(&["--help"]);
+    assert!(o.status.success());
+    let (out, _) = text(&o);
+    for cmd in ["version", "info", "images", "rmi", "pull", "completions"] {
+        assert!(out.contains(cmd), "{cmd} missing from help:\n{out}");
+    }
+    let o = berth(&["pull", "--help"]);
+    let (out, _) = text(&o);
+    assert!(
+        out.contains("NOT unpacked"),
+        "pull help must say what it does:\n{out}"
+    );
+    for shell in ["bash", "zsh", "fish"] {
+        let o = berth(&["completions", shell]);
+        assert!(o.status.success(), "{shell}");
+        assert!(String::from_utf8_lossy(&o.stdout).contains("berth"));
+    }
+}
+
+#[test]
+fn a_missing_daemon_is_explained() {
+    let o = berth(&["--address", "/nonexistent/berth.sock", "version"]);
+    assert!(!o.status.success());
+    let (_, err) = text(&o);
+    assert!(err.contains("does not exist (is berthd running?"), "{err}");
+}
+
+struct Registry {
+    port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    fn start() -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = dir.path().join("config.yml");
+        std::fs::write(
+            &conf,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("/usr/bin/docker-registry")
+            .arg("serve")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "registry did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Registry {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Mem(bytes::Bytes);
+impl berth_core::content::ReaderAt for Mem {
+    fn size(&self) -> i64 {
+        self.0.len() as i64
+    }
+    fn read_at(&self, buf: &mut [u8], offset: i64) -> berth_core::Result<usize> {
+        let off = (offset as usize).min(self.0.len());
+        let n = buf.len().min(self.0.len() - off);
+        buf[..n].copy_from_slice(&self.0[off..off + n]);
+        Ok(n)
+    }
+}
+
+/// Pushes a two-layer image with Berth's own client; returns the manifest digest.
+fn push_test_image(host: &str, name: &str) -> String {
+    use berth_remotes::manifest::{OCI_MANIFEST, descriptor_for};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let r = berth_remotes::Resolver::new(Default::default());
+        let reference = berth_remotes::Reference::parse(&format!("{host}/{name}")).unwrap();
+        let layers: Vec<Vec<u8>> = vec![vec![7u8; 300_000], (0..50_000u32).map(|i| (i % 251) as u8).collect()];
+        let lt = "application/vnd.oci.image.layer.v1.tar";
+        let ldescs: Vec<_> = layers.iter().map(|l| descriptor_for(lt, l)).collect();
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": ldescs.iter().map(|d| d.digest().to_string()).collect::<Vec<_>>()}
+        }))
+        .unwrap();
+        let cdesc = descriptor_for("application/vnd.oci.image.config.v1+json", &config);
+        let dj = |d: &oci_spec::image::Descriptor| serde_json::json!({"mediaType": d.media_type().to_string(), "digest": d.digest().to_string(), "size": d.size()});
+        let m = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": dj(&cdesc),
+            "layers": ldescs.iter().map(dj).collect::<Vec<_>>()
+        }))
+        .unwrap();
+        let mdesc = descriptor_for(OCI_MANIFEST, &m);
+        r.push_blob(&reference, &cdesc, Arc::new(Mem(config.into())), None).await.unwrap();
+        for (d, l) in ldescs.iter().zip(layers) {
+            r.push_blob(&reference, d, Arc::new(Mem(l.into())), None).await.unwrap();
+        }
+        r.push_manifest(&reference, &mdesc, m.into()).await.unwrap();
+        mdesc.digest().to_string()
+    })
+}
+
+fn daemon_or_skip() -> Option<berth_testkit::Daemon> {
+    if !Path::new("/usr/bin/ctr").exists() && !berth_testkit::have("ctr") {
+        eprintln!("SKIP: ctr missing");
+        return None;
+    }
+    Some(berth_testkit::Daemon::start())
+}
+
+#[test]
+fn version_info_images_pull_rmi_against_berthd() {
+    let Some(d) = daemon_or_skip() else { return };
+    let sock = d.socket.display().to_string();
+    let run = |args: &[&str]| {
+        let mut a = vec!["--address", sock.as_str()];
+        a.extend_from_slice(args);
+        berth(&a)
+    };
+
+    let o = run(&["version"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("Server:") && out.contains("Version:"), "{out}");
+
+    let o = run(&["info"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains("TYPE") && out.contains("io.containerd."),
+        "{out}"
+    );
+
+    let o = run(&["images"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.starts_with("REF"), "{out}");
+
+    let o = run(&["rmi", "example.com/nope:latest"]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("not found"), "{err}");
+
+    let reg = Registry::start();
+    let host = format!("127.0.0.1:{}", reg.port);
+    let digest = push_test_image(&host, "cli/app:v1");
+    let image = format!("{host}/cli/app:v1");
+    let o = run(&["pull", "--json", "--hosts-dir", "/nonexistent", &image]);
+    let (out, err) = text(&o);
+    assert!(
+        o.status.success(),
+        "pull failed: {err}\n{out}\ndaemon log:\n{}",
+        berth_testkit::tail(&d.log(), 40)
+    );
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last["status"], "done");
+    assert_eq!(last["digest"], digest.as_str());
+    assert!(
+        out.lines()
+            .any(|l| l.contains("\"state\":\"done\"") && l.contains("layer 1")),
+        "{out}"
+    );
+
+    let o = run(&["images", "-q"]);
+    assert!(text(&o).0.lines().any(|l| l == image), "{}", text(&o).0);
+    let listing = d.ctr_ok(&["content", "ls", "-q"]);
+    assert!(listing.contains(&digest), "{listing}");
+
+    // A second pull finds everything.
+    let o = run(&["pull", "--json", "--hosts-dir", "/nonexistent", &image]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("\"state\":\"exists\""), "{out}");
+
+    let o = run(&["rmi", &image]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let o = run(&["images", "-q"]);
+    assert!(!text(&o).0.contains(&image));
+}
