@@ -1,0 +1,114 @@
+//! The snapshots and diff services through the stock `ctr` against a private berthd:
+//! every `ctr snapshots` subcommand, and `ctr images import` unpacking the multi-layer
+//! fixture (whiteouts, opaque dir, symlink, hardlink) on each snapshotter, checked
+//! against the reference unpack.
+
+use berth_testkit::{Daemon, fixtures, tree_listing};
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+#[test]
+fn ctr_snapshot_commands() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = Daemon::start();
+    d.ctr_ok(&["snapshots", "prepare", "base", ""]);
+    let mounts = d.ctr_ok(&["snapshots", "mounts", "/mnt/x", "base"]);
+    assert!(mounts.contains("mount -t bind") && mounts.contains("rw,rbind"), "{mounts}");
+    d.ctr_ok(&["snapshots", "commit", "base-c", "base"]);
+    d.ctr_ok(&["snapshots", "prepare", "child", "base-c"]);
+    d.ctr_ok(&["snapshots", "view", "v1", "base-c"]);
+    let ls = d.ctr_ok(&["snapshots", "ls"]);
+    assert!(ls.contains("child  base-c Active"), "{ls}");
+    assert!(ls.contains("v1     base-c View"), "{ls}");
+    let info = d.ctr_ok(&["snapshots", "info", "base-c"]);
+    assert!(info.contains("\"Kind\": \"Committed\""), "{info}");
+    let usage = d.ctr_ok(&["snapshots", "usage", "base-c"]);
+    assert!(usage.contains("base-c"), "{usage}");
+    let tree = d.ctr_ok(&["snapshots", "tree"]);
+    assert!(tree.contains("\\_ child") && tree.contains("\\_ v1"), "{tree}");
+    d.ctr_ok(&["snapshots", "label", "base-c", "foo=bar"]);
+    assert!(d.ctr_ok(&["snapshots", "info", "base-c"]).contains("\"foo\": \"bar\""));
+    let err = d.ctr_err(&["snapshots", "rm", "base-c"]);
+    assert!(err.contains("cannot remove snapshot with child: failed precondition"), "{err}");
+    let err = d.ctr_err(&["snapshots", "prepare", "child", "base-c"]);
+    assert!(err.contains("already exists"), "{err}");
+    let err = d.ctr_err(&["snapshots", "--snapshotter", "nope", "ls"]);
+    assert!(err.contains("snapshotter not loaded: nope"), "{err}");
+    // Namespaces are isolated.
+    assert!(!d.ctr_ok(&["--namespace", "other", "snapshots", "ls"]).contains("base-c"));
+    d.ctr_ok(&["snapshots", "rm", "child", "v1", "base-c"]);
+    assert_eq!(d.ctr_ok(&["snapshots", "ls"]).lines().count(), 1);
+    // Native too.
+    d.ctr_ok(&["snapshots", "--snapshotter", "native", "prepare", "n", ""]);
+    d.ctr_ok(&["snapshots", "--snapshotter", "native", "rm", "n"]);
+}
+
+fn import_and_check(d: &Daemon, snapshotter: &str) {
+    let fx = fixtures();
+    let tar = fx.join("layers.oci.tar");
+    let out = d.ctr_ok(&[
+        "images",
+        "import",
+        "--snapshotter",
+        snapshotter,
+        "--base-name",
+        "localhost/layers",
+        tar.to_str().unwrap(),
+    ]);
+    assert!(out.contains("done"), "{out}");
+    let image = d
+        .ctr_ok(&["images", "ls", "-q"])
+        .lines()
+        .find(|l| l.contains("layers"))
+        .expect("imported image")
+        .to_string();
+    let target = d.dir.path().join(format!("mnt-{snapshotter}"));
+    std::fs::create_dir_all(&target).unwrap();
+    d.ctr_ok(&[
+        "images",
+        "mount",
+        "--snapshotter",
+        snapshotter,
+        &image,
+        target.to_str().unwrap(),
+    ]);
+    let listing = tree_listing(&target);
+    d.ctr_ok(&["images", "unmount", target.to_str().unwrap()]);
+    let expected = std::fs::read_to_string(fx.join("layers.expected")).unwrap();
+    if listing != expected {
+        let a = d.dir.path().join("got");
+        std::fs::write(&a, &listing).unwrap();
+        let diff = std::process::Command::new("diff")
+            .arg(fx.join("layers.expected"))
+            .arg(&a)
+            .output()
+            .unwrap();
+        panic!(
+            "unpacked tree differs on {snapshotter}:\n{}",
+            berth_testkit::tail(&String::from_utf8_lossy(&diff.stdout), 40)
+        );
+    }
+}
+
+#[test]
+fn ctr_import_unpacks_exactly_on_overlayfs() {
+    if !is_root() {
+        return;
+    }
+    let d = Daemon::start();
+    import_and_check(&d, "overlayfs");
+}
+
+#[test]
+fn ctr_import_unpacks_exactly_on_native() {
+    if !is_root() {
+        return;
+    }
+    let d = Daemon::start();
+    import_and_check(&d, "native");
+}
