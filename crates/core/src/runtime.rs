@@ -100,8 +100,11 @@ pub trait Task: Send + Sync {
     async fn resume(&self) -> Result<()>;
     async fn pids(&self) -> Result<Vec<ProcessPid>>;
     async fn checkpoint(&self, path: &str, options: Option<Any>) -> Result<()>;
-    async fn update(&self, resources: Option<Any>, annotations: HashMap<String, String>)
-    -> Result<()>;
+    async fn update(
+        &self,
+        resources: Option<Any>,
+        annotations: HashMap<String, String>,
+    ) -> Result<()>;
     /// Runtime metrics (cgroup v1 `io.containerd.cgroups.v1.Metrics` or v2).
     async fn stats(&self) -> Result<Any>;
     /// Waits for the process to exit.

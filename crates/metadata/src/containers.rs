@@ -428,6 +428,80 @@ impl MetadataStore {
     }
 }
 
+/// The containers' part of garbage collection: every container is a root and references
+/// its snapshot (`"<snapshotter>/<key>"`) and whatever its labels reference
+/// (`containerd.io/gc.ref.*`). Containers themselves are never collected. Register it with
+/// [`MetadataStore::register_gc_resource`] (the containers service does at start-up).
+pub struct ContainerGc;
+
+impl crate::gc::GcResource for ContainerGc {
+    fn name(&self) -> &str {
+        "containers"
+    }
+
+    fn scan_roots(
+        &self,
+        tx: &redb::WriteTransaction,
+        _now: SystemTime,
+        emit: &mut dyn FnMut(crate::gc::Node),
+    ) -> Result<()> {
+        let table = tx
+            .open_table(CONTAINERS)
+            .map_err(|e| db_error("containers", e))?;
+        for entry in table.iter().map_err(|e| db_error("iterate", e))? {
+            let (key, _) = entry.map_err(|e| db_error("iterate", e))?;
+            if let Some((namespace, id)) = key.value().split_once('/') {
+                emit(crate::gc::Node::new(
+                    crate::gc::Kind::Container,
+                    namespace,
+                    id,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn references(
+        &self,
+        tx: &redb::WriteTransaction,
+        node: &crate::gc::Node,
+        emit: &mut dyn FnMut(crate::gc::Node),
+    ) -> Result<bool> {
+        if node.kind != crate::gc::Kind::Container {
+            return Ok(false);
+        }
+        let table = tx
+            .open_table(CONTAINERS)
+            .map_err(|e| db_error("containers", e))?;
+        let Some(record) =
+            get_json::<ContainerRecord>(&table, &namespaced_key(&node.namespace, &node.key))?
+        else {
+            return Ok(true);
+        };
+        if !record.snapshot_key.is_empty() {
+            emit(crate::gc::Node::snapshot(
+                &node.namespace,
+                &record.snapshotter,
+                &record.snapshot_key,
+            ));
+        }
+        crate::gc::label_refs(&node.namespace, &record.labels, emit);
+        Ok(true)
+    }
+
+    fn sweep(
+        &self,
+        _tx: &redb::WriteTransaction,
+        _marked: &std::collections::HashSet<crate::gc::Node>,
+    ) -> Result<bool> {
+        Ok(false)
+    }
+
+    fn cleanup(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,6 +579,33 @@ mod tests {
             store.get_container("ns", "c1").unwrap_err().kind(),
             ErrorKind::NotFound
         );
+    }
+
+    #[test]
+    fn containers_are_gc_roots_for_their_snapshot() {
+        use crate::gc::{GcResource, Kind, Node};
+        let (_dir, store) = store();
+        let mut c = container("c1");
+        c.labels
+            .insert("containerd.io/gc.ref.content.x".into(), "sha256:00".into());
+        store.create_container("ns", c).unwrap();
+        store
+            .write(|tx| {
+                let mut roots = Vec::new();
+                ContainerGc.scan_roots(tx, SystemTime::now(), &mut |n| roots.push(n))?;
+                assert_eq!(roots, vec![Node::new(Kind::Container, "ns", "c1")]);
+                let mut refs = Vec::new();
+                assert!(ContainerGc.references(tx, &roots[0], &mut |n| refs.push(n))?);
+                assert!(
+                    refs.contains(&Node::snapshot("ns", "overlayfs", "c1")),
+                    "{refs:?}"
+                );
+                assert!(refs.iter().any(|n| n.kind == Kind::Content), "{refs:?}");
+                let other = Node::snapshot("ns", "overlayfs", "c1");
+                assert!(!ContainerGc.references(tx, &other, &mut |_| {})?);
+                Ok(())
+            })
+            .unwrap();
     }
 
     #[test]

@@ -32,7 +32,13 @@ impl Bundle {
     }
 
     /// Creates the bundle; `AlreadyExists` if there is one for this ID already.
-    pub fn create(state: &Path, root: &Path, namespace: &str, id: &str, spec: &[u8]) -> Result<Bundle> {
+    pub fn create(
+        state: &Path,
+        root: &Path,
+        namespace: &str,
+        id: &str,
+        spec: &[u8],
+    ) -> Result<Bundle> {
         identifiers::validate(id)?;
         let bundle = Bundle::paths(state, root, namespace, id);
         let io = |what: &str, e: std::io::Error| {

@@ -177,7 +177,9 @@ impl CgroupsMonitor {
 pub fn registration() -> Registration {
     Registration::new(types::MONITOR, "cgroups", |ctx: InitContext| async move {
         if !Path::new("/sys/fs/cgroup").is_dir() {
-            return Err(berth_plugin::skip("no cgroup file system at /sys/fs/cgroup"));
+            return Err(berth_plugin::skip(
+                "no cgroup file system at /sys/fs/cgroup",
+            ));
         }
         let runtime: Arc<dyn Runtime> = ctx.get(types::RUNTIME_V2)?;
         Ok(Arc::new(Arc::new(CgroupsMonitor::new(runtime))) as Instance)

@@ -64,7 +64,10 @@ pub fn registration() -> Registration {
     Registration::new(types::RUNTIME_V2, "task", |ctx: InitContext| async move {
         let config: RuntimeV2Config = ctx.config()?;
         ctx.platforms(config.platforms.clone());
-        let v1 = ctx.get::<Arc<V1Mapping>>(v1::TYPE).ok().map(|m| (*m).clone());
+        let v1 = ctx
+            .get::<Arc<V1Mapping>>(v1::TYPE)
+            .ok()
+            .map(|m| (*m).clone());
         let exe = std::env::current_exe()
             .map_err(|e| berth_core::Error::unknown(format!("locating berthd: {e}")))?;
         let daemon = &ctx.daemon;
@@ -78,7 +81,10 @@ pub fn registration() -> Registration {
             root: ctx.root.clone(),
             grpc_address: daemon.grpc_address.clone(),
             ttrpc_address,
-            shim_dirs: exe.parent().map(|p| vec![p.to_path_buf()]).unwrap_or_default(),
+            shim_dirs: exe
+                .parent()
+                .map(|p| vec![p.to_path_buf()])
+                .unwrap_or_default(),
             publish_binary: exe,
             debug: tracing::enabled!(tracing::Level::DEBUG),
             sched_core: config.sched_core,

@@ -3,7 +3,7 @@
 //! shims (`<shim> … delete`), and on start-up reconnects to every shim left running.
 
 use crate::bundle::Bundle;
-use crate::shim::{ShimTask, SharedTask, shim_error};
+use crate::shim::{SharedTask, ShimTask, shim_error};
 use berth_api::any;
 use berth_api::containerd::events::{TaskDelete, TaskExit};
 use berth_core::events::EventPublisher;
@@ -91,11 +91,7 @@ impl ShimManager {
     }
 
     /// The shim binary for a runtime name (or absolute path) and the options to give it.
-    pub fn resolve(
-        &self,
-        runtime: &str,
-        options: Option<Any>,
-    ) -> Result<(PathBuf, Option<Any>)> {
+    pub fn resolve(&self, runtime: &str, options: Option<Any>) -> Result<(PathBuf, Option<Any>)> {
         if runtime.is_empty() {
             return Err(Error::invalid_argument("no runtime name"));
         }
@@ -125,8 +121,12 @@ impl ShimManager {
             })?;
             (name, options)
         };
-        let mut candidates: Vec<PathBuf> =
-            self.config().shim_dirs.iter().map(|d| d.join(&name)).collect();
+        let mut candidates: Vec<PathBuf> = self
+            .config()
+            .shim_dirs
+            .iter()
+            .map(|d| d.join(&name))
+            .collect();
         if let Some(path) = std::env::var_os("PATH") {
             candidates.extend(std::env::split_paths(&path).map(|d| d.join(&name)));
         }
@@ -146,7 +146,12 @@ impl ShimManager {
             })
     }
 
-    fn shim_command(&self, binary: &Path, bundle: &Bundle, args: &[&str]) -> tokio::process::Command {
+    fn shim_command(
+        &self,
+        binary: &Path,
+        bundle: &Bundle,
+        args: &[&str],
+    ) -> tokio::process::Command {
         let config = self.config();
         let mut cmd = tokio::process::Command::new(binary);
         cmd.arg("-namespace")
@@ -285,7 +290,13 @@ impl ShimManager {
         let mut cmd = self.shim_command(
             binary,
             bundle,
-            &["-id", bundle.id.as_str(), "-bundle", path.as_str(), "delete"],
+            &[
+                "-id",
+                bundle.id.as_str(),
+                "-bundle",
+                path.as_str(),
+                "delete",
+            ],
         );
         if !bundle.path.exists() {
             cmd.current_dir("/");
@@ -300,9 +311,7 @@ impl ShimManager {
                 return None;
             }
         };
-        let (stdout, stderr) = collect_output(&mut child, SHIM_ACTION_TIMEOUT)
-            .await
-            .ok()?;
+        let (stdout, stderr) = collect_output(&mut child, SHIM_ACTION_TIMEOUT).await.ok()?;
         let status = child.wait().await.ok()?;
         if !stderr.is_empty() {
             tracing::warn!(id = %bundle.id, "cleanup warnings {}", String::from_utf8_lossy(&stderr).trim());
@@ -395,7 +404,12 @@ impl ShimManager {
             if removed.is_none() {
                 return;
             }
-            let bundle = Bundle::paths(&manager.config().state, &manager.config().root, &task.namespace, &task.id);
+            let bundle = Bundle::paths(
+                &manager.config().state,
+                &manager.config().root,
+                &task.namespace,
+                &task.id,
+            );
             let binary = std::fs::read(bundle.path.join("shim-binary-path"))
                 .ok()
                 .map(|b| PathBuf::from(String::from_utf8_lossy(&b).into_owned()));
@@ -602,8 +616,20 @@ async fn collect_output(
     let stderr = Arc::new(Mutex::new(Vec::new()));
     let mut readers = Vec::new();
     for (pipe, sink) in [
-        (child.stdout.take().map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), stdout.clone()),
-        (child.stderr.take().map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), stderr.clone()),
+        (
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            stdout.clone(),
+        ),
+        (
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            stderr.clone(),
+        ),
     ] {
         if let Some(mut pipe) = pipe {
             readers.push(tokio::spawn(async move {
@@ -632,7 +658,10 @@ async fn collect_output(
     }
     for r in readers {
         let abort = r.abort_handle();
-        if tokio::time::timeout(Duration::from_millis(500), r).await.is_err() {
+        if tokio::time::timeout(Duration::from_millis(500), r)
+            .await
+            .is_err()
+        {
             abort.abort();
         }
     }
@@ -748,7 +777,13 @@ async fn wait_for_exit(pid: u32) {
 fn alive(pid: u32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
             .unwrap_or(true)
 }
 

@@ -86,7 +86,10 @@ pub(crate) fn to_time(ts: &MessageField<Timestamp>) -> SystemTime {
     match ts.as_ref() {
         Some(ts) => {
             SystemTime::UNIX_EPOCH
-                + Duration::new(ts.seconds.max(0) as u64, ts.nanos.clamp(0, 999_999_999) as u32)
+                + Duration::new(
+                    ts.seconds.max(0) as u64,
+                    ts.nanos.clamp(0, 999_999_999) as u32,
+                )
         }
         None => SystemTime::UNIX_EPOCH,
     }

@@ -59,7 +59,10 @@ impl Env {
     }
 
     fn status(&self, id: &str) -> Option<String> {
-        self.tasks().into_iter().find(|(t, _)| t == id).map(|(_, s)| s)
+        self.tasks()
+            .into_iter()
+            .find(|(t, _)| t == id)
+            .map(|(_, s)| s)
     }
 
     fn wait_status(&self, id: &str, want: Option<&str>, timeout: Duration) {
@@ -69,7 +72,10 @@ impl Env {
             if got.as_deref() == want {
                 return;
             }
-            assert!(Instant::now() < deadline, "task {id}: {got:?}, want {want:?}");
+            assert!(
+                Instant::now() < deadline,
+                "task {id}: {got:?}, want {want:?}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -92,7 +98,11 @@ impl Drop for Env {
 }
 
 fn no_leftovers(env: &Env) {
-    let bundles = env.daemon.state.join("io.containerd.runtime.v2.task").join(&env.ns);
+    let bundles = env
+        .daemon
+        .state
+        .join("io.containerd.runtime.v2.task")
+        .join(&env.ns);
     let left: Vec<_> = std::fs::read_dir(&bundles)
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
@@ -117,21 +127,49 @@ fn run_exec_signal_pause_and_delete_with_the_runc_shim() {
     let env = Env::start("a", "");
     let rootfs = env.rootfs.to_str().unwrap();
 
-    let out = env.ok(&["run", "--rm", "--rootfs", rootfs, "hello", "/bin/echo", "hi"]);
+    let out = env.ok(&[
+        "run",
+        "--rm",
+        "--rootfs",
+        rootfs,
+        "hello",
+        "/bin/echo",
+        "hi",
+    ]);
     assert_eq!(out, "hi\n");
-    let status = env
-        .daemon
-        .ctr(&env.args(&["run", "--rm", "--rootfs", rootfs, "three", "/bin/sh", "-c", "exit 3"]));
+    let status = env.daemon.ctr(&env.args(&[
+        "run", "--rm", "--rootfs", rootfs, "three", "/bin/sh", "-c", "exit 3",
+    ]));
     assert_eq!(status.status.code(), Some(3));
 
     env.run_d("sleeper", &["/bin/sleep", "1000"]);
     assert_eq!(env.status("sleeper").as_deref(), Some("RUNNING"));
     let pid = env.init_pid("sleeper");
-    assert!(env.ok(&["task", "ps", "sleeper"]).contains(&pid.to_string()));
-    let out = env.ok(&["task", "exec", "--exec-id", "e1", "sleeper", "/bin/echo", "from-exec"]);
+    assert!(
+        env.ok(&["task", "ps", "sleeper"])
+            .contains(&pid.to_string())
+    );
+    let out = env.ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "sleeper",
+        "/bin/echo",
+        "from-exec",
+    ]);
     assert_eq!(out, "from-exec\n");
     // A running exec ID cannot be reused.
-    env.ok(&["task", "exec", "-d", "--exec-id", "e2", "sleeper", "/bin/sleep", "1000"]);
+    env.ok(&[
+        "task",
+        "exec",
+        "-d",
+        "--exec-id",
+        "e2",
+        "sleeper",
+        "/bin/sleep",
+        "1000",
+    ]);
     let err = env.err(&["task", "exec", "--exec-id", "e2", "sleeper", "/bin/true"]);
     assert!(err.contains("already exists"), "{err}");
     env.ok(&["task", "kill", "--exec-id", "e2", "-s", "KILL", "sleeper"]);
@@ -163,11 +201,25 @@ fn bad_input_gives_containerd_errors_and_leaks_nothing() {
     let env = Env::start("b", "");
     let rootfs = env.rootfs.to_str().unwrap();
 
-    let err = env.err(&["run", "--rm", "--rootfs", "/nonexistent/rootfs", "norootfs", "/bin/true"]);
+    let err = env.err(&[
+        "run",
+        "--rm",
+        "--rootfs",
+        "/nonexistent/rootfs",
+        "norootfs",
+        "/bin/true",
+    ]);
     assert!(err.contains("failed to create shim task"), "{err}");
 
     let err = env.err(&[
-        "run", "--rm", "--runtime", "io.containerd.nope.v1", "--rootfs", rootfs, "nort", "/bin/true",
+        "run",
+        "--rm",
+        "--runtime",
+        "io.containerd.nope.v1",
+        "--rootfs",
+        rootfs,
+        "nort",
+        "/bin/true",
     ]);
     assert!(err.contains("containerd-shim-nope-v1"), "{err}");
 
@@ -203,7 +255,11 @@ fn containers_survive_a_daemon_crash() {
     let victim = env.init_pid("c0");
     env.daemon.kill9();
     // An exit while the daemon is down.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     env.daemon
         .spawn()
@@ -216,8 +272,14 @@ fn containers_survive_a_daemon_crash() {
         assert_eq!(status, want, "{id}");
     }
     let out = env.daemon.ctr(&env.args(&["task", "delete", "c0"]));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("137"), "{out:?}");
-    assert_eq!(env.ok(&["task", "exec", "--exec-id", "x", "c1", "/bin/echo", "ok"]), "ok\n");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("137"),
+        "{out:?}"
+    );
+    assert_eq!(
+        env.ok(&["task", "exec", "--exec-id", "x", "c1", "/bin/echo", "ok"]),
+        "ok\n"
+    );
     for i in 1..N {
         env.ok(&["task", "kill", "-s", "KILL", &format!("c{i}")]);
     }
@@ -243,8 +305,15 @@ fn restart_monitor_brings_labelled_containers_to_their_state() {
     );
     let rootfs = env.rootfs.to_str().unwrap();
     env.ok(&[
-        "run", "-d", "--label", "containerd.io/restart.status=running", "--rootfs", rootfs, "r1",
-        "/bin/sleep", "1000",
+        "run",
+        "-d",
+        "--label",
+        "containerd.io/restart.status=running",
+        "--rootfs",
+        rootfs,
+        "r1",
+        "/bin/sleep",
+        "1000",
     ]);
     let first = env.init_pid("r1");
     env.ok(&["task", "kill", "-s", "KILL", "r1"]);
@@ -253,10 +322,19 @@ fn restart_monitor_brings_labelled_containers_to_their_state() {
         if env.status("r1").as_deref() == Some("RUNNING") && env.init_pid("r1") != first {
             break;
         }
-        assert!(Instant::now() < deadline, "r1 was not restarted: {:?}", env.tasks());
+        assert!(
+            Instant::now() < deadline,
+            "r1 was not restarted: {:?}",
+            env.tasks()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    env.ok(&["container", "label", "r1", "containerd.io/restart.status=stopped"]);
+    env.ok(&[
+        "container",
+        "label",
+        "r1",
+        "containerd.io/restart.status=stopped",
+    ]);
     env.wait_status("r1", None, Duration::from_secs(15));
     env.ok(&["container", "rm", "r1"]);
     no_leftovers(&env);
@@ -272,11 +350,21 @@ fn runtime_v1_config_maps_onto_the_runc_v2_shim() {
         "[plugins.\"io.containerd.runtime.v1.linux\"]\n  runtime = \"runc\"\n  no_shim = true\n",
     );
     let log = env.daemon.log();
-    assert!(log.contains("runtime v1 is deprecated") && log.contains("io.containerd.runc.v2"), "{log}");
+    assert!(
+        log.contains("runtime v1 is deprecated") && log.contains("io.containerd.runc.v2"),
+        "{log}"
+    );
     let rootfs = env.rootfs.to_str().unwrap();
     let out = env.ok(&[
-        "run", "--rm", "--runtime", "io.containerd.runtime.v1.linux", "--rootfs", rootfs, "v1",
-        "/bin/echo", "v1",
+        "run",
+        "--rm",
+        "--runtime",
+        "io.containerd.runtime.v1.linux",
+        "--rootfs",
+        rootfs,
+        "v1",
+        "/bin/echo",
+        "v1",
     ]);
     assert_eq!(out, "v1\n");
     no_leftovers(&env);
@@ -285,11 +373,19 @@ fn runtime_v1_config_maps_onto_the_runc_v2_shim() {
 /// Builds Berth's shim next to berthd (where the runtime manager looks first).
 fn berth_shim() -> Option<PathBuf> {
     let berthd = berth_testkit::berthd_binary();
-    let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--quiet", "-p", "berth-shim", "--bin", "containerd-shim-berth-v2"])
-        .current_dir(berth_testkit::workspace_root())
-        .status()
-        .ok()?;
+    let status =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "berth-shim",
+                "--bin",
+                "containerd-shim-berth-v2",
+            ])
+            .current_dir(berth_testkit::workspace_root())
+            .status()
+            .ok()?;
     let shim = berthd.parent()?.join("containerd-shim-berth-v2");
     (status.success() && Path::new(&shim).exists()).then_some(shim)
 }
@@ -306,15 +402,47 @@ fn berth_shim_runs_tasks_under_berthd() {
     let env = Env::start("f", "");
     let rootfs = env.rootfs.to_str().unwrap();
     let rt = "io.containerd.berth.v2";
-    let out = env.ok(&["run", "--rm", "--runtime", rt, "--rootfs", rootfs, "b1", "/bin/echo", "hi"]);
+    let out = env.ok(&[
+        "run",
+        "--rm",
+        "--runtime",
+        rt,
+        "--rootfs",
+        rootfs,
+        "b1",
+        "/bin/echo",
+        "hi",
+    ]);
     assert_eq!(out, "hi\n");
     let status = env.daemon.ctr(&env.args(&[
-        "run", "--rm", "--runtime", rt, "--rootfs", rootfs, "b2", "/bin/sh", "-c", "exit 3",
+        "run",
+        "--rm",
+        "--runtime",
+        rt,
+        "--rootfs",
+        rootfs,
+        "b2",
+        "/bin/sh",
+        "-c",
+        "exit 3",
     ]));
     assert_eq!(status.status.code(), Some(3), "{status:?}");
     let rootfs_arg = rootfs.to_string();
-    env.ok(&["run", "-d", "--runtime", rt, "--rootfs", &rootfs_arg, "b3", "/bin/sleep", "1000"]);
-    assert_eq!(env.ok(&["task", "exec", "--exec-id", "x", "b3", "/bin/echo", "ok"]), "ok\n");
+    env.ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        rt,
+        "--rootfs",
+        &rootfs_arg,
+        "b3",
+        "/bin/sleep",
+        "1000",
+    ]);
+    assert_eq!(
+        env.ok(&["task", "exec", "--exec-id", "x", "b3", "/bin/echo", "ok"]),
+        "ok\n"
+    );
     env.ok(&["task", "kill", "-s", "KILL", "b3"]);
     env.wait_status("b3", Some("STOPPED"), Duration::from_secs(10));
     env.ok(&["task", "delete", "b3"]);

@@ -20,7 +20,10 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
-        let dir = tempfile::Builder::new().prefix("brt-").tempdir_in("/tmp").unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("brt-")
+            .tempdir_in("/tmp")
+            .unwrap();
         common::busybox_rootfs(dir.path());
         let ns = format!("brt{}", std::process::id());
         Fixture {
@@ -102,7 +105,11 @@ async fn run_wait_exec_kill_delete_and_reconnect() {
 
     // A short task: its output and exit code come back.
     let t = m
-        .create(&ns, "hello", f.opts(&["sh", "-c", "echo hi; exit 3"], "hello"))
+        .create(
+            &ns,
+            "hello",
+            f.opts(&["sh", "-c", "echo hi; exit 3"], "hello"),
+        )
         .await
         .unwrap();
     let pid = t.start("").await.unwrap();
@@ -114,7 +121,12 @@ async fn run_wait_exec_kill_delete_and_reconnect() {
     let exit = m.delete(&ns, "hello").await.unwrap();
     assert_eq!(exit.status, 3);
     assert_eq!(bundle_count(f.dir.path(), &ns), 0);
-    assert!(m.get(&ns, "hello").await.unwrap_err().is(ErrorKind::NotFound));
+    assert!(
+        m.get(&ns, "hello")
+            .await
+            .unwrap_err()
+            .is(ErrorKind::NotFound)
+    );
 
     // A long-running task: exec, pids, pause/resume, kill.
     let t = m
@@ -140,7 +152,9 @@ async fn run_wait_exec_kill_delete_and_reconnect() {
         stderr: format!("file://{}", f.dir.path().join("exec.out").display()),
         ..Default::default()
     };
-    t.exec("e1", exec_io.clone(), exec_spec.clone()).await.unwrap();
+    t.exec("e1", exec_io.clone(), exec_spec.clone())
+        .await
+        .unwrap();
     let reuse = t.exec("e1", exec_io, exec_spec).await.unwrap_err();
     assert!(reuse.is(ErrorKind::AlreadyExists), "{reuse}");
     t.start("e1").await.unwrap();
@@ -189,13 +203,20 @@ async fn dead_shims_are_cleaned_up_and_their_exit_reported() {
         .flatten()
         .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
         .find(|pid| {
-            std::fs::read_link(format!("/proc/{pid}/cwd")).ok().as_deref() == Some(bundle.as_path())
+            std::fs::read_link(format!("/proc/{pid}/cwd"))
+                .ok()
+                .as_deref()
+                == Some(bundle.as_path())
                 && std::fs::read_link(format!("/proc/{pid}/exe"))
                     .map(|e| e.ends_with("containerd-shim-runc-v2"))
                     .unwrap_or(false)
         })
         .expect("the shim process");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim_pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     // The watcher runs `shim delete` (which kills the container) and reports the exit.
     let envelope = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
@@ -224,7 +245,13 @@ async fn dead_shims_are_cleaned_up_and_their_exit_reported() {
     // PID 1, which is not ours to reap).
     let gone = || {
         std::fs::read_to_string(format!("/proc/{task_pid}/stat"))
-            .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
             .unwrap_or(true)
     };
     for _ in 0..50 {

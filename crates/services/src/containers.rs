@@ -4,7 +4,9 @@
 
 use crate::{IntoStatus, namespace};
 use berth_api::any;
-use berth_api::containerd::events::{ContainerCreate, ContainerDelete, ContainerUpdate, container_create};
+use berth_api::containerd::events::{
+    ContainerCreate, ContainerDelete, ContainerUpdate, container_create,
+};
 use berth_api::services::containers::v1::{
     Container, CreateContainerRequest, CreateContainerResponse, DeleteContainerRequest,
     GetContainerRequest, GetContainerResponse, ListContainerMessage, ListContainersRequest,
@@ -88,9 +90,15 @@ impl ContainersService {
             .or_status()
     }
 
-    async fn list_matching(&self, ns: String, filters: Vec<String>) -> Result<Vec<Container>, Status> {
+    async fn list_matching(
+        &self,
+        ns: String,
+        filters: Vec<String>,
+    ) -> Result<Vec<Container>, Status> {
         let filter = Filter::parse_all(&filters).or_status()?;
-        let all = self.blocking(move |store| store.list_containers(&ns)).await?;
+        let all = self
+            .blocking(move |store| store.list_containers(&ns))
+            .await?;
         Ok(all
             .into_iter()
             .filter(|c| filter.matches(&|path: &[String]| records::filter_field(c, path)))
@@ -120,9 +128,7 @@ impl containers_server::Containers for ContainersService {
         request: Request<ListContainersRequest>,
     ) -> Result<Response<ListContainersResponse>, Status> {
         let ns = namespace(&request)?;
-        let containers = self
-            .list_matching(ns, request.into_inner().filters)
-            .await?;
+        let containers = self.list_matching(ns, request.into_inner().filters).await?;
         Ok(Response::new(ListContainersResponse { containers }))
     }
 
@@ -131,9 +137,7 @@ impl containers_server::Containers for ContainersService {
         request: Request<ListContainersRequest>,
     ) -> Result<Response<tonic::codegen::BoxStream<ListContainerMessage>>, Status> {
         let ns = namespace(&request)?;
-        let containers = self
-            .list_matching(ns, request.into_inner().filters)
-            .await?;
+        let containers = self.list_matching(ns, request.into_inner().filters).await?;
         let stream = futures::stream::iter(
             containers
                 .into_iter()
@@ -211,7 +215,11 @@ impl containers_server::Containers for ContainersService {
         self.blocking(move |store| store.delete_container(&store_ns, &store_id))
             .await?;
         self.events
-            .publish(&ns, "/containers/delete", any::pack(&ContainerDelete { id }))
+            .publish(
+                &ns,
+                "/containers/delete",
+                any::pack(&ContainerDelete { id }),
+            )
             .or_status()?;
         Ok(Response::new(()))
     }
@@ -226,6 +234,8 @@ impl GrpcService for ContainersService {
 pub fn registration() -> Registration {
     Registration::new(types::GRPC, "containers", |ctx: InitContext| async move {
         let store: Arc<MetadataStore> = ctx.get(types::METADATA)?;
+        // Containers are GC roots for their snapshot and label references.
+        store.register_gc_resource(Arc::new(records::ContainerGc));
         let service = ContainersService {
             store,
             events: ctx.events.clone(),

@@ -6,6 +6,7 @@
 //! publishes the exit of shims that died.
 
 use crate::{IntoStatus, namespace};
+use berth_api::containerd::v1::types::{Process, ProcessInfo, Status as ProtoStatus};
 use berth_api::services::tasks::v1::{
     CheckpointTaskRequest, CheckpointTaskResponse, CloseIoRequest, CreateTaskRequest,
     CreateTaskResponse, DeleteProcessRequest, DeleteResponse, DeleteTaskRequest,
@@ -16,7 +17,6 @@ use berth_api::services::tasks::v1::{
 };
 use berth_api::timestamp;
 use berth_api::types::Metric;
-use berth_api::containerd::v1::types::{Process, ProcessInfo, Status as ProtoStatus};
 use berth_core::filters::Filter;
 use berth_core::mount::Mount;
 use berth_core::runtime::{CreateOpts, IoConfig, ProcessState, Runtime, Task, TaskStatus};
@@ -285,10 +285,7 @@ impl tasks_server::Tasks for TasksService {
         Ok(Response::new(()))
     }
 
-    async fn resize_pty(
-        &self,
-        request: Request<ResizePtyRequest>,
-    ) -> Result<Response<()>, Status> {
+    async fn resize_pty(&self, request: Request<ResizePtyRequest>) -> Result<Response<()>, Status> {
         let ns = namespace(&request)?;
         let r = request.into_inner();
         let task = self.task(&ns, &r.container_id).await?;
