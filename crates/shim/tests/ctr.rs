@@ -554,36 +554,42 @@ fn dead_shim_is_cleaned_up_by_delete_action() {
     assert!(env.task_status("k1").is_none(), "task still listed");
 }
 
-/// The release binary to measure: BERTH_SHIM_RELEASE_BIN, or a static-pie release build made
-/// here (into its own target dir, so as not to wait on this test run's build lock).
+/// The release binary to measure: BERTH_SHIM_RELEASE_BIN, or the deployable build made by
+/// crates/shim/build-release.sh (static-pie, size-optimised) in `<target>/shim-static`, a
+/// target dir of its own, so as not to wait on this test run's build lock.
 fn release_shim() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("BERTH_SHIM_RELEASE_BIN") {
         return Some(PathBuf::from(p));
     }
-    let target = Path::new(SHIM).parent()?.parent()?.join("shim-static");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
-    let host = "x86_64-unknown-linux-gnu";
-    let st = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "berth-shim",
-            "--target",
-            host,
-            "--manifest-path",
-        ])
-        .arg(&manifest)
-        .env("CARGO_TARGET_DIR", &target)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .stdin(Stdio::null())
-        .status()
-        .ok()?;
-    if !st.success() {
+    let target = Path::new(SHIM).parent()?.parent()?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("build-release.sh");
+    let mut c = Command::new("bash");
+    c.arg(&script)
+        .env("CARGO_TARGET_DIR", target)
+        .env_remove("RUSTFLAGS")
+        .stdin(Stdio::null());
+    if let Ok(cargo) = std::env::var("CARGO") {
+        // The same toolchain as this test run.
+        let dir = Path::new(&cargo).parent()?.to_path_buf();
+        c.env(
+            "PATH",
+            format!(
+                "{}:{}",
+                dir.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        );
+    }
+    let out = c.stderr(Stdio::inherit()).output().ok()?;
+    if !out.status.success() {
         return None;
     }
-    Some(target.join(host).join("release/containerd-shim-berth-v2"))
+    let path = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()?
+        .trim()
+        .to_string();
+    Some(PathBuf::from(path))
 }
 
 #[test]
