@@ -18,7 +18,10 @@ fn ctr_snapshot_commands() {
     let d = Daemon::start();
     d.ctr_ok(&["snapshots", "prepare", "base", ""]);
     let mounts = d.ctr_ok(&["snapshots", "mounts", "/mnt/x", "base"]);
-    assert!(mounts.contains("mount -t bind") && mounts.contains("rw,rbind"), "{mounts}");
+    assert!(
+        mounts.contains("mount -t bind") && mounts.contains("rw,rbind"),
+        "{mounts}"
+    );
     d.ctr_ok(&["snapshots", "commit", "base-c", "base"]);
     d.ctr_ok(&["snapshots", "prepare", "child", "base-c"]);
     d.ctr_ok(&["snapshots", "view", "v1", "base-c"]);
@@ -30,17 +33,29 @@ fn ctr_snapshot_commands() {
     let usage = d.ctr_ok(&["snapshots", "usage", "base-c"]);
     assert!(usage.contains("base-c"), "{usage}");
     let tree = d.ctr_ok(&["snapshots", "tree"]);
-    assert!(tree.contains("\\_ child") && tree.contains("\\_ v1"), "{tree}");
+    assert!(
+        tree.contains("\\_ child") && tree.contains("\\_ v1"),
+        "{tree}"
+    );
     d.ctr_ok(&["snapshots", "label", "base-c", "foo=bar"]);
-    assert!(d.ctr_ok(&["snapshots", "info", "base-c"]).contains("\"foo\": \"bar\""));
+    assert!(
+        d.ctr_ok(&["snapshots", "info", "base-c"])
+            .contains("\"foo\": \"bar\"")
+    );
     let err = d.ctr_err(&["snapshots", "rm", "base-c"]);
-    assert!(err.contains("cannot remove snapshot with child: failed precondition"), "{err}");
+    assert!(
+        err.contains("cannot remove snapshot with child: failed precondition"),
+        "{err}"
+    );
     let err = d.ctr_err(&["snapshots", "prepare", "child", "base-c"]);
     assert!(err.contains("already exists"), "{err}");
     let err = d.ctr_err(&["snapshots", "--snapshotter", "nope", "ls"]);
     assert!(err.contains("snapshotter not loaded: nope"), "{err}");
     // Namespaces are isolated.
-    assert!(!d.ctr_ok(&["--namespace", "other", "snapshots", "ls"]).contains("base-c"));
+    assert!(
+        !d.ctr_ok(&["--namespace", "other", "snapshots", "ls"])
+            .contains("base-c")
+    );
     d.ctr_ok(&["snapshots", "rm", "child", "v1", "base-c"]);
     assert_eq!(d.ctr_ok(&["snapshots", "ls"]).lines().count(), 1);
     // Native too.
