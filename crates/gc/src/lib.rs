@@ -177,6 +177,10 @@ async fn run(
         };
         tokio::select! {
             _ = sleep => {
+                // A deletion's dirty mark lands just after its commit's notification.
+                if deletions == 0 && md.dirty() > 0 {
+                    deletions = 1;
+                }
                 if !triggered && last_collection.is_some() && deletions == 0
                     && (s.mutation_threshold == 0 || mutations < s.mutation_threshold)
                 {

@@ -206,9 +206,8 @@ impl ContentStore for NamespacedContent {
             if let Some(lease) = &scope.lease {
                 remove_from_lease(tx, ns, lease, "content", digest.as_str())?;
             }
-            Ok(())
+            Ok(()).inspect(|_| self.md.mark_dirty())
         })?;
-        self.md.mark_dirty();
         Ok(())
     }
 

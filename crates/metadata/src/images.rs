@@ -235,9 +235,8 @@ impl MetadataStore {
             {
                 return Err(not_found(name));
             }
-            Ok(())
+            Ok(()).inspect(|_| self.mark_dirty())
         })?;
-        self.mark_dirty();
         Ok(())
     }
 }

@@ -278,9 +278,8 @@ impl MetadataStore {
             {
                 return Err(Error::not_found(format!("lease {id:?}")));
             }
-            delete_resources(tx, ns, id)
+            delete_resources(tx, ns, id).inspect(|_| self.mark_dirty())
         })?;
-        self.mark_dirty();
         Ok(())
     }
 
@@ -332,9 +331,8 @@ impl MetadataStore {
                 return Err(Error::not_found(format!("lease {id:?}")));
             }
             drop(table);
-            remove_from_lease(tx, ns, id, &r.r#type, &r.id)
+            remove_from_lease(tx, ns, id, &r.r#type, &r.id).inspect(|_| self.mark_dirty())
         })?;
-        self.mark_dirty();
         Ok(())
     }
 
