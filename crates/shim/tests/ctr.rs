@@ -656,3 +656,53 @@ fn shim_rss_release() {
     eprintln!("{line}");
     assert!(rss <= 2560, "{line}: over the 2.5 MB budget");
 }
+
+#[test]
+fn tasks_survive_a_daemon_restart() {
+    require_env!();
+    let env = Env::new("restart");
+    assert!(env.run(&["-d"], "rs", &["sleep", "1000"]).status.success());
+    let shim = env
+        .shim_pid("containerd-shim-berth-v2", "rs")
+        .expect("shim");
+    // Stop only containerd (not the shims, as `refd.sh stop` would), then start it again:
+    // it must find the shim through the bundle's `address` file and reconnect.
+    let pid: i32 = std::fs::read_to_string(env.work.join("ref/pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let t = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() && t.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(rss_kb(shim).is_some(), "the shim must outlive the daemon");
+    let out = env.refd("start");
+    assert!(
+        out.status.success(),
+        "refd restart: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(env.task_status("rs").as_deref(), Some("RUNNING"));
+    let o = env.ctr(&[
+        "task",
+        "exec",
+        "--fifo-dir",
+        &env.fifo,
+        "--exec-id",
+        "x",
+        "rs",
+        "echo",
+        "after-restart",
+    ]);
+    assert_eq!(stdout(&o), "after-restart\n", "{}", show(&o));
+    // The exit reaches the new daemon (the shim reconnects its event forwarding).
+    assert!(
+        env.ctr(&["task", "kill", "-s", "KILL", "rs"])
+            .status
+            .success()
+    );
+    assert!(env.wait_status("rs", "STOPPED"));
+    assert!(env.ctr(&["task", "delete", "rs"]).status.success());
+}
