@@ -2,6 +2,7 @@
 //! helpers). Each implements [`berth_core::snapshot::Snapshotter`]; the plugin instance
 //! of a snapshotter is an `Arc<dyn Snapshotter>` (see [`registrations`]).
 
+pub mod btrfs;
 pub mod fsutil;
 pub mod mount;
 pub mod native;

@@ -1,5 +1,6 @@
 //! Plugin registrations of the snapshotters (`io.containerd.snapshotter.v1.*`).
 
+use crate::btrfs::{Btrfs, BtrfsConfig};
 use crate::native::{Native, NativeConfig};
 use crate::overlay::{Overlay, OverlayConfig};
 use berth_core::snapshot::Snapshotter;
@@ -55,5 +56,17 @@ pub fn registrations() -> Vec<Registration> {
             Ok(Arc::new(instance) as Instance)
         })
         .with_config::<NativeConfig>(),
+        Registration::new(types::SNAPSHOT, "btrfs", |ctx: InitContext| async move {
+            let config: BtrfsConfig = ctx.config()?;
+            let root = root_of(&ctx, &config.root_path);
+            let r = root.clone();
+            let snapshotter = tokio::task::spawn_blocking(move || Btrfs::new(&r))
+                .await
+                .map_err(|e| berth_core::Error::unknown(e.to_string()))??;
+            ctx.export("root", root.display().to_string());
+            let instance: SnapshotterInstance = Arc::new(snapshotter);
+            Ok(Arc::new(instance) as Instance)
+        })
+        .with_config::<BtrfsConfig>(),
     ]
 }

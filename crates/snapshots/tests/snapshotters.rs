@@ -223,3 +223,80 @@ async fn reopened_store_keeps_snapshots() {
     let m: Vec<Mount> = s.view("v", "A", Labels::new()).await.unwrap();
     assert!(m[0].is_readonly());
 }
+
+/// A loop-mounted btrfs file system for one test; unmounted (and its loop device
+/// released) on drop.
+struct LoopBtrfs {
+    dir: tempfile::TempDir,
+    mnt: std::path::PathBuf,
+}
+
+impl LoopBtrfs {
+    fn new() -> Option<LoopBtrfs> {
+        let have = |tool: &str| {
+            std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        };
+        if !is_root() || !have("mkfs.btrfs") {
+            eprintln!("skipped: needs root and btrfs-progs");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("btrfs.img");
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(256 << 20).unwrap();
+        let ok = std::process::Command::new("mkfs.btrfs")
+            .args(["-q", "-f"])
+            .arg(&img)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mkfs.btrfs");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount -o loop");
+        Some(LoopBtrfs { dir, mnt })
+    }
+}
+
+impl Drop for LoopBtrfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.mnt).status();
+        let _ = &self.dir;
+    }
+}
+
+#[tokio::test]
+async fn btrfs_snapshotter_end_to_end() {
+    let Some(fs) = LoopBtrfs::new() else { return };
+    let s = berth_snapshots::btrfs::Btrfs::new(&fs.mnt.join("root")).unwrap();
+    let m = s.prepare("probe", "", Labels::new()).await.unwrap();
+    assert_eq!(m[0].r#type, "btrfs");
+    assert!(m[0].option("subvolid").is_some(), "{m:?}");
+    s.remove("probe").await.unwrap();
+    exercise(&s, &fs.dir.path().join("tmp")).await;
+    s.cleanup().await.unwrap();
+    let left: Vec<_> = std::fs::read_dir(fs.mnt.join("root/active"))
+        .unwrap()
+        .chain(std::fs::read_dir(fs.mnt.join("root/snapshots")).unwrap())
+        .collect();
+    assert!(left.is_empty(), "subvolumes left: {left:?}");
+}
+
+#[test]
+fn btrfs_is_skipped_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    if let Err(err) = berth_snapshots::btrfs::Btrfs::new(dir.path()) {
+        assert!(err.to_string().starts_with("skip plugin:"), "{err}");
+    }
+}
