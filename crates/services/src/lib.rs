@@ -15,8 +15,8 @@ pub mod introspection;
 pub mod leases;
 pub mod namespaces;
 pub mod restart;
-pub mod tasks;
 pub mod snapshots;
+pub mod tasks;
 pub mod version;
 
 use berth_core::Error;
