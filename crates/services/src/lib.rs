@@ -14,6 +14,7 @@ pub mod images;
 pub mod introspection;
 pub mod leases;
 pub mod namespaces;
+pub mod proxy;
 pub mod restart;
 pub mod snapshots;
 pub mod tasks;
