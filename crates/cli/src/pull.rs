@@ -114,18 +114,18 @@ impl ContentWriter {
                     );
                 }
             }
-        } else if manifest::is_manifest(&mt) {
-            if let Ok(m) = manifest::parse_manifest(body, "manifest") {
+        } else if manifest::is_manifest(&mt)
+            && let Ok(m) = manifest::parse_manifest(body, "manifest")
+        {
+            labels.insert(
+                "containerd.io/gc.ref.content.config".into(),
+                m.config().digest().to_string(),
+            );
+            for (i, l) in m.layers().iter().enumerate() {
                 labels.insert(
-                    "containerd.io/gc.ref.content.config".into(),
-                    m.config().digest().to_string(),
+                    format!("containerd.io/gc.ref.content.l.{i}"),
+                    l.digest().to_string(),
                 );
-                for (i, l) in m.layers().iter().enumerate() {
-                    labels.insert(
-                        format!("containerd.io/gc.ref.content.l.{i}"),
-                        l.digest().to_string(),
-                    );
-                }
             }
         }
         labels
@@ -176,7 +176,7 @@ impl BlobSink for ContentSink {
             Some(Err(s)) => return Err(grpc_err(&format!("write {ref}"), s)),
             None => return Err(Error::unavailable(format!("write {ref}: stream ended"))),
         };
-        let keep = manifest::is_manifest_like(&desc.media_type().to_string()).then(Vec::new);
+        let keep = manifest::is_manifest_like(desc.media_type().as_ref()).then(Vec::new);
         Ok(Some(Box::new(ContentWriter {
             client: self.client.clone(),
             r#ref,
