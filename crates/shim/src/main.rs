@@ -313,7 +313,7 @@ fn serve(flags: &Flags) -> Result<(), String> {
         }
     }
     // Let the Shutdown reply go out before the process ends.
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::thread::sleep(std::time::Duration::from_millis(5));
     let _ = std::fs::remove_file(service::socket_path(
         &dir,
         &flags.address,
