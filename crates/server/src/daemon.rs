@@ -54,6 +54,9 @@ fn prepare_process(config: &Config) -> anyhow::Result<()> {
     if config.oom_score != 0 {
         apply_oom_score(config.oom_score);
     }
+    if !config.cgroup.path.is_empty() {
+        join_cgroup(&config.cgroup.path)?;
+    }
     match opt::prepare_environment(config) {
         Ok(Some(path)) => tracing::debug!(path = %path.display(), "opt directory ready"),
         Ok(None) => {}
@@ -63,17 +66,30 @@ fn prepare_process(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// glibc gives each thread that allocates its own arena (up to 8 per core), which
-/// multiplies idle memory; two arenas are plenty for this daemon.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+unsafe extern "C" {
+    fn mallopt(param: i32, value: i32) -> i32;
+    fn malloc_trim(pad: usize) -> i32;
+}
+
+/// glibc gives each thread that allocates its own arena (up to 8 per core), each keeping
+/// its own free memory; the daemon mostly idles, so one shared arena is enough.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        unsafe extern "C" {
-            fn mallopt(param: i32, value: i32) -> i32;
-        }
         const M_ARENA_MAX: i32 = -8;
         // SAFETY: mallopt only adjusts allocator tuning; called before other threads.
-        unsafe { mallopt(M_ARENA_MAX, 2) };
+        unsafe { mallopt(M_ARENA_MAX, 1) };
+    }
+}
+
+/// Hands the memory freed after start-up (plugin initialisation is the daemon's biggest
+/// burst of allocations) back to the kernel.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim is thread-safe and only returns unused pages.
+    unsafe {
+        malloc_trim(0);
     }
 }
 
@@ -95,6 +111,30 @@ fn apply_oom_score(score: i32) {
         Ok(()) => tracing::debug!(score, "OOM score adjusted"),
         Err(e) => tracing::error!(score, error = %e, "failed to change OOM score"),
     }
+}
+
+/// Moves the daemon into `[cgroup] path` (cgroup v2), creating it if needed, so its
+/// memory and CPU are accounted apart from the containers'. Failing is fatal, as in
+/// containerd: the operator asked for a placement the daemon cannot honour.
+fn join_cgroup(path: &str) -> anyhow::Result<()> {
+    const UNIFIED_ROOT: &str = "/sys/fs/cgroup";
+    if !Path::new(UNIFIED_ROOT).join("cgroup.controllers").exists() {
+        bail!("[cgroup] path {path:?}: only the cgroup v2 unified hierarchy is supported");
+    }
+    let relative = path.trim_start_matches('/');
+    if relative.split('/').any(|c| c == "..") {
+        bail!("[cgroup] path {path:?} must not contain \"..\"");
+    }
+    let directory = Path::new(UNIFIED_ROOT).join(relative);
+    std::fs::create_dir_all(&directory)
+        .with_context(|| format!("creating cgroup {}", directory.display()))?;
+    std::fs::write(
+        directory.join("cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .with_context(|| format!("moving berthd into cgroup {}", directory.display()))?;
+    tracing::info!(cgroup = %directory.display(), "joined cgroup");
+    Ok(())
 }
 
 /// This machine's platform in containerd's form (`linux/amd64`, `linux/arm64/v8`).
@@ -246,6 +286,7 @@ async fn serve(mut config: Config, started: Instant) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     notify::notify("READY=1");
+    release_free_memory();
 
     loop {
         tokio::select! {

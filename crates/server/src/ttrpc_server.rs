@@ -1,16 +1,20 @@
 //! The daemon's ttrpc endpoint: runtime v2 shims call
 //! `containerd.services.events.ttrpc.v1.Events/Forward` there to publish task events.
 //! A forwarded envelope keeps its own namespace, topic and timestamp.
+//!
+//! As in containerd, only processes of the daemon's own user may connect: the socket's
+//! group (0660) is meant for gRPC clients, while ttrpc is the shims' private channel.
 
 use async_trait::async_trait;
 use berth_core::error::ErrorKind;
 use berth_core::events::{Envelope, Exchange};
 use containerd_shim_protos::api::{Empty, ForwardRequest};
 use containerd_shim_protos::shim_async::{Events, create_events};
-use std::os::fd::IntoRawFd;
+use futures::StreamExt;
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+use ttrpc::asynchronous::transport::Listener;
 use ttrpc::asynchronous::{Server, TtrpcContext};
 
 struct EventsForwarder {
@@ -62,6 +66,32 @@ fn status(code: ttrpc::Code, message: &str) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, message.to_string()))
 }
 
+/// Keeps connections from processes running as `own_uid`; others are closed at once.
+fn same_user_only(
+    connection: std::io::Result<tokio::net::UnixStream>,
+    own_uid: u32,
+) -> Option<std::io::Result<tokio::net::UnixStream>> {
+    let stream = match connection {
+        Ok(stream) => stream,
+        Err(e) => return Some(Err(e)),
+    };
+    match stream.peer_cred() {
+        Ok(peer) if peer.uid() == own_uid => Some(Ok(stream)),
+        Ok(peer) => {
+            tracing::warn!(
+                uid = peer.uid(),
+                pid = ?peer.pid(),
+                "ttrpc: refused a connection from another user"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "ttrpc: cannot read peer credentials; connection refused");
+            None
+        }
+    }
+}
+
 /// A running ttrpc server.
 pub struct TtrpcServer {
     server: Server,
@@ -69,13 +99,17 @@ pub struct TtrpcServer {
 
 impl TtrpcServer {
     /// Starts serving the events forwarder on an already bound listener.
+    /// Must be called within the tokio runtime.
     pub async fn start(listener: UnixListener, exchange: Exchange) -> std::io::Result<Self> {
         let service = create_events(Arc::new(EventsForwarder { exchange }));
-        let fd = listener.into_raw_fd();
-        // SAFETY: `fd` is a listening unix socket we own (`into_raw_fd` gave up ownership).
-        let server = unsafe { Server::new().add_unix_listener(fd) }
-            .map_err(|e| std::io::Error::other(format!("ttrpc listener: {e}")))?;
-        let mut server = server.register_service(service);
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::UnixListener::from_std(listener)?;
+        let own_uid = nix::unistd::geteuid().as_raw();
+        let connections = tokio_stream::wrappers::UnixListenerStream::new(listener)
+            .filter_map(move |connection| async move { same_user_only(connection, own_uid) });
+        let mut server = Server::new()
+            .add_listener(Listener::new(connections))
+            .register_service(service);
         server
             .start()
             .await

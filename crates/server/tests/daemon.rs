@@ -58,8 +58,12 @@ fn plugins_are_listed_ok_with_details_and_filters() {
             "{expected:?} missing from\n{listing}"
         );
     }
+    // "skip" is containerd's word for "does not apply on this host" (btrfs on ext4).
     for (t, id, status) in &rows {
-        assert_eq!(status, "ok", "{t}.{id} is not ok:\n{listing}");
+        assert!(
+            status == "ok" || status == "skip",
+            "{t}.{id} is {status}:\n{listing}"
+        );
     }
 
     let details = daemon.ctr_ok(&["plugins", "ls", "-d"]);
