@@ -5,13 +5,15 @@
 //! - [`compression`]: gzip/zstd detection and a decompress+hash pipeline thread;
 //! - [`compare`]: the double walk that writes a layer from two trees;
 //! - [`walking`]: `io.containerd.differ.v1.walking` on top of the content store;
-//! - [`processor`]: the `stream_processors` config.
+//! - [`processor`]: the `stream_processors` config;
+//! - [`unpack`]: the daemon-side unpacker (layers → chain-ID snapshots).
 
 pub mod apply;
 pub mod compare;
 pub mod compression;
 pub mod confined;
 pub mod processor;
+pub mod unpack;
 pub mod walking;
 
 mod plugin;

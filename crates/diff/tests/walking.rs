@@ -347,3 +347,63 @@ async fn stream_processor_turns_a_custom_type_into_a_layer() {
     assert_eq!(err.kind(), ErrorKind::NotImplemented);
     s.remove("p").await.unwrap();
 }
+
+#[tokio::test]
+async fn unpacker_builds_the_chain_and_reuses_it() {
+    if !is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s: Arc<dyn Snapshotter> = Arc::new(
+        berth_snapshots::overlay::Overlay::new(&dir.path().join("root"), &Default::default())
+            .unwrap(),
+    );
+    let mem = Arc::new(MemStore::default());
+    let differ = Arc::new(WalkingDiff::new(
+        Arc::new(Shared(mem.clone())),
+        dir.path().join("diff"),
+        vec![],
+    ));
+    let l1 = tar_of(&[("a", Some("1"))]);
+    let l2 = tar_of(&[(".wh.a", Some("")), ("b", Some("2"))]);
+    let layers = vec![
+        put(&mem, gzip(&l1), mt::OCI_LAYER_GZIP),
+        put(&mem, gzip(&l2), mt::OCI_LAYER_GZIP),
+    ];
+    let diff_ids = vec![sha(&l1), sha(&l2)];
+    let scope = Scope::new("default");
+    let u = berth_diff::unpack::Unpacker::new(
+        s.clone(),
+        differ.clone(),
+        scope.clone(),
+        diff_ids.clone(),
+        Labels::new(),
+    );
+    let top = u.unpack_all(&layers).await.unwrap();
+    assert_eq!(s.walk(&["kind==committed".into()]).await.unwrap().len(), 2);
+    let info = s.stat(&top).await.unwrap();
+    assert_eq!(info.parent, diff_ids[0]);
+    // A second unpack of the same image reuses the snapshots.
+    let again = berth_diff::unpack::Unpacker::new(
+        s.clone(),
+        differ.clone(),
+        scope.clone(),
+        diff_ids.clone(),
+        Labels::new(),
+    );
+    assert_eq!(again.unpack_all(&layers).await.unwrap(), top);
+    assert_eq!(s.walk(&[]).await.unwrap().len(), 2);
+    // A wrong diffID fails and leaves no active snapshot behind.
+    let bad =
+        berth_diff::unpack::Unpacker::new(s.clone(), differ, scope, vec![sha(&l2)], Labels::new());
+    assert!(bad.unpack_all(&layers[..1]).await.is_err());
+    assert_eq!(s.walk(&["kind==active".into()]).await.unwrap().len(), 0);
+    let m = s.view("check", &top, Labels::new()).await.unwrap();
+    let mnt = TempMount::new(&m, &dir.path().join("mnt"), false).unwrap();
+    assert!(!mnt.path().join("a").exists());
+    assert_eq!(std::fs::read_to_string(mnt.path().join("b")).unwrap(), "2");
+    mnt.close().unwrap();
+    for k in ["check", top.as_str(), diff_ids[0].as_str()] {
+        s.remove(k).await.unwrap();
+    }
+}
