@@ -108,6 +108,10 @@ pub struct SnapshotDb {
     name: String,
     backend: Arc<dyn Snapshotter>,
     db: Arc<MetadataStore>,
+    /// Held shared by operations that change the backend and then the records, and
+    /// exclusively by the backend collection, so it never removes a backend snapshot
+    /// whose record is about to be written (containerd's snapshotter lock).
+    gc_lock: tokio::sync::RwLock<()>,
 }
 
 impl SnapshotDb {
@@ -120,6 +124,7 @@ impl SnapshotDb {
             name: name.to_string(),
             backend,
             db,
+            gc_lock: tokio::sync::RwLock::new(()),
         })
     }
 
@@ -195,6 +200,7 @@ impl SnapshotDb {
     /// Removes backend snapshots no record refers to (children before parents), then
     /// runs the backend's own cleanup.
     pub async fn collect_backend(&self) -> Result<()> {
+        let _exclusive = self.gc_lock.write().await;
         let keep = self.backend_keys()?;
         let mut orphans: Vec<Info> = self
             .backend
@@ -247,6 +253,7 @@ impl NamespacedSnapshotter {
         }
         labels::validate_all(&labels).map_err(|e| e.context("info.Labels"))?;
         let s = &self.db;
+        let _shared = s.gc_lock.read().await;
         if s.get(&self.ns, key)?.is_some() {
             return Err(Error::already_exists(format!("snapshot {key:?}")));
         }
@@ -396,6 +403,7 @@ impl Snapshotter for NamespacedSnapshotter {
         }
         labels::validate_all(&labels).map_err(|e| e.context("info.Labels"))?;
         let s = &self.db;
+        let _shared = s.gc_lock.read().await;
         if s.get(&self.ns, name)?.is_some() {
             return Err(Error::already_exists(format!("snapshot {name:?}")));
         }
