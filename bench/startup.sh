@@ -47,9 +47,15 @@ trap cleanup EXIT
 now_ns() { date +%s%N; }
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
-# Polls `ctr version` until it answers; prints the milliseconds since $1 (ns).
+# Polls `ctr version` until it answers; prints the milliseconds since $1 (ns). Both
+# daemons create their gRPC socket last, so the (cheap) wait for the socket file comes
+# first: a `ctr` aimed at a missing socket waits out its whole connect timeout.
 wait_answer_ms() {
   local start=$1 address=$2
+  for _ in $(seq 1 6000); do
+    [[ -S $address ]] && break
+    sleep 0.002
+  done
   for _ in $(seq 1 3000); do
     if ctr --address "$address" --connect-timeout 1s version >/dev/null 2>&1; then
       echo $(( ($(now_ns) - start) / 1000000 ))
@@ -60,8 +66,10 @@ wait_answer_ms() {
   return 1
 }
 
+# Like refd.sh, the root (metadata, content) survives between runs and the state does
+# not; the first run creates the root.
 berth_once() {
-  rm -rf "$B"; mkdir -p "$B"
+  rm -rf "$B/state"; mkdir -p "$B"
   cat >"$B/config.toml" <<CFG
 version = 2
 root = "$B/root"
