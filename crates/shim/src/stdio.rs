@@ -25,8 +25,41 @@ pub struct IoConfig {
     pub terminal: bool,
 }
 
-/// The writer feeding a process's stdin; taking it out (CloseIO) makes the process see EOF.
-pub type StdinHolder = Arc<Mutex<Option<File>>>;
+/// The writer feeding a process's stdin, and a wake-up for its copier thread. Closing it
+/// (CloseIO, or the process's exit) makes the process see EOF and ends the copier, even
+/// when the client never opened its end of the fifo.
+pub struct StdinFeed {
+    writer: Mutex<Option<File>>,
+    wake: File,
+}
+
+pub type StdinHolder = Arc<StdinFeed>;
+
+impl StdinFeed {
+    fn new(writer: File) -> io::Result<StdinHolder> {
+        Ok(Arc::new(StdinFeed {
+            writer: Mutex::new(Some(writer)),
+            wake: sys::eventfd()?,
+        }))
+    }
+
+    /// Makes the copier drain what the fifo holds, then close the writer.
+    pub fn close(&self) {
+        sys::eventfd_signal(&self.wake);
+    }
+
+    fn write(&self, data: &[u8]) -> bool {
+        let mut g = self.writer.lock().unwrap();
+        match g.as_mut() {
+            Some(w) => w.write_all(data).is_ok(),
+            None => false,
+        }
+    }
+
+    fn finish(&self) {
+        self.writer.lock().unwrap().take();
+    }
+}
 
 pub struct Prepared {
     pub stdios: Stdios,
@@ -56,7 +89,7 @@ pub struct ProcIo {
 impl ProcIo {
     pub fn close_stdin(&self) {
         if let Some(h) = &self.stdin {
-            h.lock().unwrap().take();
+            h.close();
         }
     }
 }
@@ -85,30 +118,57 @@ fn open_output(path: &str) -> io::Result<File> {
     sys::open(Path::new(strip_scheme(path)), libc::O_RDWR, 0)
 }
 
-/// Copies the stdin fifo into `holder`'s writer until EOF, then closes it.
-fn spawn_stdin_copier(fifo: String, holder: StdinHolder) -> io::Result<()> {
+/// Copies the stdin fifo into the feed's writer until EOF or until the feed is closed.
+/// The fifo is opened without blocking (a client may never open its end) and polled
+/// together with the feed's wake-up eventfd.
+fn spawn_stdin_copier(fifo: String, feed: StdinHolder) -> io::Result<()> {
+    let f = sys::open(
+        Path::new(strip_scheme(&fifo)),
+        libc::O_RDONLY | libc::O_NONBLOCK,
+        0,
+    );
     std::thread::Builder::new()
         .name("stdin".into())
         .stack_size(64 * 1024)
         .spawn(move || {
-            // Blocks until the client opens its writing end.
-            let Ok(mut f) = sys::open(Path::new(strip_scheme(&fifo)), libc::O_RDONLY, 0) else {
-                holder.lock().unwrap().take();
+            let Ok(mut f) = f else {
+                feed.finish();
                 return;
             };
             let mut buf = vec![0u8; 8192];
+            let mut closing = false;
             loop {
-                let n = match f.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
+                let ready = if closing {
+                    vec![0]
+                } else {
+                    match sys::poll_read(&[f.as_raw_fd(), feed.wake.as_raw_fd()], -1) {
+                        Ok(r) => r,
+                        Err(_) => break,
+                    }
                 };
-                let mut g = holder.lock().unwrap();
-                let Some(w) = g.as_mut() else { break };
-                if w.write_all(&buf[..n]).is_err() {
-                    break;
+                if ready.contains(&1) {
+                    // Closed: drain what is already in the fifo, then stop.
+                    closing = true;
+                }
+                match f.read(&mut buf) {
+                    // EOF: the client's writer came and went (poll reports nothing before
+                    // a writer ever connects), or, when closing, there is no writer.
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if !feed.write(&buf[..n]) {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if closing {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
                 }
             }
-            holder.lock().unwrap().take();
+            feed.finish();
         })?;
     Ok(())
 }
@@ -144,7 +204,7 @@ pub fn prepare(cfg: &IoConfig, console_path: &Path) -> io::Result<Prepared> {
     if !cfg.stdin.is_empty() {
         let (r, w) = sys::pipe()?;
         stdios.stdin = Some(r);
-        holder = Some(Arc::new(Mutex::new(Some(w))));
+        holder = Some(StdinFeed::new(w)?);
     } else {
         stdios.stdin = Some(sys::open(Path::new("/dev/null"), libc::O_RDONLY, 0)?);
     }
@@ -213,7 +273,7 @@ impl Prepared {
             console: Some(master.clone()),
         };
         if !self.cfg.stdin.is_empty() {
-            let h: StdinHolder = Arc::new(Mutex::new(Some(master.try_clone()?)));
+            let h = StdinFeed::new(master.try_clone()?)?;
             spawn_stdin_copier(self.cfg.stdin.clone(), h.clone())?;
             pio.stdin = Some(h);
         }
@@ -253,7 +313,7 @@ impl Prepared {
     /// Undoes a prepare whose process never started: unblocks the stdin copier if any.
     pub fn abort(self) {
         if let Some(h) = &self.stdin {
-            h.lock().unwrap().take();
+            h.finish();
         }
     }
 }

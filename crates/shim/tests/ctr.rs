@@ -347,6 +347,37 @@ fn detached_task_lifecycle() {
     assert_eq!(o.status.code(), Some(5), "{}", show(&o));
     assert_eq!(stdout(&o), "in-exec\n");
 
+    // Quick execs whose client never feeds stdin leave no threads behind.
+    for i in 0..5 {
+        let id = format!("q{i}");
+        let o = env.ctr(&[
+            "task",
+            "exec",
+            "--fifo-dir",
+            &env.fifo,
+            "--exec-id",
+            &id,
+            "d1",
+            "true",
+        ]);
+        assert!(o.status.success(), "{}", show(&o));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let stdin_threads = std::fs::read_dir(format!("/proc/{shim}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .unwrap_or_default()
+                .trim()
+                == "stdin"
+        })
+        .count();
+    assert!(
+        stdin_threads <= 1,
+        "{stdin_threads} stdin copier threads left (only init's may remain)"
+    );
+
     // A long-running exec shows up in `task ps` with its exec id, and can be killed.
     let mut ex = env
         .ctr_cmd(&[
