@@ -101,32 +101,8 @@ impl ContentWriter {
         if let Some((k, v)) = &self.source {
             labels.insert(k.clone(), v.clone());
         }
-        let Some(body) = &self.keep else {
-            return labels;
-        };
-        let mt = self.desc.media_type().to_string();
-        if manifest::is_index(&mt) {
-            if let Ok(idx) = manifest::parse_index(body, "index") {
-                for (i, m) in idx.manifests().iter().enumerate() {
-                    labels.insert(
-                        format!("containerd.io/gc.ref.content.m.{i}"),
-                        m.digest().to_string(),
-                    );
-                }
-            }
-        } else if manifest::is_manifest(&mt)
-            && let Ok(m) = manifest::parse_manifest(body, "manifest")
-        {
-            labels.insert(
-                "containerd.io/gc.ref.content.config".into(),
-                m.config().digest().to_string(),
-            );
-            for (i, l) in m.layers().iter().enumerate() {
-                labels.insert(
-                    format!("containerd.io/gc.ref.content.l.{i}"),
-                    l.digest().to_string(),
-                );
-            }
+        if let Some(body) = &self.keep {
+            labels.extend(manifest::gc_labels(self.desc.media_type().as_ref(), body));
         }
         labels
     }

@@ -20,6 +20,7 @@ pub mod manifest;
 pub mod platform;
 pub mod pull;
 pub mod reference;
+pub mod store_sink;
 pub mod verify;
 
 pub use client::{Resolved, Resolver, ResolverOptions};

@@ -172,6 +172,37 @@ pub fn descriptor_for(media_type: &str, body: &[u8]) -> Descriptor {
     )
 }
 
+/// containerd's garbage-collection labels for a manifest or index body: the children it
+/// references (`containerd.io/gc.ref.content.config`, `.l.<i>` for layers, `.m.<i>` for
+/// an index's manifests). Empty for other media types or unparsable bodies.
+pub fn gc_labels(media_type: &str, body: &[u8]) -> std::collections::HashMap<String, String> {
+    let mut labels = std::collections::HashMap::new();
+    if is_index(media_type) {
+        if let Ok(idx) = parse_index(body, "index") {
+            for (i, m) in idx.manifests().iter().enumerate() {
+                labels.insert(
+                    format!("containerd.io/gc.ref.content.m.{i}"),
+                    m.digest().to_string(),
+                );
+            }
+        }
+    } else if is_manifest(media_type)
+        && let Ok(m) = parse_manifest(body, "manifest")
+    {
+        labels.insert(
+            "containerd.io/gc.ref.content.config".into(),
+            m.config().digest().to_string(),
+        );
+        for (i, l) in m.layers().iter().enumerate() {
+            labels.insert(
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                l.digest().to_string(),
+            );
+        }
+    }
+    labels
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

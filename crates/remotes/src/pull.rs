@@ -49,6 +49,12 @@ pub trait BlobWriter: Send {
     /// The bytes already held, so the pipeline can hash them before resuming; `None`
     /// makes the pipeline truncate and start over.
     async fn read_written(&mut self) -> Result<Option<Box<dyn AsyncRead + Send + Unpin>>>;
+    /// Whether `commit` checks the digest of everything written itself (a content store
+    /// writer does). Such a writer can be resumed without [`BlobWriter::read_written`]:
+    /// the pipeline then checks sizes and leaves the digest to the commit.
+    fn verifies_digest_on_commit(&self) -> bool {
+        false
+    }
     /// Drops what was written (back to offset 0).
     async fn truncate(&mut self) -> Result<()>;
     async fn write(&mut self, data: Bytes) -> Result<()>;
@@ -300,9 +306,12 @@ pub async fn fetch_into(
     let held = w.offset();
     if held > 0 {
         let mut prefix_ok = false;
-        if held <= desc.size()
-            && let Some(mut r) = w.read_written().await?
-        {
+        let reader = if held <= desc.size() {
+            w.read_written().await?
+        } else {
+            None
+        };
+        if let Some(mut r) = reader {
             let mut buf = vec![0u8; 1 << 16];
             let mut total = 0u64;
             loop {
@@ -314,6 +323,9 @@ pub async fn fetch_into(
                 v.update(&buf[..n])?;
             }
             prefix_ok = total == held;
+        } else if held <= desc.size() && w.verifies_digest_on_commit() {
+            v.assume_prefix(held);
+            prefix_ok = true;
         }
         if prefix_ok {
             emit(opts, desc, kind, ProgressState::Resuming, held);
@@ -404,13 +416,24 @@ pub async fn fetch_into(
         }
     }
     let seen = v.seen();
+    let digest_checked = v.checks_digest();
     if let Err(e) = v.finish() {
         let e = e.context(&what);
         emit(opts, desc, kind, ProgressState::Failed(e.to_string()), seen);
         w.abort().await?;
         return Err(e);
     }
-    w.commit(desc).await?;
+    if let Err(e) = w.commit(desc).await {
+        emit(opts, desc, kind, ProgressState::Failed(e.to_string()), seen);
+        if !digest_checked {
+            // The sink's own check failed on a resumed write: drop it so the next pull
+            // starts over instead of resuming bad bytes again.
+            if let Ok(Some(w)) = sink.open(desc).await {
+                let _ = w.abort().await;
+            }
+        }
+        return Err(e.context(&what));
+    }
     emit(opts, desc, kind, ProgressState::Done, seen);
     Ok(())
 }

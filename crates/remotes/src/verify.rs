@@ -17,6 +17,8 @@ pub struct Verifier {
     size: u64,
     seen: u64,
     hasher: Hasher,
+    /// Bytes counted but not hashed (held by a sink that verifies on commit).
+    unhashed_prefix: bool,
 }
 
 impl Verifier {
@@ -33,7 +35,20 @@ impl Verifier {
             size: desc.size(),
             seen: 0,
             hasher,
+            unhashed_prefix: false,
         })
+    }
+
+    /// Counts `n` bytes already held elsewhere without hashing them: [`Verifier::finish`]
+    /// then checks only the size, and whoever holds the bytes must check the digest.
+    pub fn assume_prefix(&mut self, n: u64) {
+        self.seen += n;
+        self.unhashed_prefix = true;
+    }
+
+    /// Whether the digest is checked by [`Verifier::finish`] (no unhashed prefix).
+    pub fn checks_digest(&self) -> bool {
+        !self.unhashed_prefix
     }
 
     /// Adds `data`; fails as soon as more than the declared size arrived.
@@ -64,6 +79,9 @@ impl Verifier {
                 "{}: size mismatch: received {} bytes, expected {}",
                 self.expected, self.seen, self.size
             )));
+        }
+        if self.unhashed_prefix {
+            return Ok(());
         }
         let hex = match self.hasher {
             Hasher::Sha256(h) => hex::encode(h.finalize()),
