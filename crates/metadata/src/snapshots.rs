@@ -3,7 +3,7 @@
 //!
 //! Every client-visible snapshot is a record in the `snapshots` table, keyed
 //! `"{ns}/{snapshotter}/{key}"`, holding its kind, parent (a client name in the same
-//! namespace), labels, times and the **backend key** `"{ns}/{seq}/{key}"` under which
+//! namespace), labels, times and the **backend key** `"{ns}/{seq}/{key}"` (`seq` a unique increasing number) under which
 //! the backend snapshotter knows it: two namespaces may use the same key, and a
 //! committed name never collides with the active key it came from. A second table,
 //! `snapshot_children` (`"{ns}/{snapshotter}/{parent}\0{child}"`), makes "has
@@ -37,7 +37,6 @@ use std::time::SystemTime;
 
 pub const SNAPSHOTS: crate::NamespacedTable = TableDefinition::new("snapshots");
 const CHILDREN: TableDefinition<&str, ()> = TableDefinition::new("snapshot_children");
-const SEQUENCE: TableDefinition<&str, u64> = TableDefinition::new("snapshot_sequence");
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SnapshotRecord {
@@ -159,21 +158,20 @@ impl SnapshotDb {
             .ok_or_else(|| Error::not_found(format!("snapshot {key} does not exist")))
     }
 
+    /// A number no backend key of this process or an earlier one has used: the clock
+    /// in nanoseconds, forced to increase (no database write, so no fsync, per call).
     fn next_seq(&self) -> Result<u64> {
-        self.db.write(|tx| {
-            let mut seq = tx
-                .open_table(SEQUENCE)
-                .map_err(|e| db_error("sequence", e))?;
-            let next = seq
-                .get("seq")
-                .map_err(|e| db_error("sequence", e))?
-                .map(|v| v.value())
-                .unwrap_or(0)
-                + 1;
-            seq.insert("seq", next)
-                .map_err(|e| db_error("sequence", e))?;
-            Ok(next)
-        })
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static LAST: AtomicU64 = AtomicU64::new(0);
+        let now = nanos(SystemTime::now());
+        let mut last = LAST.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(last + 1);
+            match LAST.compare_exchange(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Ok(next),
+                Err(seen) => last = seen,
+            }
+        }
     }
 
     /// Backend keys of every record of this snapshotter, in every namespace.

@@ -130,15 +130,27 @@ fn parent_ids(
 
 impl MetaStore {
     pub fn open(path: &Path) -> Result<MetaStore> {
-        let db = redb::Database::create(path)
+        // A small page cache: the records are few and small, and every snapshotter has
+        // its own file (redb's default cache would cost ~1 MiB of RSS each).
+        let db = redb::Builder::new()
+            .set_cache_size(256 * 1024)
+            .create(path)
             .map_err(|e| db_err(&format!("opening {}", path.display()), e))?;
-        let tx = db.begin_write().map_err(|e| db_err("begin", e))?;
-        {
-            tx.open_table(SNAPSHOTS).map_err(|e| db_err("table", e))?;
-            tx.open_table(CHILDREN).map_err(|e| db_err("table", e))?;
-            tx.open_table(META).map_err(|e| db_err("table", e))?;
+        // Create the tables only when missing: a write commit is an fsync.
+        let exists = db
+            .begin_read()
+            .map_err(|e| db_err("begin read", e))?
+            .open_table(META)
+            .is_ok();
+        if !exists {
+            let tx = db.begin_write().map_err(|e| db_err("begin", e))?;
+            {
+                tx.open_table(SNAPSHOTS).map_err(|e| db_err("table", e))?;
+                tx.open_table(CHILDREN).map_err(|e| db_err("table", e))?;
+                tx.open_table(META).map_err(|e| db_err("table", e))?;
+            }
+            tx.commit().map_err(|e| db_err("commit", e))?;
         }
-        tx.commit().map_err(|e| db_err("commit", e))?;
         Ok(MetaStore { db })
     }
 
