@@ -97,8 +97,6 @@ impl Container {
 #[derive(Default)]
 struct State {
     container: Option<Container>,
-    /// Exits of pids not (yet) known: (pid, raw wait status).
-    unmatched: Vec<(i32, i32)>,
     seq: u32,
 }
 
@@ -108,11 +106,6 @@ impl State {
             Some(c) if c.id == id => Ok(c),
             _ => Err(not_found(&format!("container {id}"))),
         }
-    }
-
-    fn take_unmatched(&mut self, pid: u32) -> Option<i32> {
-        let i = self.unmatched.iter().position(|(p, _)| *p == pid as i32)?;
-        Some(self.unmatched.remove(i).1)
     }
 }
 
@@ -159,7 +152,6 @@ impl Service {
     pub fn handle_exit(&self, pid: i32, status: i32) {
         let mut st = self.lock();
         let code = sys::exit_code(status);
-        let mut matched = false;
         if let Some(c) = st.container.as_mut() {
             let cid = c.id.clone();
             let procs = std::iter::once(&mut c.init).chain(c.execs.values_mut());
@@ -177,7 +169,6 @@ impl Service {
                     e.exit_status = code;
                     e.exited_at = MessageField::from_option(p.exited_at.clone());
                     self.events.publish(&e);
-                    matched = true;
                     if p.exec_id.is_empty() && c.shares_pid_ns {
                         let _ = c.runtime.run(
                             &self.mon,
@@ -189,12 +180,10 @@ impl Service {
                 }
             }
         }
-        if !matched {
-            st.unmatched.push((pid, status));
-            if st.unmatched.len() > 64 {
-                st.unmatched.remove(0);
-            }
-        }
+        // An unknown pid: a reparented orphan or a publish helper. Processes the shim starts
+        // are registered under the state lock before their exit can be handled here (the
+        // handler that starts one holds the lock until its pid is recorded), so an exit is
+        // never early; unknown ones are simply dropped (no pid-reuse confusion later).
         self.cv.notify_all();
     }
 
@@ -322,9 +311,6 @@ impl Service {
         let mut init = Proc::new("", io_cfg);
         init.pid = pid;
         init.io = io;
-        if let Some(status) = st.take_unmatched(pid) {
-            init.exited(sys::exit_code(status));
-        }
         let cgroups = Cgroups::of_pid(pid);
         let watched = match (cgroups.memory_v1(), &cgroups.v2) {
             (Some(m), _) => self.mon.watch_oom_v1(&req.id, m.clone()),
@@ -396,7 +382,6 @@ impl Service {
             .and_then(|s| s.trim().parse().ok())
             .ok_or_else(|| internal("the runtime wrote no pid file"))?;
         let io = prep.finish(master).map_err(internal)?;
-        let early = st.take_unmatched(pid);
         let c = st.container(id)?;
         let p = c.process(exec_id)?;
         p.pid = pid;
@@ -407,17 +392,6 @@ impl Service {
         e.exec_id = exec_id.into();
         e.pid = pid;
         self.events.publish(&e);
-        if let Some(status) = early {
-            p.exited(sys::exit_code(status));
-            let mut x = ev::TaskExit::new();
-            x.container_id = id.into();
-            x.id = exec_id.into();
-            x.pid = pid;
-            x.exit_status = p.exit_status;
-            x.exited_at = MessageField::from_option(p.exited_at.clone());
-            self.events.publish(&x);
-            self.cv.notify_all();
-        }
         Ok(pid)
     }
 }
