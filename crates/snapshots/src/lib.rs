@@ -31,9 +31,18 @@ pub(crate) fn cleanup_unowned(ms: &storage::MetaStore, dir: &Path) -> Result<()>
         Ok(doomed)
     })?;
     for path in doomed {
-        if let Err(err) = std::fs::remove_dir_all(&path) {
+        if let Err(err) = crate::remove_dir_all(&path) {
             tracing::warn!(path = %path.display(), error = %err, "failed to remove directory");
         }
     }
     Ok(())
+}
+
+/// `remove_dir_all` where "already gone" is success (an asynchronous remove and a
+/// cleanup may race for the same directory).
+pub(crate) fn remove_dir_all(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }

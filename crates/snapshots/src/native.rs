@@ -160,7 +160,7 @@ impl Snapshotter for Native {
                     .map_err(|e| Error::unknown(format!("failed to rename: {e}")))?;
                 Ok(doomed)
             })?;
-            if let Err(err) = std::fs::remove_dir_all(&doomed) {
+            if let Err(err) = crate::remove_dir_all(&doomed) {
                 tracing::warn!(path = %doomed.display(), error = %err, "failed to remove directory");
             }
             Ok(())

@@ -291,7 +291,7 @@ impl Snapshotter for Overlay {
                 .map_err(|e| e.context("failed to remove"))?;
             let dir = inner.root.join("snapshots").join(&id);
             if inner.sync_remove {
-                if let Err(err) = std::fs::remove_dir_all(&dir) {
+                if let Err(err) = crate::remove_dir_all(&dir) {
                     tracing::warn!(path = %dir.display(), error = %err, "failed to remove directory");
                 }
             } else {
@@ -300,7 +300,7 @@ impl Snapshotter for Overlay {
                 let doomed = inner.root.join("snapshots").join(format!("rm-{id}"));
                 if std::fs::rename(&dir, &doomed).is_ok() {
                     std::thread::spawn(move || {
-                        if let Err(err) = std::fs::remove_dir_all(&doomed) {
+                        if let Err(err) = crate::remove_dir_all(&doomed) {
                             tracing::warn!(path = %doomed.display(), error = %err, "failed to remove directory");
                         }
                     });
