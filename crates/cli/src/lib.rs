@@ -4,6 +4,7 @@
 pub mod client;
 pub mod progress;
 pub mod pull;
+pub mod push;
 pub mod table;
 
 use berth_api::services::images::v1::{
@@ -106,6 +107,34 @@ pub enum Command {
         /// Print progress as JSON lines on stdout
         #[arg(long)]
         json: bool,
+    },
+    /// Push an image from berthd to a registry.
+    ///
+    /// Client side: the image's blobs are read from berthd's content store through the
+    /// content API and uploaded by this command (blobs the registry has are skipped,
+    /// blobs pulled from another repository of the same registry are mounted), then the
+    /// manifests and the tag. Every manifest of an index must be present in berthd.
+    Push {
+        /// The image's name in berthd
+        name: String,
+        /// Where to push (default: the name itself)
+        target: Option<String>,
+        /// Directories with <registry>/hosts.toml (':'-separated)
+        #[arg(
+            long,
+            env = "BERTH_HOSTS_DIR",
+            default_value = "/etc/berth/certs.d:/etc/containerd/certs.d"
+        )]
+        hosts_dir: String,
+        /// Use plain HTTP for registries without a hosts.toml
+        #[arg(long)]
+        plain_http: bool,
+        /// Credentials as user:password (otherwise ~/.docker/config.json)
+        #[arg(long, short = 'u')]
+        user: Option<String>,
+        /// Print only the pushed digest
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Print a shell completion script
     Completions { shell: clap_complete::Shell },
@@ -215,6 +244,33 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             } else {
                 Err(CliError(failed.join("\n")))
             }
+        }
+        Command::Push {
+            name,
+            target,
+            hosts_dir,
+            plain_http,
+            user,
+            quiet,
+        } => {
+            let target = Reference::parse_normalized(target.as_deref().unwrap_or(&name))?;
+            let client = Client::connect(&cli.address, &cli.namespace).await?;
+            let resolver = make_resolver(&target, &hosts_dir, plain_http, user.as_deref())?;
+            let started = std::time::Instant::now();
+            let (top, report) = push::push(&client, &resolver, &name, &target).await?;
+            if quiet {
+                println!("{}", top.digest());
+            } else {
+                for (digest, what) in report {
+                    println!("{digest}: {what}");
+                }
+                println!(
+                    "{target}: pushed {} in {:.1}s",
+                    top.digest(),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            Ok(())
         }
         Command::Pull {
             reference,
@@ -341,40 +397,7 @@ async fn pull_cmd(
         None => Platform::host(),
     };
     let mut client = Client::connect(address, namespace).await?;
-    let mut creds = StaticCredentials::from_default_docker_config().unwrap_or_else(|e| {
-        eprintln!("berth: ignoring docker config: {e}");
-        StaticCredentials::default()
-    });
-    if let Some(u) = user {
-        let (name, pass) = u
-            .split_once(':')
-            .ok_or_else(|| CliError("--user expects user:password".into()))?;
-        creds.insert(
-            &reference.host,
-            AuthConfig {
-                username: name.into(),
-                password: pass.into(),
-                identity_token: String::new(),
-            },
-        );
-        if reference.host == "docker.io" {
-            creds.insert(
-                "registry-1.docker.io",
-                AuthConfig {
-                    username: name.into(),
-                    password: pass.into(),
-                    identity_token: String::new(),
-                },
-            );
-        }
-    }
-    let resolver = Resolver::new(ResolverOptions {
-        credentials: Arc::new(creds),
-        ..ResolverOptions::with_hosts(HostOptions {
-            config_path: Some(hosts_dir.to_string()),
-            default_scheme: plain_http.then(|| "http".to_string()),
-        })
-    });
+    let resolver = make_resolver(&reference, hosts_dir, plain_http, user)?;
 
     // A lease keeps what is written from the collector until the image record exists.
     let lease_id = format!("berth-pull-{}", uuid::Uuid::new_v4());
@@ -473,4 +496,36 @@ async fn pull_cmd(
     let image = outcome?;
     progress::finish(mode, &reference.to_string(), &image, started.elapsed());
     Ok(())
+}
+
+/// A resolver for `reference`'s registry: hosts.toml from `hosts_dir`, credentials from
+/// `--user` or the Docker config.
+fn make_resolver(
+    reference: &Reference,
+    hosts_dir: &str,
+    plain_http: bool,
+    user: Option<&str>,
+) -> Result<Resolver, CliError> {
+    let mut creds = StaticCredentials::from_default_docker_config().unwrap_or_else(|e| {
+        eprintln!("berth: ignoring docker config: {e}");
+        StaticCredentials::default()
+    });
+    if let Some(u) = user {
+        let (name, pass) = u
+            .split_once(':')
+            .ok_or_else(|| CliError("--user expects user:password".into()))?;
+        let auth = AuthConfig {
+            username: name.into(),
+            password: pass.into(),
+            identity_token: String::new(),
+        };
+        creds.insert(&reference.host, auth);
+    }
+    Ok(Resolver::new(ResolverOptions {
+        credentials: Arc::new(creds),
+        ..ResolverOptions::with_hosts(HostOptions {
+            config_path: Some(hosts_dir.to_string()),
+            default_scheme: plain_http.then(|| "http".to_string()),
+        })
+    }))
 }

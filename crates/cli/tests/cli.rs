@@ -28,7 +28,15 @@ fn help_and_completions() {
     let o = berth(&["--help"]);
     assert!(o.status.success());
     let (out, _) = text(&o);
-    for cmd in ["version", "info", "images", "rmi", "pull", "completions"] {
+    for cmd in [
+        "version",
+        "info",
+        "images",
+        "rmi",
+        "pull",
+        "push",
+        "completions",
+    ] {
         assert!(out.contains(cmd), "{cmd} missing from help:\n{out}");
     }
     let o = berth(&["pull", "--help"]);
@@ -219,6 +227,25 @@ fn version_info_images_pull_rmi_against_berthd() {
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert!(out.contains("\"state\":\"exists\""), "{out}");
+
+    // Push it back under another name: blobs are mounted from the repository they came from.
+    let copy = format!("{host}/cli/copy:v2");
+    let o = run(&["push", &image, &copy]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "push failed: {err}\n{out}");
+    assert!(out.contains(&format!("pushed {digest}")), "{out}");
+    assert!(out.contains(": mounted"), "{out}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let resolved = rt
+        .block_on(
+            berth_remotes::Resolver::new(Default::default())
+                .resolve(&berth_remotes::Reference::parse(&copy).unwrap()),
+        )
+        .unwrap();
+    assert_eq!(resolved.descriptor.digest().to_string(), digest);
+    let o = run(&["push", "example.com/none:v1"]);
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("not found"), "{}", text(&o).1);
 
     let o = run(&["rmi", &image]);
     assert!(o.status.success(), "{}", text(&o).1);
