@@ -1,7 +1,6 @@
 //! Content, images, leases and GC through the stock `ctr` and the gRPC API against a
-//! private `berthd` (issue 3). Needs root, `ctr` (Debian's containerd 1.6) and a built
-//! `berthd` (`cargo build -p berth-server`, found next to this test binary or in
-//! `$BERTHD`); a test whose prerequisites are missing says so and passes.
+//! private `berthd` (issue 3). Needs root and `ctr` (Debian's containerd 1.6, installed by
+//! `scripts/install-deps`); `berthd` and the fixture images come from `berth-testkit`.
 
 use berth_api::services::content::v1 as api;
 use berth_api::services::content::v1::content_client::ContentClient;
@@ -16,36 +15,6 @@ use std::time::{Duration, Instant};
 /// daemon without the start-up collection (deletions still trigger collections).
 const NO_STARTUP_GC: &str =
     "[plugins.\"io.containerd.gc.v1.scheduler\"]\n  startup_delay = \"0s\"\n";
-
-fn berthd_binary() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("BERTHD") {
-        return Some(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().ok()?;
-    let candidate = exe.parent()?.parent()?.join("berthd");
-    candidate.exists().then_some(candidate)
-}
-
-fn prerequisites() -> Option<PathBuf> {
-    let root = nix_is_root();
-    let ctr = Command::new("ctr").arg("--version").output().is_ok();
-    match (berthd_binary(), root, ctr) {
-        (Some(b), true, true) => Some(b),
-        (b, root, ctr) => {
-            eprintln!("skipping: berthd={b:?} root={root} ctr={ctr}");
-            None
-        }
-    }
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
 
 struct Daemon {
     dir: PathBuf,
@@ -230,7 +199,7 @@ fn random(n: usize, seed: u64) -> Vec<u8> {
 
 #[test]
 fn ctr_content_ingest_ls_get_label_rm_active() {
-    let Some(bin) = prerequisites() else { return };
+    let bin = berth_testkit::berthd_binary();
     let d = Daemon::start(&bin, NO_STARTUP_GC);
     let data = random(3 << 20, 1);
     let digest = format!("sha256:{}", sha256_hex(&data));
@@ -279,23 +248,10 @@ fn ctr_content_ingest_ls_get_label_rm_active() {
     }
 }
 
-fn images_dir() -> Option<PathBuf> {
-    let workdir = std::env::var("WORKDIR").unwrap_or_else(|_| "/tmp/bc-work".into());
-    let dir = PathBuf::from(workdir).join("images");
-    if dir.join("busybox.oci.tar").exists() && dir.join("layers.oci.tar").exists() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "skipping: build the fixtures with WORKDIR=/tmp/bc-work ../shared/tools/make-images.sh"
-        );
-        None
-    }
-}
-
 #[test]
 fn ctr_images_import_ls_label_export_rm_and_gc() {
-    let Some(bin) = prerequisites() else { return };
-    let Some(images) = images_dir() else { return };
+    let bin = berth_testkit::berthd_binary();
+    let images = berth_testkit::fixtures();
     let d = Daemon::start(&bin, "");
     let busybox = images.join("busybox.oci.tar");
     d.ok(&["images", "import", "--no-unpack", busybox.to_str().unwrap()]);
@@ -365,7 +321,7 @@ fn ctr_images_import_ls_label_export_rm_and_gc() {
 
 #[test]
 fn ctr_leases_and_prune() {
-    let Some(bin) = prerequisites() else { return };
+    let bin = berth_testkit::berthd_binary();
     let d = Daemon::start(&bin, "");
     d.ok(&["leases", "create", "--id", "l1", "a=b"]);
     let ls = d.ok(&["leases", "ls"]);
@@ -420,7 +376,7 @@ fn with_ns<T>(msg: T) -> tonic::Request<T> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resumable_ingest_across_restart_and_locked_refs() {
-    let Some(bin) = prerequisites() else { return };
+    let bin = berth_testkit::berthd_binary();
     let mut d = Daemon::start(&bin, NO_STARTUP_GC);
     let data = random(1 << 20, 7);
     let digest = format!("sha256:{}", sha256_hex(&data));
@@ -520,7 +476,7 @@ async fn resumable_ingest_across_restart_and_locked_refs() {
 
 #[test]
 fn shared_and_isolated_policies() {
-    let Some(bin) = prerequisites() else { return };
+    let bin = berth_testkit::berthd_binary();
     for (policy, shared) in [("shared", true), ("isolated", false)] {
         let extra = format!(
             "[plugins.\"io.containerd.metadata.v1.bolt\"]\n  content_sharing_policy = \"{policy}\"\n"
@@ -551,8 +507,8 @@ fn shared_and_isolated_policies() {
 
 #[test]
 fn crash_loop_keeps_store_consistent() {
-    let Some(bin) = prerequisites() else { return };
-    let images = images_dir();
+    let bin = berth_testkit::berthd_binary();
+    let images = berth_testkit::fixtures();
     let mut d = Daemon::start(&bin, "");
     let iterations: usize = std::env::var("CRASH_ITERATIONS")
         .ok()
@@ -580,7 +536,7 @@ fn crash_loop_keeps_store_consistent() {
             })
         };
         workers.push(ingest);
-        if let Some(images) = &images {
+        {
             let tar = images.join(if i % 2 == 0 {
                 "busybox.oci.tar"
             } else {
