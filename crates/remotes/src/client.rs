@@ -92,7 +92,12 @@ struct Inner {
     opts: ResolverOptions,
     clients: Mutex<HashMap<TlsSettings, reqwest::Client>>,
     auth: Authorizer,
+    /// Hosts (`scheme://host`) that could not be reached, and when: tried last for a while.
+    unreachable: Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// How long an unreachable host is tried after the others.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(30);
 
 /// The registry client. Cheap to clone; clones share connections and tokens.
 #[derive(Clone)]
@@ -352,6 +357,7 @@ impl Resolver {
                 opts,
                 clients: Mutex::new(HashMap::new()),
                 auth: Authorizer::default(),
+                unreachable: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -361,8 +367,32 @@ impl Resolver {
     }
 
     /// The endpoints of `registry`, in order.
+    /// The endpoints of `registry` in configured order, except that hosts found
+    /// unreachable in the last 30 seconds come after the others.
     pub fn hosts(&self, registry: &str) -> Result<Vec<RegistryHost>> {
-        (self.inner.opts.hosts)(registry)
+        let hosts = (self.inner.opts.hosts)(registry)?;
+        let down = self.inner.unreachable.lock().unwrap();
+        let now = std::time::Instant::now();
+        let is_down = |h: &RegistryHost| {
+            down.get(&format!("{}://{}", h.scheme, h.host))
+                .is_some_and(|t| now.duration_since(*t) < UNREACHABLE_FOR)
+        };
+        let (mut up, later): (Vec<_>, Vec<_>) = hosts.into_iter().partition(|h| !is_down(h));
+        up.extend(later);
+        Ok(up)
+    }
+
+    fn mark_reachable(&self, host: &RegistryHost, reachable: bool) {
+        if host.host.is_empty() {
+            return;
+        }
+        let key = format!("{}://{}", host.scheme, host.host);
+        let mut down = self.inner.unreachable.lock().unwrap();
+        if reachable {
+            down.remove(&key);
+        } else {
+            down.insert(key, std::time::Instant::now());
+        }
     }
 
     fn client_for(&self, tls: &TlsSettings) -> Result<reqwest::Client> {
@@ -437,13 +467,18 @@ impl Resolver {
         let mut attempt = 0u32;
         let mut auth_answered = false;
         loop {
-            match self.send_once(&client, host, &req).await {
+            let sent = self.send_once(&client, host, &req).await;
+            if sent.is_ok() {
+                self.mark_reachable(host, true);
+            }
+            match sent {
                 Err(e) => {
                     if retryable && attempt < self.inner.opts.retries {
                         attempt += 1;
                         self.backoff(attempt).await;
                         continue;
                     }
+                    self.mark_reachable(host, false);
                     return Err(Error::with_message(
                         ErrorKind::Unavailable,
                         format!("{} {}: {}", req.method, req.url, error_chain(&e)),

@@ -612,6 +612,33 @@ mod tests {
     }
 
     #[test]
+    fn default_directory_and_escaped_names() {
+        let root = tempfile::tempdir().unwrap();
+        let w = |dir: &str, text: &str| {
+            std::fs::create_dir_all(root.path().join(dir)).unwrap();
+            std::fs::write(root.path().join(dir).join("hosts.toml"), text).unwrap();
+        };
+        w("_default", "[host.\"https://mirror.example\"]\n");
+        w("localhost_5000_", "server = \"http://localhost:5000\"\n");
+        w(
+            "example.com:6000",
+            "server = \"https://example.com:6000\"\nskip_verify = true\n",
+        );
+        let opts = HostOptions {
+            config_path: Some(format!("/nonexistent:{}", root.path().display())),
+            default_scheme: None,
+        };
+        let d = configure_hosts(&opts, "quay.io").unwrap();
+        assert_eq!(d[0].base_url(), "https://mirror.example/v2");
+        assert_eq!(d[1].base_url(), "https://quay.io/v2");
+        let l = configure_hosts(&opts, "localhost:5000").unwrap();
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].base_url(), "http://localhost:5000/v2");
+        let e = configure_hosts(&opts, "example.com:6000").unwrap();
+        assert_eq!(e[0].tls.skip_verify, Some(true));
+    }
+
+    #[test]
     fn defaults() {
         let h = configure_hosts(&HostOptions::default(), "docker.io").unwrap();
         assert_eq!(h[0].base_url(), "https://registry-1.docker.io/v2");

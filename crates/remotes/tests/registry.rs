@@ -452,6 +452,7 @@ async fn mirror_first_then_fallback_to_server() {
     let r = resolver(Some(certs2.path()), &[]);
     let reference = Reference::parse(&format!("{}/lib/app:v1", upstream2.host())).unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
     let info = pull::pull(
         &r,
         &reference,
@@ -461,8 +462,18 @@ async fn mirror_first_then_fallback_to_server() {
     .await
     .unwrap();
     assert_eq!(info.manifest.digest(), img.manifest.0.digest());
+    // The dead mirror is tried (with retries) once, then put last for the blobs.
+    assert_eq!(
+        r.hosts(&upstream2.host()).unwrap()[0].host,
+        upstream2.host()
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 
-    // A mirror with only `pull` is not asked to resolve; push goes to the server only.
+    // A host without the `resolve` capability is never asked to resolve a tag.
     write_hosts_toml(
         certs2.path(),
         &upstream2.host(),
