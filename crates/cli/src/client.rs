@@ -86,6 +86,10 @@ impl Client {
         r
     }
 
+    /// The underlying channel, for service clients without an accessor here.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
     pub fn version(&self) -> VersionClient<Channel> {
         VersionClient::new(self.channel.clone())
     }

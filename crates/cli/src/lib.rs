@@ -6,6 +6,7 @@ pub mod progress;
 pub mod pull;
 pub mod push;
 pub mod table;
+pub mod unpack;
 
 use berth_api::services::images::v1::{
     CreateImageRequest, DeleteImageRequest, Image, ListImagesRequest, UpdateImageRequest,
@@ -75,10 +76,11 @@ pub enum Command {
     /// The registry is contacted by this command itself (client side, like `ctr images
     /// pull`): it resolves the reference, picks the platform's manifest, downloads the
     /// config and layers in parallel with their digests verified, streams them into
-    /// berthd's content store through the content API under a lease, then creates or
-    /// updates the image record. Registry configuration comes from hosts.toml files
-    /// (--hosts-dir). Layers are NOT unpacked into a snapshot yet; daemon-side pulls (the
-    /// transfer service) are not implemented yet.
+    /// berthd's content store through the content API under a lease, unpacks each layer
+    /// through the snapshots and diff APIs as soon as it and its parent are there (while
+    /// later layers still download; --no-unpack skips this), then creates or updates the
+    /// image record. Registry configuration comes from hosts.toml files (--hosts-dir).
+    /// Daemon-side pulls (the transfer service) are not implemented yet.
     Pull {
         /// Image reference; Docker-style short names are expanded (busybox →
         /// docker.io/library/busybox:latest)
@@ -101,6 +103,12 @@ pub enum Command {
         user: Option<String>,
         #[arg(long, default_value_t = 3)]
         max_concurrent_downloads: usize,
+        /// Snapshotter to unpack into
+        #[arg(long, env = "CONTAINERD_SNAPSHOTTER", default_value = "overlayfs")]
+        snapshotter: String,
+        /// Only fetch the content; do not unpack the layers
+        #[arg(long)]
+        no_unpack: bool,
         /// Print only the image name when done
         #[arg(long, short, conflicts_with = "json")]
         quiet: bool,
@@ -279,6 +287,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             plain_http,
             user,
             max_concurrent_downloads,
+            snapshotter,
+            no_unpack,
             quiet,
             json,
         } => {
@@ -298,6 +308,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 plain_http,
                 user.as_deref(),
                 max_concurrent_downloads,
+                (!no_unpack).then_some(snapshotter),
                 mode,
             )
             .await
@@ -370,7 +381,7 @@ async fn info(address: &str, namespace: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-fn to_api_descriptor(d: &oci_spec::image::Descriptor) -> ApiDescriptor {
+pub(crate) fn to_api_descriptor(d: &oci_spec::image::Descriptor) -> ApiDescriptor {
     ApiDescriptor {
         media_type: d.media_type().to_string(),
         digest: d.digest().to_string(),
@@ -389,6 +400,7 @@ async fn pull_cmd(
     plain_http: bool,
     user: Option<&str>,
     max_concurrent_downloads: usize,
+    snapshotter: Option<String>,
     mode: progress::Mode,
 ) -> Result<(), CliError> {
     let reference = Reference::parse_normalized(reference)?;
@@ -431,10 +443,20 @@ async fn pull_cmd(
         )),
     };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let unpacker = snapshotter.map(|snapshotter| {
+        Arc::new(unpack::Unpacker {
+            client: client.clone(),
+            snapshotter,
+            top: Default::default(),
+        })
+    });
     let opts = PullOptions {
         platform,
         max_concurrent_downloads: max_concurrent_downloads.max(1),
         progress: Some(tx),
+        layer_hook: unpacker
+            .clone()
+            .map(|u| u as Arc<dyn berth_remotes::pull::LayerHook>),
         ..Default::default()
     };
     let cancel = opts.cancel.clone();
@@ -449,6 +471,10 @@ async fn pull_cmd(
     };
     drop(opts);
     let _ = display.await;
+    let result = match (result, &unpacker) {
+        (Ok(image), Some(u)) => u.label_config(&image).await.map(|_| image),
+        (r, _) => r,
+    };
     let outcome = match result {
         Ok(image) => {
             let name = reference.to_string();

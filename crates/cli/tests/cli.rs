@@ -42,7 +42,9 @@ fn help_and_completions() {
     let o = berth(&["pull", "--help"]);
     let (out, _) = text(&o);
     assert!(
-        out.contains("NOT unpacked"),
+        out.contains("client side")
+            && out.contains("--no-unpack")
+            && out.contains("not implemented yet"),
         "pull help must say what it does:\n{out}"
     );
     for shell in ["bash", "zsh", "fish"] {
@@ -124,6 +126,32 @@ impl berth_core::content::ReaderAt for Mem {
     }
 }
 
+/// An uncompressed layer tar holding `files` (made by GNU tar, fixed owner and mtime).
+fn tar_of(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    for (path, data) in files {
+        let p = dir.path().join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    }
+    let out = Command::new("tar")
+        .args([
+            "--create",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "--mtime=2024-01-01",
+            "--sort=name",
+            "-C",
+        ])
+        .arg(dir.path())
+        .arg(".")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    out.stdout
+}
+
 /// Pushes a two-layer image with Berth's own client; returns the manifest digest.
 fn push_test_image(host: &str, name: &str) -> String {
     use berth_remotes::manifest::{OCI_MANIFEST, descriptor_for};
@@ -131,7 +159,10 @@ fn push_test_image(host: &str, name: &str) -> String {
     rt.block_on(async {
         let r = berth_remotes::Resolver::new(Default::default());
         let reference = berth_remotes::Reference::parse(&format!("{host}/{name}")).unwrap();
-        let layers: Vec<Vec<u8>> = vec![vec![7u8; 300_000], (0..50_000u32).map(|i| (i % 251) as u8).collect()];
+        let layers: Vec<Vec<u8>> = vec![
+            tar_of(&[("etc/hello", vec![7u8; 300_000])]),
+            tar_of(&[("etc/second", (0..50_000u32).map(|i| (i % 251) as u8).collect())]),
+        ];
         let lt = "application/vnd.oci.image.layer.v1.tar";
         let ldescs: Vec<_> = layers.iter().map(|l| descriptor_for(lt, l)).collect();
         let config = serde_json::to_vec(&serde_json::json!({
@@ -219,6 +250,13 @@ fn version_info_images_pull_rmi_against_berthd() {
 
     let o = run(&["images", "-q"]);
     assert!(text(&o).0.lines().any(|l| l == image), "{}", text(&o).0);
+    // Unpacked: one committed snapshot per layer, named by chain ID.
+    let snaps = d.ctr_ok(&["snapshots", "--snapshotter", "overlayfs", "ls"]);
+    assert_eq!(
+        snaps.lines().filter(|l| l.contains("Committed")).count(),
+        2,
+        "{snaps}"
+    );
     let listing = d.ctr_ok(&["content", "ls", "-q"]);
     assert!(listing.contains(&digest), "{listing}");
 

@@ -790,11 +790,22 @@ impl Resolver {
         reference: &Reference,
         desc: &Descriptor,
     ) -> Result<Vec<u8>> {
+        self.fetch_verified(reference, desc, self.inner.opts.max_manifest_size)
+            .await
+    }
+
+    /// Fetches a small blob completely, refusing a declared size above `max`, and checks
+    /// its size and digest against `desc`.
+    pub async fn fetch_verified(
+        &self,
+        reference: &Reference,
+        desc: &Descriptor,
+        max: u64,
+    ) -> Result<Vec<u8>> {
         let what = format!("{}@{}", reference.name(), desc.digest());
-        let max = self.inner.opts.max_manifest_size;
         if desc.size() > max {
             return Err(Error::invalid_argument(format!(
-                "{what}: manifest size {} exceeds the limit of {max} bytes",
+                "{what}: size {} exceeds the limit of {max} bytes",
                 desc.size()
             )));
         }

@@ -123,8 +123,14 @@ pub struct ImageInfo {
     /// The platform's manifest.
     pub manifest: Descriptor,
     pub config: Descriptor,
+    /// The image configuration (verified against `config`), fetched before the layers so
+    /// a [`LayerHook`] has the diff IDs from the start.
+    pub config_body: Vec<u8>,
     pub layers: Vec<Descriptor>,
 }
+
+/// Largest image configuration accepted (16 MiB).
+pub const MAX_CONFIG_SIZE: u64 = 16 << 20;
 
 #[derive(Clone)]
 pub struct PullOptions {
@@ -205,11 +211,46 @@ pub async fn pull(
         )));
     }
     let m = manifest::parse_manifest(&manifest_body, &what)?;
+    let config = m.config().clone();
+    emit(
+        opts,
+        &config,
+        &BlobKind::Config,
+        ProgressState::Downloading,
+        0,
+    );
+    let config_body = resolver
+        .fetch_verified(reference, &config, MAX_CONFIG_SIZE)
+        .await?;
+    match sink.open(&config).await? {
+        Some(mut w) => {
+            if w.offset() > 0 {
+                w.truncate().await?;
+            }
+            w.write(Bytes::from(config_body.clone())).await?;
+            w.commit(&config).await?;
+            emit(
+                opts,
+                &config,
+                &BlobKind::Config,
+                ProgressState::Done,
+                config.size(),
+            );
+        }
+        None => emit(
+            opts,
+            &config,
+            &BlobKind::Config,
+            ProgressState::Exists,
+            config.size(),
+        ),
+    }
     let image = ImageInfo {
         name: reference.to_string(),
         target: target.clone(),
         manifest: manifest_desc.clone(),
-        config: m.config().clone(),
+        config,
+        config_body,
         layers: m.layers().clone(),
     };
     manifests.insert(0, (manifest_desc, manifest_body, BlobKind::Manifest));
@@ -217,7 +258,7 @@ pub async fn pull(
         descriptor_digest(d).map_err(|e| e.context(&what))?;
     }
 
-    let mut blobs: Vec<(Descriptor, BlobKind)> = vec![(image.config.clone(), BlobKind::Config)];
+    let mut blobs: Vec<(Descriptor, BlobKind)> = vec![];
     blobs.extend(
         image
             .layers
