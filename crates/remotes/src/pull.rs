@@ -280,40 +280,83 @@ pub async fn pull(
         senders.push(Some(tx));
         receivers.push(rx);
     }
-    let downloads = futures::future::try_join_all(blobs.into_iter().map(|(d, kind)| {
+    // Every download ends by itself (closing its writer) when `stop` fires: on the
+    // caller's cancellation, or on the first failure of a download or of the hook.
+    let stop = opts.cancel.child_token();
+    let inner = PullOptions {
+        cancel: stop.clone(),
+        ..opts.clone()
+    };
+    let inner = &inner;
+    let downloads = futures::future::join_all(blobs.into_iter().map(|(d, kind)| {
         let sem = sem.clone();
+        let stop = stop.clone();
         let tx = match kind {
             BlobKind::Layer(i) => senders[i].take(),
             _ => None,
         };
         async move {
-            let _permit = sem
-                .acquire()
-                .await
-                .map_err(|_| Error::unknown("semaphore closed"))?;
-            fetch_into(resolver, reference, &d, &kind, sink, opts).await?;
-            if let Some(tx) = tx {
-                let _ = tx.send(());
+            let permit = tokio::select! {
+                p = sem.acquire() => p.map_err(|_| Error::unknown("semaphore closed"))?,
+                _ = stop.cancelled() => return Err(cancelled()),
+            };
+            let r = fetch_into(resolver, reference, &d, &kind, sink, inner).await;
+            drop(permit);
+            match r {
+                Ok(()) => {
+                    if let Some(tx) = tx {
+                        let _ = tx.send(());
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    stop.cancel();
+                    Err(e)
+                }
             }
-            Ok::<(), Error>(())
         }
     }));
     let image_ref = &image;
+    let hook_stop = stop.clone();
     let notifier = async move {
         for (i, rx) in receivers.into_iter().enumerate() {
             if rx.await.is_err() {
                 // That download failed: its error ends the pull.
-                futures::future::pending::<()>().await;
+                return Ok(());
             }
             if let Some(h) = &opts.layer_hook {
-                h.layer_ready(i, &image_ref.layers[i], image_ref).await?;
+                let r = tokio::select! {
+                    r = h.layer_ready(i, &image_ref.layers[i], image_ref) => r,
+                    _ = hook_stop.cancelled() => return Ok(()),
+                };
+                if let Err(e) = r {
+                    hook_stop.cancel();
+                    return Err(e);
+                }
             }
         }
         Ok::<(), Error>(())
     };
-    tokio::select! {
-        r = futures::future::try_join(downloads, notifier) => { r?; }
-        _ = opts.cancel.cancelled() => return Err(cancelled()),
+    let (results, hooked) = futures::future::join(downloads, notifier).await;
+    let mut errors: Vec<Error> = results.into_iter().filter_map(|r| r.err()).collect();
+    if let Err(e) = hooked {
+        errors.insert(0, e);
+    }
+    if !errors.is_empty() {
+        // The cause, not the downloads it stopped.
+        let pos = errors
+            .iter()
+            .position(|e| !e.is(ErrorKind::Canceled))
+            .unwrap_or(0);
+        let e = errors.swap_remove(pos);
+        return Err(if e.is(ErrorKind::Canceled) {
+            cancelled()
+        } else {
+            e
+        });
+    }
+    if opts.cancel.is_cancelled() {
+        return Err(cancelled());
     }
     for (d, body, kind) in manifests {
         if let Some(mut w) = sink.open(&d).await? {

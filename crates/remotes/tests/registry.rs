@@ -876,3 +876,74 @@ fn deprecated_cri_registry_keys_convert_to_hosts_toml() {
     assert_eq!(l.len(), 2);
     assert_eq!(l[0].base_url(), "http://registry.local:5000/v2");
 }
+
+struct RecordingHook {
+    calls: std::sync::Mutex<Vec<usize>>,
+    fail_at: Option<usize>,
+}
+
+#[async_trait::async_trait]
+impl pull::LayerHook for RecordingHook {
+    async fn layer_ready(
+        &self,
+        index: usize,
+        layer: &oci_spec::image::Descriptor,
+        image: &pull::ImageInfo,
+    ) -> berth_core::Result<()> {
+        assert_eq!(image.layers[index].digest(), layer.digest());
+        assert!(
+            !image.config_body.is_empty(),
+            "the config is there from the start"
+        );
+        // Slow appliers must not reorder anything.
+        tokio::time::sleep(std::time::Duration::from_millis(20 * (3 - index as u64))).await;
+        self.calls.lock().unwrap().push(index);
+        if Some(index) == self.fail_at {
+            return Err(berth_core::Error::invalid_argument(format!(
+                "apply {index} failed"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layer_hook_runs_in_dependency_order_and_its_errors_fail_the_pull() {
+    let reg = Registry::start(RegistryConfig::default());
+    let r = resolver(None, &[]);
+    let reference = Reference::parse(&format!("{}/hook/app:v1", reg.host())).unwrap();
+    // Layer 0 is the largest, so later layers finish downloading first.
+    let img = make_image(
+        "amd64",
+        vec![
+            noise(300, 3 << 20),
+            noise(301, 10),
+            noise(302, 20),
+            noise(303, 5),
+        ],
+    );
+    push_image(&r, &reference, &img, true).await;
+    let hook = Arc::new(RecordingHook {
+        calls: Default::default(),
+        fail_at: None,
+    });
+    let mut opts = opts_for("amd64");
+    opts.layer_hook = Some(hook.clone());
+    let dir = tempfile::tempdir().unwrap();
+    pull::pull(&r, &reference, &DirSink::new(dir.path()), &opts)
+        .await
+        .unwrap();
+    assert_eq!(*hook.calls.lock().unwrap(), vec![0, 1, 2, 3]);
+
+    let failing = Arc::new(RecordingHook {
+        calls: Default::default(),
+        fail_at: Some(1),
+    });
+    opts.layer_hook = Some(failing.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let sink = DirSink::new(dir.path());
+    let e = pull::pull(&r, &reference, &sink, &opts).await.unwrap_err();
+    assert!(e.to_string().contains("apply 1 failed"), "{e}");
+    assert_eq!(*failing.calls.lock().unwrap(), vec![0, 1]);
+    assert!(!sink.blob_path(&img.manifest.0).unwrap().exists());
+}
