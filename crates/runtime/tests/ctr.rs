@@ -142,6 +142,27 @@ fn run_exec_signal_pause_and_delete_with_the_runc_shim() {
     ]));
     assert_eq!(status.status.code(), Some(3));
 
+    // `run -t`: the process gets a pty (ctr needs a terminal of its own: `script`).
+    if berth_testkit::have("script") {
+        let command = format!(
+            "ctr --address {} -n {} run --rm -t --rootfs {rootfs} tty1 /bin/sh -c tty",
+            env.daemon.socket.display(),
+            env.ns
+        );
+        let out = std::process::Command::new("script")
+            .args(["-qec", &command, "/dev/null"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("/dev/pts/"),
+            "{out:?}"
+        );
+    } else {
+        eprintln!("SKIP run -t: `script` (bsdutils) is not installed");
+    }
+
     env.run_d("sleeper", &["/bin/sleep", "1000"]);
     assert_eq!(env.status("sleeper").as_deref(), Some("RUNNING"));
     let pid = env.init_pid("sleeper");
