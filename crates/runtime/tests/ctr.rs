@@ -470,3 +470,44 @@ fn berth_shim_runs_tasks_under_berthd() {
     env.ok(&["container", "rm", "b3"]);
     no_leftovers(&env);
 }
+
+#[test]
+fn images_from_the_fixture_builder_run() {
+    if !common::can_run() {
+        return;
+    }
+    let env = Env::start("g", "");
+    let tar = berth_testkit::fixtures().join("busybox.oci.tar");
+    env.ok(&["images", "import", tar.to_str().unwrap()]);
+    let image = "import.local/busybox:latest";
+    assert_eq!(
+        env.ok(&["run", "--rm", image, "img1", "echo", "hi"]),
+        "hi\n"
+    );
+    let out = env
+        .daemon
+        .ctr(&env.args(&["run", "--rm", image, "img2", "sh", "-c", "exit 3"]));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    env.ok(&["run", "-d", image, "img3", "sleep", "1000"]);
+    assert_eq!(
+        env.ok(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "x",
+            "img3",
+            "cat",
+            "/proc/1/cmdline"
+        ]),
+        "sleep\u{0}1000\u{0}"
+    );
+    env.ok(&["task", "kill", "-s", "KILL", "img3"]);
+    env.wait_status("img3", Some("STOPPED"), Duration::from_secs(10));
+    env.ok(&["task", "delete", "img3"]);
+    env.ok(&["container", "rm", "img3"]);
+    // The containers' active snapshots are gone with them.
+    let snapshots = env.ok(&["snapshots", "ls"]);
+    assert!(!snapshots.contains("img"), "{snapshots}");
+    env.ok(&["images", "rm", image]);
+    no_leftovers(&env);
+}
