@@ -17,6 +17,7 @@ use berth_api::services::tasks::v1::{
 };
 use berth_api::timestamp;
 use berth_api::types::Metric;
+use berth_core::error::ErrorKind;
 use berth_core::filters::Filter;
 use berth_core::mount::Mount;
 use berth_core::runtime::{CreateOpts, IoConfig, ProcessState, Runtime, Task, TaskStatus};
@@ -242,7 +243,13 @@ impl tasks_server::Tasks for TasksService {
     ) -> Result<Response<ListTasksResponse>, Status> {
         let ns = namespace(&request)?;
         let tasks = self.runtime.tasks(&ns).await.or_status()?;
-        let states = futures::future::join_all(tasks.iter().map(|t| t.state(""))).await;
+        // A hung shim must not hang the listing: its task is left out after a while.
+        let states = futures::future::join_all(tasks.iter().map(|t| async move {
+            tokio::time::timeout(std::time::Duration::from_secs(10), t.state(""))
+                .await
+                .unwrap_or_else(|_| Err(Error::new(ErrorKind::DeadlineExceeded, "task state")))
+        }))
+        .await;
         let tasks = tasks
             .iter()
             .zip(states)
