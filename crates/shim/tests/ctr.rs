@@ -1,166 +1,75 @@
 //! End-to-end tests of containerd-shim-berth-v2 under the real containerd 1.6, driven by
-//! `ctr`, on the busybox image built by shared/tools/make-images.sh.
+//! `ctr`, on the project's busybox fixture image (`tests/fixtures/build-images.sh`).
 //!
-//! Each test starts its own containerd (shared/tools/refd.sh) under a private temp WORKDIR,
-//! in a private mount namespace, and stops and removes it at the end. The tests need root,
-//! containerd, ctr, runc and the image tools; when one is missing they print why and pass.
+//! Each test starts its own containerd ([`berth_testkit::refd::RefContainerd`]) on a private
+//! temp dir, in a private mount namespace, and stops it and removes everything it made at the
+//! end. The tests need root, containerd, ctr, runc, `script` and the fixture tools
+//! (`scripts/install-deps`); when something is missing they fail and say what.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use berth_testkit::refd::RefContainerd;
+
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-berth-v2");
 const IMAGE: &str = "import.local/busybox:latest";
 
-fn tools_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("BERTH_SHARED_TOOLS") {
-        return PathBuf::from(d);
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/tools")
-}
-
 fn have(bin: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p).any(|d| {
-                std::fs::metadata(d.join(bin))
-                    .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                    .unwrap_or(false)
-            })
-        })
-        .unwrap_or(false)
+    berth_testkit::have(bin)
 }
 
-/// Why the tests cannot run here, if they cannot.
-fn missing() -> Option<String> {
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root".into());
+/// Fails the test, saying what to install, when the environment cannot run it.
+fn require_env() {
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "the shim's ctr tests need root (run them as root, as CI does)"
+    );
+    for b in ["ctr", "runc", "timeout"] {
+        assert!(
+            have(b),
+            "`{b}` not found in PATH: run scripts/install-deps (containerd, runc, coreutils)"
+        );
     }
-    for b in [
-        "containerd",
-        "ctr",
-        "runc",
-        "umoci",
-        "jq",
-        "openssl",
-        "unshare",
-        "timeout",
-    ] {
-        if !have(b) {
-            return Some(format!("{b} not found in PATH"));
-        }
-    }
-    if !Path::new("/usr/bin/busybox").exists() && std::env::var_os("BUSYBOX_BIN").is_none() {
-        return Some("no static busybox (Debian's busybox-static)".into());
-    }
-    if !tools_dir().join("refd.sh").exists() {
-        return Some(format!("no refd.sh in {}", tools_dir().display()));
-    }
-    None
 }
 
-macro_rules! require_env {
-    () => {
-        if let Some(why) = missing() {
-            eprintln!("SKIP: {why}");
-            return;
-        }
-    };
-}
-
-/// The shared image directory, built once per test process (make-images.sh skips what exists).
-fn images_dir() -> PathBuf {
-    static LOCK: Mutex<Option<PathBuf>> = Mutex::new(None);
-    let mut g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = g.as_ref() {
-        return p.clone();
-    }
-    let work = std::env::var_os("BERTH_SHIM_IMAGES_WORKDIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| std::env::temp_dir().join("berth-shim-test-images"));
-    let st = Command::new("bash")
-        .arg(tools_dir().join("make-images.sh"))
-        .env("WORKDIR", &work)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("run make-images.sh");
-    assert!(st.success(), "make-images.sh failed");
-    let p = work.join("images");
-    *g = Some(p.clone());
-    p
+/// The fixture busybox archive, built once per target dir.
+fn busybox_archive() -> PathBuf {
+    static ARCHIVE: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut g = ARCHIVE.lock().unwrap_or_else(|e| e.into_inner());
+    g.get_or_insert_with(|| berth_testkit::fixtures().join("busybox.oci.tar"))
+        .clone()
 }
 
 struct Env {
-    work: PathBuf,
+    refd: RefContainerd,
     addr: String,
     fifo: String,
 }
 
 impl Env {
-    fn new(name: &str) -> Env {
-        let images = images_dir();
-        let work = std::env::temp_dir().join(format!("berth-shim-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&work);
-        std::fs::create_dir_all(&work).unwrap();
-        let env = Env {
-            addr: work
-                .join("ref/containerd.sock")
-                .to_string_lossy()
-                .into_owned(),
-            fifo: work.join("fifo").to_string_lossy().into_owned(),
-            work,
-        };
-        let out = env.refd("start");
-        assert!(
-            out.status.success(),
-            "refd start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let out = env.ctr(&[
-            "images",
-            "import",
-            &images.join("busybox.oci.tar").to_string_lossy(),
-        ]);
-        assert!(
-            out.status.success(),
-            "import: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        env
-    }
-
-    fn refd(&self, action: &str) -> Output {
+    fn new() -> Env {
+        require_env();
+        let archive = busybox_archive();
         // The daemon inherits PATH: put our shim first so that `io.containerd.berth.v2`
         // resolves to containerd-shim-berth-v2 from this build.
         let bindir = Path::new(SHIM).parent().unwrap();
-        let path = format!(
-            "{}:{}",
-            bindir.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        Command::new("bash")
-            .arg(tools_dir().join("refd.sh"))
-            .arg(action)
-            .env("WORKDIR", &self.work)
-            .env("PATH", path)
-            .stdin(Stdio::null())
-            .output()
-            .expect("refd.sh")
+        let refd = RefContainerd::start(&[bindir]);
+        refd.import(&archive);
+        Env {
+            addr: refd.address(),
+            fifo: refd.dir.path().join("fifo").to_string_lossy().into_owned(),
+            refd,
+        }
     }
 
     fn ctr_cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("timeout");
-        c.args(["-k", "5", "60", "ctr", "--address", &self.addr])
-            .args(args);
-        c.stdin(Stdio::null());
-        c
+        self.refd.ctr_command(args)
     }
 
     fn ctr(&self, args: &[&str]) -> Output {
-        self.ctr_cmd(args).output().expect("ctr")
+        self.refd.ctr(args)
     }
 
     /// `ctr run --fifo-dir ... --runtime io.containerd.berth.v2 <extra> IMAGE id <cmd>`.
@@ -227,13 +136,6 @@ impl Env {
     }
 }
 
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = self.refd("clean");
-        let _ = std::fs::remove_dir_all(&self.work);
-    }
-}
-
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -259,8 +161,7 @@ fn rss_kb(pid: u32) -> Option<u64> {
 
 #[test]
 fn run_rm_output_and_exit_codes() {
-    require_env!();
-    let env = Env::new("run");
+    let env = Env::new();
     let o = env.run(&["--rm"], "echo", &["echo", "hi"]);
     assert!(o.status.success(), "{}", show(&o));
     assert_eq!(stdout(&o), "hi\n");
@@ -319,8 +220,7 @@ fn run_rm_output_and_exit_codes() {
 
 #[test]
 fn detached_task_lifecycle() {
-    require_env!();
-    let env = Env::new("life");
+    let env = Env::new();
     let o = env.run(&["-d"], "d1", &["sleep", "1000"]);
     assert!(o.status.success(), "{}", show(&o));
     assert_eq!(env.task_status("d1").as_deref(), Some("RUNNING"));
@@ -444,18 +344,17 @@ fn detached_task_lifecycle() {
 
 #[test]
 fn terminal_mode() {
-    require_env!();
-    if !have("script") {
-        eprintln!(
-            "SKIP: `script` (util-linux) not found; the console-socket path needs a tty for ctr"
-        );
-        return;
-    }
-    let env = Env::new("tty");
+    assert!(
+        have("script"),
+        "`script` not found: the console-socket path needs a tty for ctr; \
+         run scripts/install-deps (bsdutils)"
+    );
+    let env = Env::new();
     let run = |id: &str, cmd: &str| {
         let line = format!(
-            "ctr --address {} run --fifo-dir {} -t --rm --runtime io.containerd.berth.v2 {IMAGE} {id} sh -c '{cmd}'",
-            env.addr, env.fifo
+            "{} run --fifo-dir {} -t --rm --runtime io.containerd.berth.v2 {IMAGE} {id} sh -c '{cmd}'",
+            env.refd.ctr_line(),
+            env.fifo
         );
         Command::new("timeout")
             .args(["-k", "5", "60", "script", "-qec", &line, "/dev/null"])
@@ -471,8 +370,9 @@ fn terminal_mode() {
     let o = env.run(&["-d"], "t2", &["sleep", "1000"]);
     assert!(o.status.success(), "{}", show(&o));
     let line = format!(
-        "ctr --address {} task exec --fifo-dir {} -t --exec-id x t2 sh -c 'tty; exit 6'",
-        env.addr, env.fifo
+        "{} task exec --fifo-dir {} -t --exec-id x t2 sh -c 'tty; exit 6'",
+        env.refd.ctr_line(),
+        env.fifo
     );
     let o = Command::new("timeout")
         .args(["-k", "5", "60", "script", "-qec", &line, "/dev/null"])
@@ -489,11 +389,16 @@ fn terminal_mode() {
 
 #[test]
 fn events_and_oom() {
-    require_env!();
-    let env = Env::new("events");
+    let env = Env::new();
     // Not under `timeout`: killing it must end ctr itself, or its stdout never closes.
     let mut events = Command::new("ctr")
-        .args(["--address", &env.addr, "events"])
+        .args([
+            "--address",
+            &env.addr,
+            "--namespace",
+            env.refd.namespace(),
+            "events",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -555,8 +460,7 @@ fn events_and_oom() {
 
 #[test]
 fn dead_shim_is_cleaned_up_by_delete_action() {
-    require_env!();
-    let env = Env::new("dead");
+    let env = Env::new();
     assert!(env.run(&["-d"], "k1", &["sleep", "1000"]).status.success());
     let shim = env
         .shim_pid("containerd-shim-berth-v2", "k1")
@@ -585,23 +489,37 @@ fn dead_shim_is_cleaned_up_by_delete_action() {
     assert!(env.task_status("k1").is_none(), "task still listed");
 }
 
-/// The release binary to measure: BERTH_SHIM_RELEASE_BIN, or the deployable build made by
-/// crates/shim/build-release.sh (static-pie, size-optimised) in `<target>/shim-static`, a
-/// target dir of its own, so as not to wait on this test run's build lock.
-fn release_shim() -> Option<PathBuf> {
+/// The release binary to measure: `$BERTH_SHIM_RELEASE_BIN` when set (CI or a developer
+/// that already has the deployable build), else crates/shim/build-release.sh's deployable
+/// build (static-pie, size-optimised) in `<target>/shim-static`, a target dir of its own so
+/// as not to wait on this test run's build lock. That build costs minutes once in a fresh
+/// target dir and is a no-op afterwards (cargo), so it runs at most once per test process.
+fn release_shim() -> PathBuf {
     if let Some(p) = std::env::var_os("BERTH_SHIM_RELEASE_BIN") {
-        return Some(PathBuf::from(p));
+        let p = PathBuf::from(p);
+        assert!(
+            p.is_file(),
+            "BERTH_SHIM_RELEASE_BIN={} is not a file",
+            p.display()
+        );
+        return p;
     }
-    let target = Path::new(SHIM).parent()?.parent()?;
+    static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = built.as_ref() {
+        return p.clone();
+    }
+    let target = Path::new(SHIM).parent().unwrap().parent().unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("build-release.sh");
     let mut c = Command::new("bash");
     c.arg(&script)
         .env("CARGO_TARGET_DIR", target)
         .env_remove("RUSTFLAGS")
-        .stdin(Stdio::null());
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit());
     if let Ok(cargo) = std::env::var("CARGO") {
         // The same toolchain as this test run.
-        let dir = Path::new(&cargo).parent()?.to_path_buf();
+        let dir = Path::new(&cargo).parent().unwrap().to_path_buf();
         c.env(
             "PATH",
             format!(
@@ -611,27 +529,43 @@ fn release_shim() -> Option<PathBuf> {
             ),
         );
     }
-    let out = c.stderr(Stdio::inherit()).output().ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let path = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()?
-        .trim()
-        .to_string();
-    Some(PathBuf::from(path))
+    let t = Instant::now();
+    let out = c.output().expect("running crates/shim/build-release.sh");
+    assert!(
+        out.status.success(),
+        "crates/shim/build-release.sh failed ({}); see its output above",
+        out.status
+    );
+    let path = PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("build-release.sh prints the binary's path")
+            .trim(),
+    );
+    assert!(
+        path.is_file(),
+        "build-release.sh printed {}",
+        path.display()
+    );
+    eprintln!(
+        "release shim {} ready in {:.1}s",
+        path.display(),
+        t.elapsed().as_secs_f64()
+    );
+    *built = Some(path.clone());
+    path
 }
 
 #[test]
 fn shim_rss_release() {
-    require_env!();
-    if std::env::consts::ARCH != "x86_64" {
-        eprintln!("SKIP: the static release build recipe is for x86_64");
-        return;
-    }
-    let bin = release_shim().expect("building the static release shim");
-    let env = Env::new("rss");
+    assert_eq!(
+        std::env::consts::ARCH,
+        "x86_64",
+        "the static release build recipe (build-release.sh) and the RSS budget are for x86_64"
+    );
+    let bin = release_shim();
+    let env = Env::new();
     let o = env.ctr(&[
         "run",
         "--fifo-dir",
@@ -690,31 +624,23 @@ fn shim_rss_release() {
 
 #[test]
 fn tasks_survive_a_daemon_restart() {
-    require_env!();
-    let env = Env::new("restart");
+    let mut env = Env::new();
     assert!(env.run(&["-d"], "rs", &["sleep", "1000"]).status.success());
     let shim = env
         .shim_pid("containerd-shim-berth-v2", "rs")
         .expect("shim");
-    // Stop only containerd (not the shims, as `refd.sh stop` would), then start it again:
-    // it must find the shim through the bundle's `address` file and reconnect.
-    let pid: i32 = std::fs::read_to_string(env.work.join("ref/pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let t = Instant::now();
-    while Path::new(&format!("/proc/{pid}")).exists() && t.elapsed() < Duration::from_secs(15) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(rss_kb(shim).is_some(), "the shim must outlive the daemon");
-    let out = env.refd("start");
+    // Stop only containerd (not the shims, as dropping the daemon would), then start it
+    // again: it must find the shim through the bundle's `address` file and reconnect.
+    let pid = env.refd.pid().expect("containerd pid");
+    env.refd.stop_daemon();
     assert!(
-        out.status.success(),
-        "refd restart: {}",
-        String::from_utf8_lossy(&out.stderr)
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "containerd {pid} did not stop"
     );
+    assert!(rss_kb(shim).is_some(), "the shim must outlive the daemon");
+    env.refd
+        .spawn()
+        .unwrap_or_else(|log| panic!("containerd restart:\n{log}"));
     assert_eq!(env.task_status("rs").as_deref(), Some("RUNNING"));
     let o = env.ctr(&[
         "task",

@@ -74,6 +74,8 @@ impl Drop for Guard {
         if let Some(p) = self.shim_pid {
             unsafe { libc::kill(p as i32, libc::SIGKILL) };
         }
+        // Anything else still running from our directory (a shim whose pid was not read yet).
+        berth_testkit::kill_processes_under(&self.dir);
         let rootfs = self.dir.join("bundle/rootfs");
         for _ in 0..4 {
             let c = std::ffi::CString::new(rootfs.to_string_lossy().as_bytes()).unwrap();
@@ -100,21 +102,19 @@ fn ctx() -> context::Context {
 
 #[test]
 fn task_api_over_ttrpc() {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: not root");
-        return;
-    }
-    let Some(runc) = have("runc") else {
-        eprintln!("SKIP: runc not found");
-        return;
-    };
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "the direct shim test needs root (runc, mounts); run it as root, as CI does"
+    );
+    let runc = have("runc").expect("runc not found in PATH: run scripts/install-deps");
     let busybox = std::env::var_os("BUSYBOX_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| "/usr/bin/busybox".into());
-    if !busybox.exists() {
-        eprintln!("SKIP: no static busybox");
-        return;
-    }
+    assert!(
+        busybox.exists(),
+        "no static busybox at {}: run scripts/install-deps (busybox-static) or set BUSYBOX_BIN",
+        busybox.display()
+    );
     let dir = std::env::temp_dir().join(format!("berth-shim-direct-{}", std::process::id()));
     let id = format!("berth-direct-{}", std::process::id());
     let mut guard = Guard {
@@ -437,6 +437,7 @@ fn delete_action_prints_a_delete_response() {
         .arg(&dir)
         .arg("delete")
         .current_dir(&dir)
+        .env("BERTH_SHIM_SOCKET_DIR", dir.join("s"))
         .stdin(Stdio::null())
         .output()
         .unwrap();

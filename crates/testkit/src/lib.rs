@@ -5,6 +5,8 @@
 //! containerd package, and on drop stops it by PID and removes every mount and directory
 //! it made. [`fixtures`] builds the project's own OCI test images once per target dir.
 
+pub mod refd;
+
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
