@@ -111,6 +111,25 @@ impl ContentWriter {
 #[async_trait::async_trait]
 impl BlobSink for ContentSink {
     async fn open(&self, desc: &Descriptor) -> Result<Option<Box<dyn BlobWriter>>> {
+        // Another pull of the same blob holds the ingest: wait for it (up to 5 minutes).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        loop {
+            match self.try_open(desc).await {
+                Err(e)
+                    if e.is(ErrorKind::Unavailable)
+                        && e.message().contains("locked")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+impl ContentSink {
+    async fn try_open(&self, desc: &Descriptor) -> Result<Option<Box<dyn BlobWriter>>> {
         let digest = desc.digest().to_string();
         match self
             .client

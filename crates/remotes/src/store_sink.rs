@@ -18,6 +18,8 @@ use oci_spec::image::Descriptor;
 use std::sync::Arc;
 
 const BATCH: usize = 1 << 20;
+/// How long `open` waits for another writer of the same ingest.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 
 pub struct ContentStoreSink {
     pub store: Arc<dyn ContentStore>,
@@ -77,35 +79,45 @@ impl StoreWriter {
 impl BlobSink for ContentStoreSink {
     async fn open(&self, desc: &Descriptor) -> Result<Option<Box<dyn BlobWriter>>> {
         let digest = Digest::parse(desc.digest().as_ref())?;
-        let store = self.store.clone();
-        let scope = self.scope.clone();
         let size = desc.size() as i64;
         let r#ref = format!("pull-{digest}");
-        let rf = r#ref.clone();
-        let opened = blocking(move || {
-            match store.info(&scope, &digest) {
-                Ok(_) => return Ok(None),
-                Err(e) if e.is(ErrorKind::NotFound) => {}
+        // Another pull of the same blob holds the ingest: wait for it to finish or give up.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let (writer, offset) = loop {
+            let (store, scope, rf, digest) = (
+                self.store.clone(),
+                self.scope.clone(),
+                r#ref.clone(),
+                digest.clone(),
+            );
+            let opened = blocking(move || {
+                match store.info(&scope, &digest) {
+                    Ok(_) => return Ok(None),
+                    Err(e) if e.is(ErrorKind::NotFound) => {}
+                    Err(e) => return Err(e),
+                }
+                let w = store.writer(
+                    &scope,
+                    WriterOpts {
+                        r#ref: rf,
+                        total: size,
+                        expected: Some(digest),
+                    },
+                )?;
+                let offset = w.status()?.offset.max(0) as u64;
+                Ok(Some((w, offset)))
+            })
+            .await;
+            match opened {
+                Ok(Some(x)) => break x,
+                Ok(None) => return Ok(None),
+                // Committed by someone else between the check and the writer.
+                Err(e) if e.is(ErrorKind::AlreadyExists) => return Ok(None),
+                Err(e) if e.is(ErrorKind::Unavailable) && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
                 Err(e) => return Err(e),
             }
-            let w = store.writer(
-                &scope,
-                WriterOpts {
-                    r#ref: rf,
-                    total: size,
-                    expected: Some(digest),
-                },
-            )?;
-            let offset = w.status()?.offset.max(0) as u64;
-            Ok(Some((w, offset)))
-        })
-        .await;
-        let (writer, offset) = match opened {
-            Ok(Some(x)) => x,
-            Ok(None) => return Ok(None),
-            // Committed by someone else between the check and the writer.
-            Err(e) if e.is(ErrorKind::AlreadyExists) => return Ok(None),
-            Err(e) => return Err(e),
         };
         let keep = manifest::is_manifest_like(desc.media_type().as_ref()).then(Vec::new);
         Ok(Some(Box::new(StoreWriter {

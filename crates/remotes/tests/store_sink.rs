@@ -26,12 +26,20 @@ type Blobs = Arc<Mutex<HashMap<String, (Vec<u8>, Labels)>>>;
 struct MemStore {
     blobs: Blobs,
     ingests: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+    locked: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 struct MemWriter {
     r#ref: String,
     blobs: Blobs,
     ingests: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+    locked: Arc<Mutex<std::collections::HashSet<String>>>,
+}
+
+impl Drop for MemWriter {
+    fn drop(&mut self) {
+        self.locked.lock().unwrap().remove(&self.r#ref);
+    }
 }
 
 fn sha(data: &[u8]) -> Digest {
@@ -127,6 +135,9 @@ impl ContentStore for MemStore {
         Err(Error::not_implemented("reader_at"))
     }
     fn writer(&self, _: &Scope, opts: WriterOpts) -> Result<Box<dyn Writer>> {
+        if !self.locked.lock().unwrap().insert(opts.r#ref.clone()) {
+            return Err(Error::unavailable(format!("ref {} locked", opts.r#ref)));
+        }
         self.ingests
             .lock()
             .unwrap()
@@ -136,6 +147,7 @@ impl ContentStore for MemStore {
             r#ref: opts.r#ref,
             blobs: self.blobs.clone(),
             ingests: self.ingests.clone(),
+            locked: self.locked.clone(),
         }))
     }
     fn status(&self, _: &Scope, r#ref: &str) -> Result<Status> {
@@ -289,4 +301,27 @@ async fn a_corrupted_ingest_is_discarded_not_committed() {
         store.blobs.lock().unwrap()[&layer.digest().to_string()].0,
         img.layers[0].1.as_ref()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pulls_of_shared_blobs_wait_for_each_other() {
+    let reg = Registry::start(RegistryConfig::default());
+    let r = resolver(None, &[]);
+    let reference = Reference::parse(&format!("{}/store/twice:v1", reg.host())).unwrap();
+    let img = make_image("amd64", vec![noise(220, 4 << 20), noise(221, 100)]);
+    push_image(&r, &reference, &img, true).await;
+    let store = Arc::new(MemStore::default());
+    let sink = ContentStoreSink::new(store.clone(), Scope::new("default"));
+    let (o1, o2) = (opts(), opts());
+    let (a, b) = tokio::join!(
+        pull::pull(&r, &reference, &sink, &o1),
+        pull::pull(&r, &reference, &sink, &o2)
+    );
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(
+        store.blobs.lock().unwrap()[&img.layers[0].0.digest().to_string()].0,
+        img.layers[0].1.as_ref()
+    );
+    assert!(store.ingests.lock().unwrap().is_empty());
 }
