@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 
 /// The workspace root (this crate lives in `crates/testkit`).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
 }
 
 fn target_dir() -> PathBuf {
@@ -49,7 +52,10 @@ pub fn berthd_binary() -> PathBuf {
 pub fn fixtures() -> PathBuf {
     let out = target_dir().join("fixtures");
     let script = workspace_root().join("tests/fixtures/build-images.sh");
-    let output = Command::new(&script).arg(&out).output().expect("running build-images.sh");
+    let output = Command::new(&script)
+        .arg(&out)
+        .output()
+        .expect("running build-images.sh");
     assert!(
         output.status.success(),
         "build-images.sh failed: {}",
@@ -61,8 +67,15 @@ pub fn fixtures() -> PathBuf {
 /// The listing `tests/fixtures/tree-listing.sh` prints for `root`.
 pub fn tree_listing(root: &Path) -> String {
     let script = workspace_root().join("tests/fixtures/tree-listing.sh");
-    let output = Command::new(script).arg(root).output().expect("running tree-listing.sh");
-    assert!(output.status.success(), "tree-listing.sh: {}", String::from_utf8_lossy(&output.stderr));
+    let output = Command::new(script)
+        .arg(root)
+        .output()
+        .expect("running tree-listing.sh");
+    assert!(
+        output.status.success(),
+        "tree-listing.sh: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8(output.stdout).expect("listing is UTF-8")
 }
 
@@ -96,7 +109,9 @@ impl Daemon {
     /// Starts berthd with `extra` appended to the generated config (plugin sections etc.).
     pub fn start_with_config(extra: &str) -> Daemon {
         let mut daemon = Self::prepare(extra);
-        daemon.spawn().unwrap_or_else(|log| panic!("berthd did not start:\n{log}"));
+        daemon
+            .spawn()
+            .unwrap_or_else(|log| panic!("berthd did not start:\n{log}"));
         daemon
     }
 
@@ -104,7 +119,10 @@ impl Daemon {
     /// expect start-up to fail); call [`Daemon::spawn`] to start it.
     pub fn prepare(extra: &str) -> Daemon {
         // Short base path: unix socket paths are limited to 108 bytes.
-        let dir = tempfile::Builder::new().prefix("bt-").tempdir_in("/tmp").expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("bt-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
         let root = dir.path().join("root");
         let state = dir.path().join("state");
         let socket = dir.path().join("s.sock");
@@ -119,13 +137,25 @@ impl Daemon {
         )
         .expect("writing config");
         let log = dir.path().join("berthd.log");
-        Daemon { root, state, socket, config, child: None, log, dir }
+        Daemon {
+            root,
+            state,
+            socket,
+            config,
+            child: None,
+            log,
+            dir,
+        }
     }
 
     /// Starts the daemon and waits until `ctr version` answers; on failure returns the
     /// daemon's log.
     pub fn spawn(&mut self) -> Result<(), String> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(berthd_binary())
             .arg("--config")
             .arg(&self.config)
@@ -180,7 +210,12 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("running ctr");
-        child.stdin.take().unwrap().write_all(stdin).expect("writing ctr input");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin)
+            .expect("writing ctr input");
         child.wait_with_output().expect("waiting for ctr")
     }
 
@@ -252,7 +287,8 @@ impl Daemon {
     /// Stops and starts the daemon on the same root/state (restart tests).
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn().unwrap_or_else(|log| panic!("berthd did not restart:\n{log}"));
+        self.spawn()
+            .unwrap_or_else(|log| panic!("berthd did not restart:\n{log}"));
     }
 
     /// Mount points under this daemon's directory, deepest first.
@@ -286,14 +322,23 @@ impl Drop for Daemon {
 
 /// Kills every process whose cwd or executable lies under `dir`.
 pub fn kill_processes_under(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
     for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         let under = |link: &str| {
-            std::fs::read_link(entry.path().join(link)).map(|p| p.starts_with(dir)).unwrap_or(false)
+            std::fs::read_link(entry.path().join(link))
+                .map(|p| p.starts_with(dir))
+                .unwrap_or(false)
         };
         if under("cwd") || under("exe") {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
