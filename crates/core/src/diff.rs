@@ -3,10 +3,10 @@
 //! Both are async: they read or write the content store and the file system on tokio's
 //! blocking pool, and the diff service calls them from async handlers.
 
+use crate::Result;
 use crate::content::{Descriptor, Scope};
 use crate::labels::Labels;
 use crate::mount::Mount;
-use crate::Result;
 use std::collections::HashMap;
 
 /// Options of an apply.
