@@ -258,11 +258,15 @@ impl NamespacedSnapshotter {
         let backend_parent = if parent.is_empty() {
             String::new()
         } else {
-            s.get(&self.ns, parent)?
-                .ok_or_else(|| {
-                    Error::not_found(format!("parent snapshot {parent} does not exist"))
-                })?
-                .backend_key
+            let record = s.get(&self.ns, parent)?.ok_or_else(|| {
+                Error::not_found(format!("parent snapshot {parent} does not exist"))
+            })?;
+            if record.kind() != Kind::Committed {
+                return Err(Error::invalid_argument(format!(
+                    "parent {parent:?} is not committed snapshot"
+                )));
+            }
+            record.backend_key
         };
         let backend_key = format!("{}/{}/{key}", self.ns, s.next_seq()?);
         let backend_labels = inherited(&labels);
