@@ -192,10 +192,15 @@ impl BlobWriter for ContentWriter {
     fn offset(&self) -> u64 {
         self.sent
     }
+    fn verifies_digest_on_commit(&self) -> bool {
+        // berthd's commit checks the expected digest, so an ingest left by an interrupted
+        // pull is continued from its offset without reading it back.
+        true
+    }
     async fn read_written(
         &mut self,
     ) -> Result<Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>> {
-        // The content API cannot read an unfinished ingest back: start over.
+        // The content API cannot read an unfinished ingest back.
         Ok(None)
     }
     async fn truncate(&mut self) -> Result<()> {
@@ -241,16 +246,24 @@ impl BlobWriter for ContentWriter {
             client, r#ref, tx, ..
         } = *self;
         drop(tx);
-        match client
-            .content()
-            .abort(client.request(AbortRequest {
-                r#ref: r#ref.clone(),
-            }))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
-            Err(s) => Err(grpc_err(&format!("abort {ref}"), s)),
+        // Closing the stream releases the ref a moment later: retry while it is locked.
+        let mut attempts = 0;
+        loop {
+            match client
+                .content()
+                .abort(client.request(AbortRequest {
+                    r#ref: r#ref.clone(),
+                }))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(s) if s.code() == tonic::Code::NotFound => return Ok(()),
+                Err(s) if s.code() == tonic::Code::Unavailable && attempts < 50 => {
+                    attempts += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(s) => return Err(grpc_err(&format!("abort {ref}"), s)),
+            }
         }
     }
     async fn close(mut self: Box<Self>) -> Result<()> {

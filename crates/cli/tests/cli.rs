@@ -232,6 +232,19 @@ fn version_info_images_pull_rmi_against_berthd() {
     let host = format!("127.0.0.1:{}", reg.port);
     let digest = push_test_image(&host, "cli/app:v1");
     let image = format!("{host}/cli/app:v1");
+
+    // An ingest left by an interrupted pull (half of layer 0 written, then the client
+    // went away) is continued, not restarted.
+    let layer0 = tar_of(&[("etc/hello", vec![7u8; 300_000])]);
+    let layer0_digest = berth_remotes::manifest::descriptor_for("x", &layer0)
+        .digest()
+        .to_string();
+    write_partial_ingest(
+        &d.socket,
+        &format!("berth-pull-{layer0_digest}"),
+        &layer0[..layer0.len() / 2],
+        layer0.len(),
+    );
     let o = run(&["pull", "--json", "--hosts-dir", "/nonexistent", &image]);
     let (out, err) = text(&o);
     assert!(
@@ -245,6 +258,12 @@ fn version_info_images_pull_rmi_against_berthd() {
     assert!(
         out.lines()
             .any(|l| l.contains("\"state\":\"done\"") && l.contains("layer 1")),
+        "{out}"
+    );
+    let resumed = format!("\"offset\":{},\"state\":\"resuming\"", layer0.len() / 2);
+    assert!(
+        out.lines()
+            .any(|l| l.contains(&resumed) && l.contains("layer 0")),
         "{out}"
     );
 
@@ -289,4 +308,44 @@ fn version_info_images_pull_rmi_against_berthd() {
     assert!(o.status.success(), "{}", text(&o).1);
     let o = run(&["images", "-q"]);
     assert!(!text(&o).0.contains(&image));
+}
+
+/// Writes `data` into the ingest `ref` through the content API's Write stream and goes
+/// away without committing.
+fn write_partial_ingest(socket: &Path, r#ref: &str, data: &[u8], total: usize) {
+    use berth_api::services::content::v1::{WriteAction, WriteContentRequest};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = berth_cli::client::Client::connect(&socket.display().to_string(), "default")
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        for (action, offset, data) in [
+            (WriteAction::Stat, 0, vec![]),
+            (WriteAction::Write, 0, data.to_vec()),
+        ] {
+            tx.send(WriteContentRequest {
+                action: action as i32,
+                r#ref: r#ref.to_string(),
+                total: total as i64,
+                offset,
+                data,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        let mut responses = client
+            .content()
+            .write(client.request(tokio_stream::wrappers::ReceiverStream::new(rx)))
+            .await
+            .unwrap()
+            .into_inner();
+        use futures::StreamExt;
+        let _stat = responses.next().await.unwrap().unwrap();
+        let written = responses.next().await.unwrap().unwrap();
+        assert_eq!(written.offset as usize, data.len());
+        drop(tx);
+        while responses.next().await.is_some() {}
+    });
 }
