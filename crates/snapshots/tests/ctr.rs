@@ -127,3 +127,66 @@ fn ctr_import_unpacks_exactly_on_native() {
     let d = Daemon::start();
     import_and_check(&d, "native");
 }
+
+/// btrfs needs its root on btrfs: a loop-mounted image, given to the plugin as
+/// `root_path`.
+#[test]
+fn ctr_import_unpacks_exactly_on_btrfs() {
+    if !is_root() || !berth_testkit::have("mkfs.btrfs") {
+        eprintln!("skipped: needs root and btrfs-progs");
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("bb-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let img = dir.path().join("btrfs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let run = |cmd: &str, args: &[&std::ffi::OsStr]| {
+        let ok = std::process::Command::new(cmd)
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "{cmd} {args:?}");
+    };
+    run(
+        "mkfs.btrfs",
+        &["-q".as_ref(), "-f".as_ref(), img.as_os_str()],
+    );
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    run(
+        "mount",
+        &[
+            "-o".as_ref(),
+            "loop".as_ref(),
+            img.as_os_str(),
+            mnt.as_os_str(),
+        ],
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    {
+        let d = Daemon::start_with_config(&format!(
+            "[plugins.\"io.containerd.snapshotter.v1.btrfs\"]\n  root_path = {:?}\n",
+            mnt.join("root").display().to_string()
+        ));
+        let plugins = d.ctr_ok(&["plugins", "ls"]);
+        assert!(
+            plugins
+                .lines()
+                .any(|l| l.contains("btrfs") && l.contains(" ok")),
+            "{plugins}"
+        );
+        import_and_check(&d, "btrfs");
+    }
+}
