@@ -681,8 +681,15 @@ impl GcResource for SnapshotGc {
             }
         };
         match &self.runtime {
+            // Synchronously, so a sync GC (`images rm --sync`) returns after the backend
+            // snapshots are gone: the future is driven on a thread of its own, which
+            // works whether the collector runs on a blocking thread or not.
             Some(handle) => {
-                handle.spawn(work);
+                let handle = handle.clone();
+                let joined = std::thread::spawn(move || handle.block_on(work)).join();
+                if joined.is_err() {
+                    tracing::warn!("snapshot cleanup panicked");
+                }
             }
             None => {
                 tracing::warn!("no runtime for snapshot cleanup");
@@ -834,6 +841,39 @@ mod tests {
         s.prepare("z", "", Labels::new()).await.unwrap();
         let err = db.db.delete_namespace("default").unwrap_err();
         assert!(err.to_string().contains("snapshots"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn garbage_collection_sweeps_unreferenced_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(MetadataStore::open(&dir.path().join("m.db")).unwrap());
+        let fake = Arc::new(Fake::default());
+        let db = SnapshotDb::new("fake", fake.clone(), store.clone());
+        store.register_gc_resource(SnapshotGc::new(
+            [("fake".to_string(), db.clone())].into_iter().collect(),
+        ));
+        let s = db.namespaced("default", None);
+        let root: Labels = [(GC_ROOT.to_string(), "x".to_string())].into();
+        s.prepare("base-a", "", Labels::new()).await.unwrap();
+        s.commit("base", "base-a", Labels::new()).await.unwrap();
+        s.prepare("kept", "base", root).await.unwrap();
+        s.prepare("garbage", "", Labels::new()).await.unwrap();
+        let collector = crate::gc::Collector::new(store.clone());
+        tokio::task::spawn_blocking(move || collector.collect())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut names: Vec<String> = s
+            .walk(&[])
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        names.sort();
+        // The root keeps its parent; the unreferenced snapshot is gone, backend too.
+        assert_eq!(names, ["base", "kept"]);
+        assert_eq!(fake.snaps.lock().unwrap().len(), 2);
     }
 
     #[tokio::test]
