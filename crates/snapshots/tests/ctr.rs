@@ -190,3 +190,63 @@ fn ctr_import_unpacks_exactly_on_btrfs() {
         import_and_check(&d, "btrfs");
     }
 }
+
+/// Snapshot events reach `ctr events`, and removing an image lets the garbage collector
+/// remove its unpacked snapshots, records and directories alike.
+#[test]
+fn ctr_events_and_garbage_collection() {
+    if !is_root() {
+        return;
+    }
+    let d = Daemon::start();
+    let mut events = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(&d.socket)
+        .arg("events")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    d.ctr_ok(&["snapshots", "prepare", "ev", ""]);
+    d.ctr_ok(&["snapshots", "commit", "ev-c", "ev"]);
+    d.ctr_ok(&["snapshots", "rm", "ev-c"]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    events.kill().unwrap();
+    let out = events.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.contains("/snapshot/prepare") && out.contains("\"key\":\"ev\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("/snapshot/commit") && out.contains("\"name\":\"ev-c\""),
+        "{out}"
+    );
+    assert!(out.contains("/snapshot/remove"), "{out}");
+
+    let fx = fixtures();
+    let tar = fx.join("busybox.oci.tar");
+    d.ctr_ok(&["images", "import", tar.to_str().unwrap()]);
+    assert!(d.ctr_ok(&["snapshots", "ls"]).lines().count() > 1);
+    let images = d.ctr_ok(&["images", "ls", "-q"]);
+    let mut args = vec!["images", "rm", "--sync"];
+    args.extend(images.lines());
+    d.ctr_ok(&args);
+    assert_eq!(
+        d.ctr_ok(&["snapshots", "ls"]).lines().count(),
+        1,
+        "records collected"
+    );
+    let dir = d
+        .root
+        .join("io.containerd.snapshotter.v1.overlayfs/snapshots");
+    let mut left = 1;
+    for _ in 0..50 {
+        left = std::fs::read_dir(&dir).unwrap().count();
+        if left == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(left, 0, "snapshot directories removed");
+}
