@@ -191,7 +191,16 @@ impl<W: Write> DiffWriter<'_, W> {
                 self.links
                     .insert((meta.dev(), meta.ino()), rel.to_path_buf());
             }
-            let mut file = fs::File::open(&full).map_err(|e| io_err("open", &full, e))?;
+            // The tree may be a container's: never follow a symlink swapped in since the
+            // lstat above.
+            let mut file = {
+                use std::os::unix::fs::OpenOptionsExt;
+                fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&full)
+                    .map_err(|e| io_err("open", &full, e))?
+            };
             self.append(
                 rel,
                 Some(meta),
