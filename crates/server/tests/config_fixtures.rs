@@ -1,4 +1,4 @@
-//! The containerd-style sample configs in `../shared/fixtures/` parse without a warning
+//! The containerd-style sample configs in `tests/fixtures/configs/` parse without a warning
 //! and every key lands where it belongs.
 
 use berth_server::config::Config;
@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/fixtures")
+        .join("../../tests/fixtures/configs")
         .join(name)
 }
 
