@@ -94,9 +94,8 @@ pub struct DaemonInfo {
     pub ttrpc_address: String,
     /// Platforms this daemon runs, in containerd's `os/arch[/variant]` form.
     pub platforms: Vec<String>,
-    /// `[grpc] max_recv_message_size` / `max_send_message_size` (0 = tonic's default).
-    /// tonic sets these per service, so gRPC plugins apply them when they build their
-    /// server (`max_decoding_message_size` / `max_encoding_message_size`).
+    /// `[grpc] max_recv_message_size` / `max_send_message_size` (0 = containerd's
+    /// default); services get them as [`MessageLimits`] when they register.
     pub max_recv_message_size: usize,
     pub max_send_message_size: usize,
 }
@@ -514,10 +513,33 @@ pub fn merge_tables(base: &mut toml::Table, overlay: &toml::Table) {
     }
 }
 
+/// The largest gRPC messages the daemon accepts and sends (`[grpc]
+/// max_recv_message_size` / `max_send_message_size`; containerd's default is 16 MiB,
+/// tonic's own 4 MiB). tonic sets them per service, so every service applies them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageLimits {
+    pub max_recv: usize,
+    pub max_send: usize,
+}
+
+impl MessageLimits {
+    /// containerd's default for both directions.
+    pub const DEFAULT: usize = 16 << 20;
+
+    /// The limits of `daemon`, with 0 meaning containerd's default.
+    pub fn of(daemon: &DaemonInfo) -> MessageLimits {
+        let or_default = |size: usize| if size == 0 { Self::DEFAULT } else { size };
+        MessageLimits {
+            max_recv: or_default(daemon.max_recv_message_size),
+            max_send: or_default(daemon.max_send_message_size),
+        }
+    }
+}
+
 /// A gRPC service plugin: adds its tonic services to the daemon's router.
 /// Plugins of type [`types::GRPC`] store an `Arc<dyn GrpcService>` as their instance.
 pub trait GrpcService: Send + Sync {
-    fn register(&self, routes: &mut tonic::service::RoutesBuilder);
+    fn register(&self, routes: &mut tonic::service::RoutesBuilder, limits: MessageLimits);
 }
 
 /// Wraps a gRPC service for storage as a plugin instance.

@@ -182,6 +182,7 @@ async fn serve(mut config: Config, started: Instant) -> anyhow::Result<()> {
         max_recv_message_size: config.grpc.max_recv_message_size,
         max_send_message_size: config.grpc.max_send_message_size,
     });
+    let message_limits = berth_plugin::MessageLimits::of(&daemon);
     let exchange = Exchange::new();
     let options = InitOptions {
         daemon,
@@ -240,7 +241,7 @@ async fn serve(mut config: Config, started: Instant) -> anyhow::Result<()> {
         .context("ttrpc endpoint")?;
     tracing::info!(address = %ttrpc_path.display(), "serving ttrpc");
 
-    let routes = grpc_routes(&plugins);
+    let routes = grpc_routes(&plugins, message_limits);
     let (stop_grpc, grpc_stopped) = tokio::sync::watch::channel(false);
     let mut grpc_servers = Vec::new();
     if !config.grpc.tcp_address.is_empty() {
@@ -339,11 +340,11 @@ async fn wait_for(mut stop: tokio::sync::watch::Receiver<bool>) {
 }
 
 /// Every loaded gRPC plugin's services on one router.
-fn grpc_routes(plugins: &PluginSet) -> tonic::service::Routes {
+fn grpc_routes(plugins: &PluginSet, limits: berth_plugin::MessageLimits) -> tonic::service::Routes {
     let mut builder = tonic::service::RoutesBuilder::default();
     for (id, service) in plugins.get_all::<Arc<dyn GrpcService>>(types::GRPC) {
         tracing::debug!(plugin = %id, "registering gRPC service");
-        service.register(&mut builder);
+        service.register(&mut builder, limits);
     }
     builder.routes()
 }

@@ -226,8 +226,15 @@ impl containers_server::Containers for ContainersService {
 }
 
 impl GrpcService for ContainersService {
-    fn register(&self, routes: &mut tonic::service::RoutesBuilder) {
-        routes.add_service(containers_server::ContainersServer::new(self.clone()));
+    fn register(
+        &self,
+        routes: &mut tonic::service::RoutesBuilder,
+        limits: berth_plugin::MessageLimits,
+    ) {
+        routes.add_service(crate::limited!(
+            containers_server::ContainersServer::new(self.clone()),
+            limits
+        ));
     }
 }
 

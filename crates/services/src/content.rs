@@ -507,12 +507,15 @@ async fn write_session(
 }
 
 impl GrpcService for ContentService {
-    fn register(&self, routes: &mut tonic::service::RoutesBuilder) {
-        routes.add_service(
-            content_server::ContentServer::new(self.clone())
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20),
-        );
+    fn register(
+        &self,
+        routes: &mut tonic::service::RoutesBuilder,
+        limits: berth_plugin::MessageLimits,
+    ) {
+        routes.add_service(crate::limited!(
+            content_server::ContentServer::new(self.clone()),
+            limits
+        ));
     }
 }
 

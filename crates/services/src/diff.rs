@@ -133,8 +133,15 @@ impl diff_server::Diff for DiffService {
 }
 
 impl GrpcService for DiffService {
-    fn register(&self, routes: &mut tonic::service::RoutesBuilder) {
-        routes.add_service(diff_server::DiffServer::new(self.clone()));
+    fn register(
+        &self,
+        routes: &mut tonic::service::RoutesBuilder,
+        limits: berth_plugin::MessageLimits,
+    ) {
+        routes.add_service(crate::limited!(
+            diff_server::DiffServer::new(self.clone()),
+            limits
+        ));
     }
 }
 

@@ -138,8 +138,15 @@ impl events_server::Events for EventsService {
 }
 
 impl GrpcService for EventsService {
-    fn register(&self, routes: &mut tonic::service::RoutesBuilder) {
-        routes.add_service(events_server::EventsServer::new(self.clone()));
+    fn register(
+        &self,
+        routes: &mut tonic::service::RoutesBuilder,
+        limits: berth_plugin::MessageLimits,
+    ) {
+        routes.add_service(crate::limited!(
+            events_server::EventsServer::new(self.clone()),
+            limits
+        ));
     }
 }
 

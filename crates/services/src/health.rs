@@ -9,8 +9,12 @@ struct HealthService {
 }
 
 impl GrpcService for HealthService {
-    fn register(&self, routes: &mut tonic::service::RoutesBuilder) {
-        routes.add_service(self.service.clone());
+    fn register(
+        &self,
+        routes: &mut tonic::service::RoutesBuilder,
+        limits: berth_plugin::MessageLimits,
+    ) {
+        routes.add_service(crate::limited!(self.service.clone(), limits));
     }
 }
 

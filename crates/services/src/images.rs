@@ -176,8 +176,15 @@ impl images_server::Images for ImagesService {
 }
 
 impl GrpcService for ImagesService {
-    fn register(&self, routes: &mut tonic::service::RoutesBuilder) {
-        routes.add_service(images_server::ImagesServer::new(self.clone()));
+    fn register(
+        &self,
+        routes: &mut tonic::service::RoutesBuilder,
+        limits: berth_plugin::MessageLimits,
+    ) {
+        routes.add_service(crate::limited!(
+            images_server::ImagesServer::new(self.clone()),
+            limits
+        ));
     }
 }
 

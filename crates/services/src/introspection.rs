@@ -149,8 +149,15 @@ fn load_or_create_uuid(root: PathBuf) -> Result<String> {
 }
 
 impl GrpcService for IntrospectionService {
-    fn register(&self, routes: &mut tonic::service::RoutesBuilder) {
-        routes.add_service(introspection_server::IntrospectionServer::new(self.clone()));
+    fn register(
+        &self,
+        routes: &mut tonic::service::RoutesBuilder,
+        limits: berth_plugin::MessageLimits,
+    ) {
+        routes.add_service(crate::limited!(
+            introspection_server::IntrospectionServer::new(self.clone()),
+            limits
+        ));
     }
 }
 

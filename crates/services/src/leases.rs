@@ -138,8 +138,15 @@ impl leases_server::Leases for LeasesService {
 }
 
 impl GrpcService for LeasesService {
-    fn register(&self, routes: &mut tonic::service::RoutesBuilder) {
-        routes.add_service(leases_server::LeasesServer::new(self.clone()));
+    fn register(
+        &self,
+        routes: &mut tonic::service::RoutesBuilder,
+        limits: berth_plugin::MessageLimits,
+    ) {
+        routes.add_service(crate::limited!(
+            leases_server::LeasesServer::new(self.clone()),
+            limits
+        ));
     }
 }
 

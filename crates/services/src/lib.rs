@@ -20,6 +20,16 @@ pub mod snapshots;
 pub mod tasks;
 pub mod version;
 
+/// Applies the daemon's message size limits to a generated tonic server.
+macro_rules! limited {
+    ($server:expr, $limits:expr) => {
+        $server
+            .max_decoding_message_size($limits.max_recv)
+            .max_encoding_message_size($limits.max_send)
+    };
+}
+pub(crate) use limited;
+
 use berth_core::Error;
 use berth_core::error::ErrorKind;
 use berth_core::namespaces as ns_header;

@@ -170,8 +170,15 @@ impl namespaces_server::Namespaces for NamespacesService {
 }
 
 impl GrpcService for NamespacesService {
-    fn register(&self, routes: &mut tonic::service::RoutesBuilder) {
-        routes.add_service(namespaces_server::NamespacesServer::new(self.clone()));
+    fn register(
+        &self,
+        routes: &mut tonic::service::RoutesBuilder,
+        limits: berth_plugin::MessageLimits,
+    ) {
+        routes.add_service(crate::limited!(
+            namespaces_server::NamespacesServer::new(self.clone()),
+            limits
+        ));
     }
 }
 

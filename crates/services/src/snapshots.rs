@@ -265,8 +265,15 @@ impl snapshots_server::Snapshots for SnapshotsService {
 }
 
 impl GrpcService for SnapshotsService {
-    fn register(&self, routes: &mut tonic::service::RoutesBuilder) {
-        routes.add_service(snapshots_server::SnapshotsServer::new(self.clone()));
+    fn register(
+        &self,
+        routes: &mut tonic::service::RoutesBuilder,
+        limits: berth_plugin::MessageLimits,
+    ) {
+        routes.add_service(crate::limited!(
+            snapshots_server::SnapshotsServer::new(self.clone()),
+            limits
+        ));
     }
 }
 

@@ -412,8 +412,15 @@ impl tasks_server::Tasks for TasksService {
 }
 
 impl GrpcService for TasksService {
-    fn register(&self, routes: &mut tonic::service::RoutesBuilder) {
-        routes.add_service(tasks_server::TasksServer::new(self.clone()));
+    fn register(
+        &self,
+        routes: &mut tonic::service::RoutesBuilder,
+        limits: berth_plugin::MessageLimits,
+    ) {
+        routes.add_service(crate::limited!(
+            tasks_server::TasksServer::new(self.clone()),
+            limits
+        ));
     }
 }
 

@@ -26,8 +26,15 @@ impl version_server::Version for VersionService {
 }
 
 impl GrpcService for VersionService {
-    fn register(&self, routes: &mut tonic::service::RoutesBuilder) {
-        routes.add_service(version_server::VersionServer::new(VersionService));
+    fn register(
+        &self,
+        routes: &mut tonic::service::RoutesBuilder,
+        limits: berth_plugin::MessageLimits,
+    ) {
+        routes.add_service(crate::limited!(
+            version_server::VersionServer::new(VersionService),
+            limits
+        ));
     }
 }
 
