@@ -3,7 +3,8 @@
 //! fixture (whiteouts, opaque dir, symlink, hardlink) on each snapshotter, checked
 //! against the reference unpack.
 
-use berth_testkit::{Daemon, fixtures, tree_listing};
+use berth_testkit::{Daemon, NO_STARTUP_GC, fixtures, tree_listing};
+use std::time::{Duration, Instant};
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
@@ -15,7 +16,10 @@ fn ctr_snapshot_commands() {
         eprintln!("skipped: needs root");
         return;
     }
-    let d = Daemon::start();
+    // The view `v1` is unreferenced (`ctr snapshots view` sets no gc.root label and uses
+    // no lease), so any collection removes it, as containerd's does: keep the start-up
+    // collection out of the way (see `unreferenced_view_is_collected_like_containerd`).
+    let d = Daemon::start_with_config(NO_STARTUP_GC);
     d.ctr_ok(&["snapshots", "prepare", "base", ""]);
     let mounts = d.ctr_ok(&["snapshots", "mounts", "/mnt/x", "base"]);
     assert!(
@@ -56,11 +60,70 @@ fn ctr_snapshot_commands() {
         !d.ctr_ok(&["--namespace", "other", "snapshots", "ls"])
             .contains("base-c")
     );
-    d.ctr_ok(&["snapshots", "rm", "child", "v1", "base-c"]);
+    // The view goes first: removing `child` is a deletion, which schedules a collection
+    // right away (none is pending without the start-up one), and that collection would
+    // take the unreferenced view before `rm` reaches it. `child` and `base-c` are roots.
+    d.ctr_ok(&["snapshots", "rm", "v1", "child", "base-c"]);
     assert_eq!(d.ctr_ok(&["snapshots", "ls"]).lines().count(), 1);
     // Native too.
     d.ctr_ok(&["snapshots", "--snapshotter", "native", "prepare", "n", ""]);
     d.ctr_ok(&["snapshots", "--snapshotter", "native", "rm", "n"]);
+}
+
+/// `ctr snapshots ls` keys.
+fn snapshot_keys(d: &Daemon) -> Vec<String> {
+    d.ctr_ok(&["snapshots", "ls"])
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// Regression for `ctr_snapshot_commands` losing its view: without the start-up
+/// collection, an unreferenced view made right after start-up stays until a collection
+/// runs (the start-up one is `startup_delay` = 100 ms after the GC plugin's init, i.e.
+/// while a test's first commands run).
+#[test]
+fn unreferenced_view_survives_when_no_collection_runs() {
+    if !is_root() {
+        return;
+    }
+    let d = Daemon::start_with_config(NO_STARTUP_GC);
+    d.ctr_ok(&["snapshots", "prepare", "base", ""]);
+    d.ctr_ok(&["snapshots", "commit", "base-c", "base"]);
+    d.ctr_ok(&["snapshots", "view", "v1", "base-c"]);
+    // Well past the default start-up delay.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(snapshot_keys(&d), ["base-c", "v1"]);
+    d.ctr_ok(&["snapshots", "rm", "v1", "base-c"]);
+}
+
+/// containerd's GC semantics (metadata/gc.go): snapshots are roots only when labelled
+/// `containerd.io/gc.root` (which `ctr snapshots prepare` and `commit` set) or leased;
+/// a parent is kept by its children; a view without either is removed by the next
+/// collection, here one a deletion triggers.
+#[test]
+fn unreferenced_view_is_collected_like_containerd() {
+    if !is_root() {
+        return;
+    }
+    let d = Daemon::start_with_config(NO_STARTUP_GC);
+    d.ctr_ok(&["snapshots", "prepare", "base", ""]);
+    d.ctr_ok(&["snapshots", "commit", "base-c", "base"]);
+    d.ctr_ok(&["snapshots", "prepare", "child", "base-c"]);
+    d.ctr_ok(&["snapshots", "view", "v1", "base-c"]);
+    assert_eq!(snapshot_keys(&d), ["base-c", "child", "v1"]);
+    // A deletion schedules a collection.
+    d.ctr_ok(&["snapshots", "prepare", "tmp", ""]);
+    d.ctr_ok(&["snapshots", "rm", "tmp"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut keys = snapshot_keys(&d);
+    while keys.contains(&"v1".to_string()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        keys = snapshot_keys(&d);
+    }
+    assert_eq!(keys, ["base-c", "child"], "{}", d.log());
+    d.ctr_ok(&["snapshots", "rm", "child", "base-c"]);
 }
 
 fn import_and_check(d: &Daemon, snapshotter: &str) {

@@ -89,6 +89,19 @@ pub fn have(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Config for [`Daemon::start_with_config`] that turns off the start-up garbage
+/// collection (`startup_delay = "0s"`, as in containerd: no collection is scheduled).
+///
+/// As in containerd 1.6, a collection removes every snapshot and content record that
+/// nothing references: `ctr snapshots prepare`/`commit` label theirs
+/// `containerd.io/gc.root`, but a `ctr snapshots view` (no label, no lease) is
+/// unreferenced from the moment it exists. The start-up collection runs
+/// `startup_delay` (100 ms) after the GC plugin's init, which is about when berthd starts
+/// answering, so it lands in the middle of a test's first commands. Tests that keep
+/// unreferenced resources around use this; deletions still trigger collections.
+pub const NO_STARTUP_GC: &str =
+    "[plugins.\"io.containerd.gc.v1.scheduler\"]\n  startup_delay = \"0s\"\n";
+
 /// A private `berthd` for one test.
 pub struct Daemon {
     pub dir: tempfile::TempDir,
