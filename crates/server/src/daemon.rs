@@ -187,18 +187,19 @@ async fn serve(mut config: Config, started: Instant) -> anyhow::Result<()> {
     let options = InitOptions {
         daemon,
         events: exchange.clone(),
-        sections: config
-            .plugins
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        // `[plugins]` with the top-level `[stream_processors]` merged into the walking
+        // differ's section.
+        sections: plugins::init_sections(&config),
         disabled: config.disabled_plugins.clone(),
         required: config.required_plugins.clone(),
     };
 
+    // The crates' plugins and one snapshotter per `[proxy_plugins]` entry of type
+    // "snapshot".
+    let registrations = plugins::daemon_registrations(&config);
     // A plugin may block (a database locked by another daemon); signals still stop us.
     let plugins = tokio::select! {
-        result = PluginSet::initialize(plugins::all_registrations(), options) => {
+        result = PluginSet::initialize(registrations, options) => {
             result.map_err(|e| anyhow!("refusing to start: {e}"))?
         }
         _ = terminate.recv() => bail!("terminated while initialising plugins"),

@@ -57,3 +57,106 @@ pub fn stream_processor_section(config: &crate::config::Config) -> Option<(Strin
     section.insert("stream_processors".into(), toml::Value::Table(processors));
     Some(("io.containerd.differ.v1.walking".into(), section))
 }
+
+/// The `[plugins."<uri>"]` sections the plugins are initialised with: the config's own,
+/// plus the top-level `[stream_processors]` merged into the walking differ's
+/// `stream_processors` (an entry the differ's own section gives for the same ID wins).
+pub fn init_sections(
+    config: &crate::config::Config,
+) -> std::collections::HashMap<String, toml::Table> {
+    let mut sections: std::collections::HashMap<String, toml::Table> = config
+        .plugins
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if let Some((uri, extra)) = stream_processor_section(config) {
+        let section = sections.entry(uri).or_default();
+        for (key, value) in extra {
+            match (section.get_mut(&key), value) {
+                (Some(toml::Value::Table(own)), toml::Value::Table(top)) => {
+                    for (id, processor) in top {
+                        own.entry(id).or_insert(processor);
+                    }
+                }
+                (Some(_), _) => {}
+                (None, value) => {
+                    section.insert(key, value);
+                }
+            }
+        }
+    }
+    sections
+}
+
+/// Every registration the daemon initialises: the crates' and the config's proxies.
+pub fn daemon_registrations(config: &crate::config::Config) -> Vec<Registration> {
+    let mut registrations = all_registrations();
+    registrations.extend(proxy_registrations(config));
+    registrations
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, ProxyPlugin, StreamProcessor};
+
+    fn processor(path: &str) -> StreamProcessor {
+        StreamProcessor {
+            accepts: vec!["application/x-custom".into()],
+            returns: "application/vnd.oci.image.layer.v1.tar".into(),
+            path: path.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn stream_processors_reach_the_walking_differ() {
+        let mut config = Config::default();
+        assert!(!init_sections(&config).contains_key("io.containerd.differ.v1.walking"));
+        config
+            .stream_processors
+            .insert("top".into(), processor("/bin/top"));
+        config
+            .stream_processors
+            .insert("both".into(), processor("/bin/top-both"));
+        let own: toml::Table = toml::from_str(
+            "other = 1\n[stream_processors.both]\naccepts = [\"x\"]\nreturns = \"y\"\npath = \"/bin/own\"\n",
+        )
+        .unwrap();
+        config
+            .plugins
+            .insert("io.containerd.differ.v1.walking".into(), own);
+        let sections = init_sections(&config);
+        let walking = &sections["io.containerd.differ.v1.walking"];
+        assert_eq!(walking["other"].as_integer(), Some(1));
+        let processors = walking["stream_processors"].as_table().unwrap();
+        assert_eq!(processors["top"]["path"].as_str(), Some("/bin/top"));
+        assert_eq!(processors["both"]["path"].as_str(), Some("/bin/own"));
+        // The differ decodes it.
+        let decoded: berth_diff::DiffConfig = walking.clone().try_into().unwrap();
+        assert_eq!(decoded.stream_processors.len(), 2);
+    }
+
+    #[test]
+    fn snapshot_proxies_become_snapshotter_registrations() {
+        let mut config = Config::default();
+        let base = daemon_registrations(&config).len();
+        for (name, r#type) in [("myproxy", "snapshot"), ("cs", "content")] {
+            config.proxy_plugins.insert(
+                name.into(),
+                ProxyPlugin {
+                    r#type: r#type.into(),
+                    address: "/run/x.sock".into(),
+                    ..Default::default()
+                },
+            );
+        }
+        let registrations = daemon_registrations(&config);
+        assert_eq!(registrations.len(), base + 1);
+        assert!(
+            registrations
+                .iter()
+                .any(|r| r.uri() == "io.containerd.snapshotter.v1.myproxy")
+        );
+    }
+}

@@ -98,7 +98,8 @@ pub fn have(tool: &str) -> bool {
 /// unreferenced from the moment it exists. The start-up collection runs
 /// `startup_delay` (100 ms) after the GC plugin's init, which is about when berthd starts
 /// answering, so it lands in the middle of a test's first commands. Tests that keep
-/// unreferenced resources around use this; deletions still trigger collections.
+/// unreferenced resources around use this. Deletions still trigger collections, and with
+/// none pending the first deletion's runs right away (remove the unreferenced first).
 pub const NO_STARTUP_GC: &str =
     "[plugins.\"io.containerd.gc.v1.scheduler\"]\n  startup_delay = \"0s\"\n";
 
