@@ -196,7 +196,7 @@ impl<'a> Parser<'a> {
                 Ok(field)
             }
             Some(_) => Err(self.error("expected field or quoted")),
-            None => Err(self.error("unexpected end of input, expected field")),
+            None => Err(self.error("expected field or quoted")),
         }
     }
 
@@ -255,7 +255,7 @@ impl<'a> Parser<'a> {
                 c => out.push(c),
             }
         }
-        Err(self.error("unterminated quoted string"))
+        Err(self.error("quoted literal not terminated"))
     }
 }
 
