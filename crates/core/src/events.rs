@@ -29,8 +29,9 @@ pub struct Exchange {
     sender: broadcast::Sender<Envelope>,
 }
 
-/// How many events a subscriber may fall behind before it loses the oldest.
-const SUBSCRIBER_BACKLOG: usize = 4096;
+/// How many events a subscriber may fall behind before it loses the oldest. The channel
+/// allocates every slot up front (~140 bytes each), so this is idle memory too.
+const SUBSCRIBER_BACKLOG: usize = 1024;
 
 impl Default for Exchange {
     fn default() -> Self {

@@ -3,6 +3,9 @@ use redb::{ReadableTable, TableDefinition};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// redb's page cache for the metadata file (see [`MetadataStore::open`]).
+const CACHE_SIZE: usize = 512 * 1024;
+
 /// Bumped when a record's encoding changes incompatibly.
 pub const SCHEMA_VERSION: u64 = 1;
 
@@ -40,7 +43,12 @@ impl MetadataStore {
             std::fs::create_dir_all(parent)
                 .map_err(|e| db_error(&format!("creating {}", parent.display()), e))?;
         }
-        let db = redb::Database::create(path)
+        // redb keeps every page it has touched up to its cache size (1 GiB by default),
+        // which for a fresh file is ~1 MiB of resident memory; reads beyond this cache are
+        // served by the kernel's page cache, so a small one costs little.
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_SIZE)
+            .create(path)
             .map_err(|e| db_error(&format!("opening {}", path.display()), e))?;
         let store = MetadataStore {
             db,
