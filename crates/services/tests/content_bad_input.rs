@@ -950,3 +950,50 @@ async fn bad_lease_ids_and_resources() {
     );
     assert_same(&stored(&mut c).await, &before);
 }
+
+/// Regression: a client that stops listening to a Write once Commit is answered leaves
+/// the HTTP/2 stream to be reset; after 1024 such resets hyper's default sent GOAWAY
+/// (`too_many_internal_resets`) and every call on the connection failed, so a client
+/// writing many blobs over one connection lost it. containerd has no such limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_writes_on_one_connection() {
+    let d = Daemon::start_with_config(NO_STARTUP_GC);
+    let c = clients(&d).await;
+    let n = 8000;
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        let mut content = c.content.clone();
+        tasks.push(tokio::spawn(async move {
+            let data = format!("blob {i}").into_bytes();
+            let mut m = write_req(content::WriteAction::Commit, &format!("w-{i}"), &data);
+            m.total = data.len() as i64;
+            m.labels = [("containerd.io/gc.root".to_string(), "x".to_string())].into();
+            let mut resp = content
+                .write(ns(tokio_stream::iter([m])))
+                .await
+                .unwrap_or_else(|e| panic!("write {i}: {e:?}"))
+                .into_inner();
+            // Like containerd's Go client, stop listening once Commit is answered
+            // (without waiting for the trailers).
+            let r = resp
+                .message()
+                .await
+                .unwrap_or_else(|e| panic!("commit {i}: {e:?}"))
+                .unwrap();
+            assert!(r.digest.starts_with("sha256:"), "{r:?}");
+            drop(resp);
+            drop(permit);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut c = c;
+    let listed = stored(&mut c).await;
+    assert_eq!(
+        listed.lines().filter(|l| l.starts_with("content ")).count(),
+        n
+    );
+}
