@@ -31,12 +31,6 @@ where
         }
     });
     tonic::transport::Server::builder()
-        // hyper answers more than 1024 streams reset on its side (e.g. a client that
-        // cancels a content Write once Commit is answered, as Go clients do) with GOAWAY
-        // `too_many_internal_resets`, failing every call of a long-lived client that
-        // writes many blobs over one connection. containerd (grpc-go) has no such limit;
-        // the socket is local and permission-checked.
-        .http2_max_local_error_reset_streams(None)
         .layer(count_calls)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
