@@ -322,7 +322,19 @@ fn ctr_images_import_ls_label_export_rm_and_gc() {
 #[test]
 fn ctr_leases_and_prune() {
     let bin = berth_testkit::berthd_binary();
-    let d = Daemon::start(&bin, "");
+    // Unreferenced content is collected by the next collection, which the start-up delay
+    // or any deletion schedules (as in containerd): the pruning part runs first, on a
+    // daemon without the start-up collection, so nothing collects `y` before its label.
+    let d = Daemon::start(&bin, NO_STARTUP_GC);
+    // prune references: unreferenced content goes, rooted content stays.
+    d.ctr_in(&["content", "ingest", "x"], b"prunable");
+    d.ctr_in(&["content", "ingest", "y"], b"rooted");
+    let rooted = format!("sha256:{}", sha256_hex(b"rooted"));
+    d.ok(&["content", "label", &rooted, "containerd.io/gc.root=now"]);
+    d.ok(&["content", "prune", "references"]);
+    let left = d.digests("default");
+    assert!(left.contains(&rooted), "{left:?}");
+
     d.ok(&["leases", "create", "--id", "l1", "a=b"]);
     let ls = d.ok(&["leases", "ls"]);
     assert!(
@@ -338,14 +350,6 @@ fn ctr_leases_and_prune() {
     assert!(!d.ok(&["leases", "ls"]).contains("l1"));
     let o = d.ctr(&["leases", "rm", "l1"]);
     assert!(!o.status.success());
-    // prune references: unreferenced content goes, rooted content stays.
-    d.ctr_in(&["content", "ingest", "x"], b"prunable");
-    d.ctr_in(&["content", "ingest", "y"], b"rooted");
-    let rooted = format!("sha256:{}", sha256_hex(b"rooted"));
-    d.ok(&["content", "label", &rooted, "containerd.io/gc.root=now"]);
-    d.ok(&["content", "prune", "references"]);
-    let left = d.digests("default");
-    assert!(left.contains(&rooted), "{left:?}");
 }
 
 async fn write_msg(
