@@ -79,26 +79,14 @@ struct ContainersService {
 }
 
 impl ContainersService {
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&MetadataStore) -> berth_core::Result<T> + Send + 'static,
-    ) -> Result<T, Status> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| Status::internal(format!("metadata task failed: {e}")))?
-            .or_status()
-    }
-
     async fn list_matching(
         &self,
         ns: String,
         filters: Vec<String>,
     ) -> Result<Vec<Container>, Status> {
         let filter = Filter::parse_all(&filters).or_status()?;
-        let all = self
-            .blocking(move |store| store.list_containers(&ns))
-            .await?;
+        let all =
+            crate::with_metadata(&self.store, move |store| store.list_containers(&ns)).await?;
         Ok(all
             .into_iter()
             .filter(|c| filter.matches(&|path: &[String]| records::filter_field(c, path)))
@@ -115,9 +103,8 @@ impl containers_server::Containers for ContainersService {
     ) -> Result<Response<GetContainerResponse>, Status> {
         let ns = namespace(&request)?;
         let id = request.into_inner().id;
-        let c = self
-            .blocking(move |store| store.get_container(&ns, &id))
-            .await?;
+        let c =
+            crate::with_metadata(&self.store, move |store| store.get_container(&ns, &id)).await?;
         Ok(Response::new(GetContainerResponse {
             container: Some(to_proto(c)),
         }))
@@ -157,9 +144,10 @@ impl containers_server::Containers for ContainersService {
             .ok_or_else(|| crate::status(Error::invalid_argument("container must be set")))?;
         let record = from_proto(requested);
         let store_ns = ns.clone();
-        let created = self
-            .blocking(move |store| store.create_container(&store_ns, record))
-            .await?;
+        let created = crate::with_metadata(&self.store, move |store| {
+            store.create_container(&store_ns, record)
+        })
+        .await?;
         let event = ContainerCreate {
             id: created.id.clone(),
             image: created.image.clone(),
@@ -188,9 +176,10 @@ impl containers_server::Containers for ContainersService {
         let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
         let record = from_proto(requested);
         let store_ns = ns.clone();
-        let updated = self
-            .blocking(move |store| store.update_container(&store_ns, record, &paths))
-            .await?;
+        let updated = crate::with_metadata(&self.store, move |store| {
+            store.update_container(&store_ns, record, &paths)
+        })
+        .await?;
         let event = ContainerUpdate {
             id: updated.id.clone(),
             image: updated.image.clone(),
@@ -212,8 +201,10 @@ impl containers_server::Containers for ContainersService {
         let ns = namespace(&request)?;
         let id = request.into_inner().id;
         let (store_ns, store_id) = (ns.clone(), id.clone());
-        self.blocking(move |store| store.delete_container(&store_ns, &store_id))
-            .await?;
+        crate::with_metadata(&self.store, move |store| {
+            store.delete_container(&store_ns, &store_id)
+        })
+        .await?;
         self.events
             .publish(
                 &ns,

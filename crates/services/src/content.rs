@@ -150,15 +150,6 @@ fn parse_digest(s: &str) -> Result<Digest, Status> {
     Digest::parse(s).map_err(|_| Status::invalid_argument(format!("{s:?} failed validation")))
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(format!("content task failed: {e}")))?
-        .or_status()
-}
-
 const READ_CHUNK: usize = 1 << 20;
 
 #[tonic::async_trait]
@@ -170,7 +161,7 @@ impl content_server::Content for ContentService {
         let scope = scope(&request)?;
         let digest = parse_digest(&request.get_ref().digest)?;
         let store = self.store.clone();
-        let info = blocking(move || store.info(&scope, &digest)).await?;
+        let info = crate::blocking(move || store.info(&scope, &digest)).await?;
         Ok(Response::new(api::InfoResponse {
             info: Some(info_to_api(info)),
         }))
@@ -186,7 +177,7 @@ impl content_server::Content for ContentService {
         let digest = parse_digest(&info.digest)?;
         let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
         let store = self.store.clone();
-        let updated = blocking(move || {
+        let updated = crate::blocking(move || {
             let info = Info {
                 digest,
                 size: info.size,
@@ -209,7 +200,7 @@ impl content_server::Content for ContentService {
         let scope = scope(&request)?;
         let filters = request.into_inner().filters;
         let store = self.store.clone();
-        let infos = blocking(move || {
+        let infos = crate::blocking(move || {
             let mut out = Vec::new();
             store.walk(&scope, &filters, &mut |info| {
                 out.push(info);
@@ -237,7 +228,7 @@ impl content_server::Content for ContentService {
         let digest = Digest::parse(&request.get_ref().digest)
             .map_err(|e| Status::invalid_argument(e.message().to_string()))?;
         let store = self.store.clone();
-        blocking(move || store.delete(&scope, &digest)).await?;
+        crate::blocking(move || store.delete(&scope, &digest)).await?;
         Ok(Response::new(()))
     }
 
@@ -250,7 +241,7 @@ impl content_server::Content for ContentService {
         let digest = Digest::parse(&req.digest)
             .map_err(|e| Status::invalid_argument(format!("{}: {}", req.digest, e.message())))?;
         let store = self.store.clone();
-        let ra = blocking(move || {
+        let ra = crate::blocking(move || {
             store.info(&scope, &digest)?;
             store.reader_at(&scope, &digest)
         })
@@ -307,7 +298,7 @@ impl content_server::Content for ContentService {
         let r#ref = request.into_inner().r#ref;
         let store = self.store.clone();
         let reference = r#ref.clone();
-        let st = blocking(move || {
+        let st = crate::blocking(move || {
             store
                 .status(&scope, &reference)
                 .map_err(|e| e.context(format!("could not get status for ref {reference:?}")))
@@ -325,7 +316,7 @@ impl content_server::Content for ContentService {
         let scope = scope(&request)?;
         let filters = request.into_inner().filters;
         let store = self.store.clone();
-        let statuses = blocking(move || store.list_statuses(&scope, &filters)).await?;
+        let statuses = crate::blocking(move || store.list_statuses(&scope, &filters)).await?;
         Ok(Response::new(api::ListStatusesResponse {
             statuses: statuses.into_iter().map(status_to_api).collect(),
         }))
@@ -364,7 +355,7 @@ impl content_server::Content for ContentService {
             expected: expected.clone(),
         };
         let (s2, sc) = (store.clone(), scope.clone());
-        let writer = blocking(move || s2.writer(&sc, opts)).await?;
+        let writer = crate::blocking(move || s2.writer(&sc, opts)).await?;
         tokio::spawn(async move {
             let result =
                 write_session(store, scope, writer, first, expected, &mut stream, &tx).await;
@@ -382,7 +373,7 @@ impl content_server::Content for ContentService {
         let scope = scope(&request)?;
         let r#ref = request.into_inner().r#ref;
         let store = self.store.clone();
-        blocking(move || store.abort(&scope, &r#ref)).await?;
+        crate::blocking(move || store.abort(&scope, &r#ref)).await?;
         Ok(Response::new(()))
     }
 }

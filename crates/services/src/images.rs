@@ -62,19 +62,6 @@ fn from_api(image: api::Image) -> Image {
     }
 }
 
-impl ImagesService {
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&MetadataStore) -> berth_core::Result<T> + Send + 'static,
-    ) -> Result<T, Status> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| Status::internal(format!("metadata task failed: {e}")))?
-            .or_status()
-    }
-}
-
 #[tonic::async_trait]
 impl images_server::Images for ImagesService {
     async fn get(
@@ -83,7 +70,7 @@ impl images_server::Images for ImagesService {
     ) -> Result<Response<api::GetImageResponse>, Status> {
         let ns = namespace(&request)?;
         let name = request.into_inner().name;
-        let image = self.blocking(move |s| s.get_image(&ns, &name)).await?;
+        let image = crate::with_metadata(&self.store, move |s| s.get_image(&ns, &name)).await?;
         Ok(Response::new(api::GetImageResponse {
             image: Some(to_api(image)),
         }))
@@ -95,7 +82,8 @@ impl images_server::Images for ImagesService {
     ) -> Result<Response<api::ListImagesResponse>, Status> {
         let ns = namespace(&request)?;
         let filters = request.into_inner().filters;
-        let images = self.blocking(move |s| s.list_images(&ns, &filters)).await?;
+        let images =
+            crate::with_metadata(&self.store, move |s| s.list_images(&ns, &filters)).await?;
         Ok(Response::new(api::ListImagesResponse {
             images: images.into_iter().map(to_api).collect(),
         }))
@@ -112,7 +100,8 @@ impl images_server::Images for ImagesService {
         }
         let image = from_api(image);
         let n = ns.clone();
-        let created = self.blocking(move |s| s.create_image(&n, &image)).await?;
+        let created =
+            crate::with_metadata(&self.store, move |s| s.create_image(&n, &image)).await?;
         let event = api::ImageCreate {
             name: created.name.clone(),
             labels: created.labels.clone().into_iter().collect(),
@@ -138,9 +127,8 @@ impl images_server::Images for ImagesService {
         let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
         let image = from_api(image);
         let n = ns.clone();
-        let updated = self
-            .blocking(move |s| s.update_image(&n, &image, &paths))
-            .await?;
+        let updated =
+            crate::with_metadata(&self.store, move |s| s.update_image(&n, &image, &paths)).await?;
         let event = api::ImageUpdate {
             name: updated.name.clone(),
             labels: updated.labels.clone().into_iter().collect(),
@@ -161,7 +149,7 @@ impl images_server::Images for ImagesService {
         let req = request.into_inner();
         let name = req.name.clone();
         let n = ns.clone();
-        self.blocking(move |s| s.delete_image(&n, &name)).await?;
+        crate::with_metadata(&self.store, move |s| s.delete_image(&n, &name)).await?;
         let event = api::ImageDelete { name: req.name };
         self.events
             .publish(&ns, "/images/delete", any::pack(&event))

@@ -34,19 +34,6 @@ fn resource(r: Option<api::Resource>) -> Resource {
     }
 }
 
-impl LeasesService {
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&MetadataStore) -> berth_core::Result<T> + Send + 'static,
-    ) -> Result<T, Status> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| Status::internal(format!("metadata task failed: {e}")))?
-            .or_status()
-    }
-}
-
 #[tonic::async_trait]
 impl leases_server::Leases for LeasesService {
     async fn create(
@@ -57,9 +44,10 @@ impl leases_server::Leases for LeasesService {
         let req = request.into_inner();
         let labels = req.labels.into_iter().collect();
         let id = req.id;
-        let lease = self
-            .blocking(move |s| s.create_lease(&ns, Some(&id), &labels))
-            .await?;
+        let lease = crate::with_metadata(&self.store, move |s| {
+            s.create_lease(&ns, Some(&id), &labels)
+        })
+        .await?;
         Ok(Response::new(api::CreateResponse {
             lease: Some(to_api(lease)),
         }))
@@ -69,7 +57,7 @@ impl leases_server::Leases for LeasesService {
         let ns = namespace(&request)?;
         let req = request.into_inner();
         let id = req.id;
-        self.blocking(move |s| s.delete_lease(&ns, &id)).await?;
+        crate::with_metadata(&self.store, move |s| s.delete_lease(&ns, &id)).await?;
         if req.sync
             && let Some(gc) = &self.gc
         {
@@ -84,7 +72,8 @@ impl leases_server::Leases for LeasesService {
     ) -> Result<Response<api::ListResponse>, Status> {
         let ns = namespace(&request)?;
         let filters = request.into_inner().filters;
-        let leases = self.blocking(move |s| s.list_leases(&ns, &filters)).await?;
+        let leases =
+            crate::with_metadata(&self.store, move |s| s.list_leases(&ns, &filters)).await?;
         Ok(Response::new(api::ListResponse {
             leases: leases.into_iter().map(to_api).collect(),
         }))
@@ -98,8 +87,7 @@ impl leases_server::Leases for LeasesService {
         let req = request.into_inner();
         let r = resource(req.resource);
         let id = req.id;
-        self.blocking(move |s| s.add_lease_resource(&ns, &id, &r))
-            .await?;
+        crate::with_metadata(&self.store, move |s| s.add_lease_resource(&ns, &id, &r)).await?;
         Ok(Response::new(()))
     }
 
@@ -111,8 +99,7 @@ impl leases_server::Leases for LeasesService {
         let req = request.into_inner();
         let r = resource(req.resource);
         let id = req.id;
-        self.blocking(move |s| s.delete_lease_resource(&ns, &id, &r))
-            .await?;
+        crate::with_metadata(&self.store, move |s| s.delete_lease_resource(&ns, &id, &r)).await?;
         Ok(Response::new(()))
     }
 
@@ -122,9 +109,8 @@ impl leases_server::Leases for LeasesService {
     ) -> Result<Response<api::ListResourcesResponse>, Status> {
         let ns = namespace(&request)?;
         let id = request.into_inner().id;
-        let resources = self
-            .blocking(move |s| s.list_lease_resources(&ns, &id))
-            .await?;
+        let resources =
+            crate::with_metadata(&self.store, move |s| s.list_lease_resources(&ns, &id)).await?;
         Ok(Response::new(api::ListResourcesResponse {
             resources: resources
                 .into_iter()

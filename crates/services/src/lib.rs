@@ -105,6 +105,26 @@ pub fn lease<T>(request: &Request<T>) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Runs blocking subsystem work (database transactions, file I/O) on the blocking pool,
+/// off the async workers.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> berth_core::Result<T> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("blocking task failed: {e}")))?
+        .or_status()
+}
+
+/// [`blocking`] work on the metadata store.
+pub(crate) async fn with_metadata<T: Send + 'static>(
+    store: &std::sync::Arc<berth_metadata::MetadataStore>,
+    f: impl FnOnce(&berth_metadata::MetadataStore) -> berth_core::Result<T> + Send + 'static,
+) -> Result<T, Status> {
+    let store = store.clone();
+    blocking(move || f(&store)).await
+}
+
 /// Converts a subsystem result into a gRPC result.
 pub trait IntoStatus<T> {
     fn or_status(self) -> Result<T, Status>;

@@ -23,20 +23,6 @@ struct NamespacesService {
     events: Exchange,
 }
 
-impl NamespacesService {
-    /// Runs blocking database work off the async workers.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&MetadataStore) -> berth_core::Result<T> + Send + 'static,
-    ) -> Result<T, Status> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| Status::internal(format!("metadata task failed: {e}")))?
-            .or_status()
-    }
-}
-
 fn namespace_filter_field(namespace: &Namespace, path: &[String]) -> Option<String> {
     match path {
         [name] if name == "name" => Some(namespace.name.clone()),
@@ -53,9 +39,8 @@ impl namespaces_server::Namespaces for NamespacesService {
     ) -> Result<Response<GetNamespaceResponse>, Status> {
         let name = request.into_inner().name;
         let lookup = name.clone();
-        let labels = self
-            .blocking(move |store| store.namespace_labels(&lookup))
-            .await?;
+        let labels =
+            crate::with_metadata(&self.store, move |store| store.namespace_labels(&lookup)).await?;
         Ok(Response::new(GetNamespaceResponse {
             namespace: Some(Namespace { name, labels }),
         }))
@@ -66,21 +51,20 @@ impl namespaces_server::Namespaces for NamespacesService {
         request: Request<ListNamespacesRequest>,
     ) -> Result<Response<ListNamespacesResponse>, Status> {
         let filter = Filter::parse(&request.into_inner().filter).or_status()?;
-        let namespaces = self
-            .blocking(|store| {
-                store
-                    .list_namespaces()?
-                    .into_iter()
-                    .map(|name| {
-                        let labels = store.namespace_labels(&name)?;
-                        Ok(Namespace { name, labels })
-                    })
-                    .collect::<berth_core::Result<Vec<_>>>()
-            })
-            .await?
-            .into_iter()
-            .filter(|ns| filter.matches(&|path: &[String]| namespace_filter_field(ns, path)))
-            .collect();
+        let namespaces = crate::with_metadata(&self.store, |store| {
+            store
+                .list_namespaces()?
+                .into_iter()
+                .map(|name| {
+                    let labels = store.namespace_labels(&name)?;
+                    Ok(Namespace { name, labels })
+                })
+                .collect::<berth_core::Result<Vec<_>>>()
+        })
+        .await?
+        .into_iter()
+        .filter(|ns| filter.matches(&|path: &[String]| namespace_filter_field(ns, path)))
+        .collect();
         Ok(Response::new(ListNamespacesResponse { namespaces }))
     }
 
@@ -90,8 +74,10 @@ impl namespaces_server::Namespaces for NamespacesService {
     ) -> Result<Response<CreateNamespaceResponse>, Status> {
         let namespace = request.into_inner().namespace.unwrap_or_default();
         let (name, labels) = (namespace.name.clone(), namespace.labels.clone());
-        self.blocking(move |store| store.create_namespace(&name, &labels.into_iter().collect()))
-            .await?;
+        crate::with_metadata(&self.store, move |store| {
+            store.create_namespace(&name, &labels.into_iter().collect())
+        })
+        .await?;
         let event = NamespaceCreate {
             name: namespace.name.clone(),
             labels: namespace.labels.clone(),
@@ -115,28 +101,27 @@ impl namespaces_server::Namespaces for NamespacesService {
             .map(|mask| mask.paths)
             .unwrap_or_default();
         let (name, requested) = (namespace.name.clone(), namespace.labels.clone());
-        let labels = self
-            .blocking(move |store| {
-                let requested: Labels = requested.into_iter().collect();
-                let mut labels = store.namespace_labels(&name)?;
-                if paths.is_empty() {
-                    labels = requested;
-                } else {
-                    let label_paths: Vec<String> = paths
-                        .iter()
-                        .map(|p| match fieldpath::FieldPath::parse(p) {
-                            fieldpath::FieldPath::Label(_) => Ok(p.clone()),
-                            _ => Err(Error::invalid_argument(format!(
-                                "cannot update {p:?} field"
-                            ))),
-                        })
-                        .collect::<berth_core::Result<_>>()?;
-                    fieldpath::apply_labels(&mut labels, &requested, &label_paths);
-                }
-                store.replace_namespace_labels(&name, &labels)?;
-                Ok(labels)
-            })
-            .await?;
+        let labels = crate::with_metadata(&self.store, move |store| {
+            let requested: Labels = requested.into_iter().collect();
+            let mut labels = store.namespace_labels(&name)?;
+            if paths.is_empty() {
+                labels = requested;
+            } else {
+                let label_paths: Vec<String> = paths
+                    .iter()
+                    .map(|p| match fieldpath::FieldPath::parse(p) {
+                        fieldpath::FieldPath::Label(_) => Ok(p.clone()),
+                        _ => Err(Error::invalid_argument(format!(
+                            "cannot update {p:?} field"
+                        ))),
+                    })
+                    .collect::<berth_core::Result<_>>()?;
+                fieldpath::apply_labels(&mut labels, &requested, &label_paths);
+            }
+            store.replace_namespace_labels(&name, &labels)?;
+            Ok(labels)
+        })
+        .await?;
         let updated = Namespace {
             name: namespace.name,
             labels: labels.into_iter().collect(),
@@ -159,8 +144,7 @@ impl namespaces_server::Namespaces for NamespacesService {
     ) -> Result<Response<()>, Status> {
         let name = request.into_inner().name;
         let target = name.clone();
-        self.blocking(move |store| store.delete_namespace(&target))
-            .await?;
+        crate::with_metadata(&self.store, move |store| store.delete_namespace(&target)).await?;
         let event = NamespaceDelete { name: name.clone() };
         self.events
             .publish(&name, "/namespaces/delete", any::pack(&event))
