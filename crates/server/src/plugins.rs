@@ -24,17 +24,21 @@ pub fn plugin_ids(registrations: &[Registration]) -> std::collections::BTreeMap<
         .collect()
 }
 
-/// Registrations that come from the config rather than from a crate: one snapshotter per
-/// `[proxy_plugins.<name>]` with `type = "snapshot"`, forwarding to its `address`.
-/// (Content proxies are not supported yet; they are skipped with a warning.)
+/// Registrations that come from the config rather than from a crate: one plugin per
+/// `[proxy_plugins.<name>]` forwarding to its `address` — a snapshotter for `type =
+/// "snapshot"`, a content store for `type = "content"` (the metadata plugin then wraps it
+/// instead of the local store). The full type names containerd accepts
+/// (`io.containerd.snapshotter.v1`, `io.containerd.content.v1`) work too.
 pub fn proxy_registrations(config: &crate::config::Config) -> Vec<Registration> {
     let mut out = Vec::new();
     for (name, proxy) in &config.proxy_plugins {
         match proxy.r#type.as_str() {
-            "snapshot" => out.push(berth_services::proxy::snapshot_registration(
-                name,
-                &proxy.address,
-            )),
+            "snapshot" | "io.containerd.snapshotter.v1" => out.push(
+                berth_services::proxy::snapshot_registration(name, &proxy.address),
+            ),
+            "content" | "io.containerd.content.v1" => out.push(
+                berth_services::proxy::content_registration(name, &proxy.address),
+            ),
             other => tracing::warn!(
                 plugin = %name,
                 r#type = other,
@@ -138,10 +142,10 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_proxies_become_snapshotter_registrations() {
+    fn proxies_become_snapshotter_and_content_registrations() {
         let mut config = Config::default();
         let base = daemon_registrations(&config).len();
-        for (name, r#type) in [("myproxy", "snapshot"), ("cs", "content")] {
+        for (name, r#type) in [("myproxy", "snapshot"), ("cs", "content"), ("odd", "diff")] {
             config.proxy_plugins.insert(
                 name.into(),
                 ProxyPlugin {
@@ -152,11 +156,13 @@ mod tests {
             );
         }
         let registrations = daemon_registrations(&config);
-        assert_eq!(registrations.len(), base + 1);
-        assert!(
-            registrations
-                .iter()
-                .any(|r| r.uri() == "io.containerd.snapshotter.v1.myproxy")
-        );
+        // The unknown type is skipped (with a warning), as containerd does.
+        assert_eq!(registrations.len(), base + 2);
+        for uri in [
+            "io.containerd.snapshotter.v1.myproxy",
+            "io.containerd.content.v1.cs",
+        ] {
+            assert!(registrations.iter().any(|r| r.uri() == uri), "{uri}");
+        }
     }
 }

@@ -119,10 +119,32 @@ impl ContentStore for EventedContent {
 #[derive(Clone)]
 struct ContentService {
     store: Arc<dyn ContentStore>,
+    /// Serving an un-namespaced backend store (a content proxy plugin's far end, see
+    /// [`backend_server`]): a call without a namespace header is accepted, because a
+    /// proxying daemon's metadata layer has already namespaced it.
+    backend: bool,
 }
 
-fn scope<T>(request: &Request<T>) -> Result<Scope, Status> {
-    Ok(Scope::new(namespace(request)?).with_lease(lease(request)))
+impl ContentService {
+    fn scope<T>(&self, request: &Request<T>) -> Result<Scope, Status> {
+        let namespace = match namespace(request) {
+            Err(_) if self.backend => String::new(),
+            other => other?,
+        };
+        Ok(Scope::new(namespace).with_lease(lease(request)))
+    }
+}
+
+/// The content API over `store` for a process serving a content proxy plugin
+/// (`[proxy_plugins.<name>] type = "content"`): namespace headers are optional, the
+/// store decides what a scope means (see `proxy::UnscopedContent`).
+pub fn backend_server(
+    store: Arc<dyn ContentStore>,
+) -> content_server::ContentServer<impl content_server::Content> {
+    content_server::ContentServer::new(ContentService {
+        store,
+        backend: true,
+    })
 }
 
 fn info_to_api(info: Info) -> api::Info {
@@ -158,7 +180,7 @@ impl content_server::Content for ContentService {
         &self,
         request: Request<api::InfoRequest>,
     ) -> Result<Response<api::InfoResponse>, Status> {
-        let scope = scope(&request)?;
+        let scope = self.scope(&request)?;
         let digest = parse_digest(&request.get_ref().digest)?;
         let store = self.store.clone();
         let info = crate::blocking(move || store.info(&scope, &digest)).await?;
@@ -171,7 +193,7 @@ impl content_server::Content for ContentService {
         &self,
         request: Request<api::UpdateRequest>,
     ) -> Result<Response<api::UpdateResponse>, Status> {
-        let scope = scope(&request)?;
+        let scope = self.scope(&request)?;
         let req = request.into_inner();
         let info = req.info.unwrap_or_default();
         let digest = parse_digest(&info.digest)?;
@@ -197,7 +219,7 @@ impl content_server::Content for ContentService {
         &self,
         request: Request<api::ListContentRequest>,
     ) -> Result<Response<BoxStream<api::ListContentResponse>>, Status> {
-        let scope = scope(&request)?;
+        let scope = self.scope(&request)?;
         let filters = request.into_inner().filters;
         let store = self.store.clone();
         let infos = crate::blocking(move || {
@@ -224,7 +246,7 @@ impl content_server::Content for ContentService {
         &self,
         request: Request<api::DeleteContentRequest>,
     ) -> Result<Response<()>, Status> {
-        let scope = scope(&request)?;
+        let scope = self.scope(&request)?;
         let digest = Digest::parse(&request.get_ref().digest)
             .map_err(|e| Status::invalid_argument(e.message().to_string()))?;
         let store = self.store.clone();
@@ -236,7 +258,7 @@ impl content_server::Content for ContentService {
         &self,
         request: Request<api::ReadContentRequest>,
     ) -> Result<Response<BoxStream<api::ReadContentResponse>>, Status> {
-        let scope = scope(&request)?;
+        let scope = self.scope(&request)?;
         let req = request.into_inner();
         let digest = Digest::parse(&req.digest)
             .map_err(|e| Status::invalid_argument(format!("{}: {}", req.digest, e.message())))?;
@@ -294,7 +316,7 @@ impl content_server::Content for ContentService {
         &self,
         request: Request<api::StatusRequest>,
     ) -> Result<Response<api::StatusResponse>, Status> {
-        let scope = scope(&request)?;
+        let scope = self.scope(&request)?;
         let r#ref = request.into_inner().r#ref;
         let store = self.store.clone();
         let reference = r#ref.clone();
@@ -313,7 +335,7 @@ impl content_server::Content for ContentService {
         &self,
         request: Request<api::ListStatusesRequest>,
     ) -> Result<Response<api::ListStatusesResponse>, Status> {
-        let scope = scope(&request)?;
+        let scope = self.scope(&request)?;
         let filters = request.into_inner().filters;
         let store = self.store.clone();
         let statuses = crate::blocking(move || store.list_statuses(&scope, &filters)).await?;
@@ -326,7 +348,7 @@ impl content_server::Content for ContentService {
         &self,
         request: Request<Streaming<api::WriteContentRequest>>,
     ) -> Result<Response<BoxStream<api::WriteContentResponse>>, Status> {
-        let scope = scope(&request)?;
+        let scope = self.scope(&request)?;
         let mut stream = request.into_inner();
         let first = match stream.message().await? {
             Some(m) => m,
@@ -370,7 +392,7 @@ impl content_server::Content for ContentService {
     }
 
     async fn abort(&self, request: Request<api::AbortRequest>) -> Result<Response<()>, Status> {
-        let scope = scope(&request)?;
+        let scope = self.scope(&request)?;
         let r#ref = request.into_inner().r#ref;
         let store = self.store.clone();
         crate::blocking(move || store.abort(&scope, &r#ref)).await?;
@@ -532,7 +554,10 @@ pub fn service_registration() -> Registration {
 pub fn registration() -> Registration {
     Registration::new(types::GRPC, "content", |ctx: InitContext| async move {
         let store: Arc<dyn ContentStore> = ctx.get_by_id(types::SERVICE, "content-service")?;
-        Ok::<Instance, _>(grpc_instance(Arc::new(ContentService { store })))
+        Ok::<Instance, _>(grpc_instance(Arc::new(ContentService {
+            store,
+            backend: false,
+        })))
     })
     .requires(&[types::SERVICE])
 }

@@ -1,14 +1,27 @@
-//! Proxy snapshotters (`[proxy_plugins]` with `type = "snapshot"`): a snapshotter that
-//! forwards every call over the snapshots gRPC API to another process (how stargz and
-//! nydus plug in), and the other half — [`BackendSnapshotsService`], which serves one
-//! [`Snapshotter`] over that API without namespaces, as containerd's
-//! `snapshotservice.FromSnapshotter` does (used by the `berth-snapshotter` binary).
+//! Proxy plugins (`[proxy_plugins]`):
+//!
+//! - `type = "snapshot"`: a snapshotter that forwards every call over the snapshots gRPC
+//!   API to another process (how stargz and nydus plug in), and the other half —
+//!   [`BackendSnapshotsService`], which serves one [`Snapshotter`] over that API without
+//!   namespaces, as containerd's `snapshotservice.FromSnapshotter` does.
+//! - `type = "content"`: a blob store ([`ProxyContentStore`]) that forwards to a content
+//!   service in another process, as containerd's `content/proxy`; the other half is
+//!   [`UnscopedContent`] behind `content::backend_server`.
+//!
+//! The `berth-snapshotter` binary serves either or both on one socket.
 
 use crate::snapshots::{info_from_api, info_to_api, mount_from_api, mount_to_api};
 use crate::{IntoStatus, status};
+use berth_api::services::content::v1 as capi;
+use berth_api::services::content::v1::content_client::ContentClient;
 use berth_api::services::snapshots::v1 as api;
 use berth_api::services::snapshots::v1::snapshots_client::SnapshotsClient;
 use berth_api::services::snapshots::v1::snapshots_server;
+use berth_core::content::{
+    BlobStore, ContentStore, Digest, Info as ContentInfo, ReaderAt, Scope, Status as IngestStatus,
+    Writer, WriterOpts, validate_ref, validate_total,
+};
+use berth_core::filters::Filter;
 use berth_core::labels::Labels;
 use berth_core::mount::Mount;
 use berth_core::snapshot::{Info, Snapshotter, Usage};
@@ -409,5 +422,600 @@ impl snapshots_server::Snapshots for BackendSnapshotsService {
     ) -> Result<Response<()>, Status> {
         self.snapshotter.cleanup().await.or_status()?;
         Ok(Response::new(()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Content proxies
+// ---------------------------------------------------------------------------------------
+
+/// Largest data chunk a proxy read or write moves per message: well under the 4 MiB
+/// message limit a stock gRPC server applies.
+const CONTENT_CHUNK: usize = 1 << 20;
+
+/// Runs `call` (an RPC) on the daemon's runtime and waits for it on this thread.
+/// [`BlobStore`] is synchronous and its callers run on the blocking pool (services,
+/// collector, differ), so this thread may block; the call itself runs on the async
+/// workers, which keeps it correct even if a caller forgets and blocks a worker.
+fn wait_on<T: Send + 'static>(
+    runtime: &tokio::runtime::Handle,
+    call: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    runtime.spawn(async move {
+        let _ = tx.send(call.await);
+    });
+    rx.recv()
+        .map_err(|_| Error::unavailable("content proxy: the call was dropped (shutting down)"))?
+}
+
+fn content_info_from_api(info: capi::Info) -> Result<ContentInfo> {
+    Ok(ContentInfo {
+        digest: Digest::parse(&info.digest)
+            .map_err(|e| e.context("content proxy answered an invalid digest"))?,
+        size: info.size,
+        created_at: info
+            .created_at
+            .as_ref()
+            .map(berth_api::timestamp::to_system_time)
+            .unwrap_or(std::time::UNIX_EPOCH),
+        updated_at: info
+            .updated_at
+            .as_ref()
+            .map(berth_api::timestamp::to_system_time)
+            .unwrap_or(std::time::UNIX_EPOCH),
+        // The daemon's metadata layer keeps labels; a blob store has none.
+        labels: Labels::new(),
+    })
+}
+
+fn ingest_status_from_api(st: capi::Status) -> IngestStatus {
+    IngestStatus {
+        r#ref: st.r#ref,
+        offset: st.offset,
+        total: st.total,
+        expected: st.expected,
+        started_at: st
+            .started_at
+            .as_ref()
+            .map(berth_api::timestamp::to_system_time)
+            .unwrap_or(std::time::UNIX_EPOCH),
+        updated_at: st
+            .updated_at
+            .as_ref()
+            .map(berth_api::timestamp::to_system_time)
+            .unwrap_or(std::time::UNIX_EPOCH),
+    }
+}
+
+/// A blob store served by another process over containerd's content API (containerd's
+/// `content/proxy`). The daemon's metadata layer wraps it exactly as it wraps the local
+/// store: namespaces, labels, leases and garbage collection stay in the daemon; blobs and
+/// ingests live in the other process.
+pub struct ProxyContentStore {
+    client: ContentClient<Channel>,
+    runtime: tokio::runtime::Handle,
+    address: String,
+    gc_lock: std::sync::RwLock<()>,
+}
+
+impl ProxyContentStore {
+    /// `runtime` runs the RPCs (the daemon's); `address` names the proxy in errors.
+    pub fn new(channel: Channel, runtime: tokio::runtime::Handle, address: &str) -> Self {
+        ProxyContentStore {
+            client: ContentClient::new(channel)
+                .max_decoding_message_size(4 * CONTENT_CHUNK)
+                .max_encoding_message_size(4 * CONTENT_CHUNK),
+            runtime,
+            address: address.to_string(),
+            gc_lock: std::sync::RwLock::new(()),
+        }
+    }
+
+    fn wait<T: Send + 'static>(
+        &self,
+        call: impl std::future::Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        wait_on(&self.runtime, call)
+    }
+
+    fn client(&self) -> ContentClient<Channel> {
+        self.client.clone()
+    }
+}
+
+/// Maps a status from the proxy, naming the proxy when it is unreachable (the other
+/// classes keep containerd's plain messages, which callers match on).
+fn proxy_error(address: &str) -> impl Fn(Status) -> Error + '_ {
+    move |s| {
+        let err = from_status(s);
+        if err.is(berth_core::error::ErrorKind::Unavailable) {
+            err.context(format!("content proxy {address}"))
+        } else {
+            err
+        }
+    }
+}
+
+impl BlobStore for ProxyContentStore {
+    fn info(&self, digest: &Digest) -> Result<ContentInfo> {
+        let (mut client, address) = (self.client(), self.address.clone());
+        let digest = digest.to_string();
+        self.wait(async move {
+            let r = client
+                .info(capi::InfoRequest { digest })
+                .await
+                .map_err(proxy_error(&address))?;
+            content_info_from_api(r.into_inner().info.unwrap_or_default())
+        })
+    }
+
+    fn reader_at(&self, digest: &Digest) -> Result<Box<dyn ReaderAt>> {
+        let info = self.info(digest)?;
+        Ok(Box::new(ProxyReader {
+            client: self.client(),
+            runtime: self.runtime.clone(),
+            address: self.address.clone(),
+            digest: digest.to_string(),
+            size: info.size,
+            cache: std::sync::Mutex::new((0, Vec::new())),
+        }))
+    }
+
+    fn delete(&self, digest: &Digest) -> Result<()> {
+        let (mut client, address) = (self.client(), self.address.clone());
+        let digest = digest.to_string();
+        self.wait(async move {
+            client
+                .delete(capi::DeleteContentRequest { digest })
+                .await
+                .map_err(proxy_error(&address))?;
+            Ok(())
+        })
+    }
+
+    fn walk(&self, f: &mut dyn FnMut(ContentInfo) -> Result<()>) -> Result<()> {
+        let (mut client, address) = (self.client(), self.address.clone());
+        let infos = self.wait(async move {
+            let mut stream = client
+                .list(capi::ListContentRequest { filters: vec![] })
+                .await
+                .map_err(proxy_error(&address))?
+                .into_inner();
+            let mut out = Vec::new();
+            while let Some(batch) = stream.message().await.map_err(proxy_error(&address))? {
+                out.extend(batch.info);
+            }
+            Ok(out)
+        })?;
+        for info in infos {
+            f(content_info_from_api(info)?)?;
+        }
+        Ok(())
+    }
+
+    fn writer(&self, r#ref: &str, total: i64) -> Result<Box<dyn Writer>> {
+        let (mut client, address) = (self.client(), self.address.clone());
+        let first = capi::WriteContentRequest {
+            action: capi::WriteAction::Stat as i32,
+            r#ref: r#ref.to_string(),
+            total,
+            ..Default::default()
+        };
+        let session = self.wait(async move {
+            // The server answers the call once it has the first message (the ref), so
+            // it is queued before the call is made.
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tx.send(first)
+                .await
+                .map_err(|_| Error::unknown("content proxy: write stream closed"))?;
+            let mut replies = client
+                .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .map_err(proxy_error(&address))?
+                .into_inner();
+            let stat = replies
+                .message()
+                .await
+                .map_err(proxy_error(&address))?
+                .ok_or_else(|| Error::unknown("content proxy: write stream ended at open"))?;
+            Ok(WriteSession { tx, replies, stat })
+        })?;
+        let stat = session.stat.clone();
+        Ok(Box::new(ProxyWriter {
+            runtime: self.runtime.clone(),
+            address: self.address.clone(),
+            r#ref: r#ref.to_string(),
+            offset: stat.offset,
+            total: stat.total,
+            digest: Digest::parse(&stat.digest).ok(),
+            started_at: stat
+                .started_at
+                .as_ref()
+                .map(berth_api::timestamp::to_system_time)
+                .unwrap_or_else(std::time::SystemTime::now),
+            updated_at: stat
+                .updated_at
+                .as_ref()
+                .map(berth_api::timestamp::to_system_time)
+                .unwrap_or_else(std::time::SystemTime::now),
+            session: Some(Arc::new(tokio::sync::Mutex::new(session))),
+        }))
+    }
+
+    fn status(&self, r#ref: &str) -> Result<IngestStatus> {
+        let (mut client, address) = (self.client(), self.address.clone());
+        let r#ref = r#ref.to_string();
+        self.wait(async move {
+            let r = client
+                .status(capi::StatusRequest { r#ref })
+                .await
+                .map_err(proxy_error(&address))?;
+            Ok(ingest_status_from_api(
+                r.into_inner().status.unwrap_or_default(),
+            ))
+        })
+    }
+
+    fn list_statuses(&self) -> Result<Vec<IngestStatus>> {
+        let (mut client, address) = (self.client(), self.address.clone());
+        self.wait(async move {
+            let r = client
+                .list_statuses(capi::ListStatusesRequest { filters: vec![] })
+                .await
+                .map_err(proxy_error(&address))?;
+            Ok(r.into_inner()
+                .statuses
+                .into_iter()
+                .map(ingest_status_from_api)
+                .collect())
+        })
+    }
+
+    fn abort(&self, r#ref: &str) -> Result<()> {
+        let (mut client, address) = (self.client(), self.address.clone());
+        let r#ref = r#ref.to_string();
+        self.wait(async move {
+            client
+                .abort(capi::AbortRequest { r#ref })
+                .await
+                .map_err(proxy_error(&address))?;
+            Ok(())
+        })
+    }
+
+    fn gc_lock(&self) -> &std::sync::RwLock<()> {
+        &self.gc_lock
+    }
+}
+
+/// Reads a remote blob in chunks of [`CONTENT_CHUNK`], keeping the last chunk: readers
+/// such as the differ's decompressor ask for a few KiB at a time, which would otherwise
+/// be one round trip each.
+struct ProxyReader {
+    client: ContentClient<Channel>,
+    runtime: tokio::runtime::Handle,
+    address: String,
+    digest: String,
+    size: i64,
+    /// (offset of the cached chunk, its bytes)
+    cache: std::sync::Mutex<(i64, Vec<u8>)>,
+}
+
+impl ProxyReader {
+    fn fetch(&self, offset: i64, size: i64) -> Result<Vec<u8>> {
+        let (mut client, address) = (self.client.clone(), self.address.clone());
+        let digest = self.digest.clone();
+        wait_on(&self.runtime, async move {
+            let mut stream = client
+                .read(capi::ReadContentRequest {
+                    digest,
+                    offset,
+                    size,
+                })
+                .await
+                .map_err(proxy_error(&address))?
+                .into_inner();
+            let mut out = Vec::with_capacity(size as usize);
+            while let Some(msg) = stream.message().await.map_err(proxy_error(&address))? {
+                if msg.offset != out.len() as i64 {
+                    return Err(Error::unknown(format!(
+                        "content proxy {address}: read reply at offset {} where {} was expected",
+                        msg.offset,
+                        out.len()
+                    )));
+                }
+                out.extend_from_slice(&msg.data);
+            }
+            Ok(out)
+        })
+    }
+}
+
+impl ReaderAt for ProxyReader {
+    fn size(&self) -> i64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: i64) -> Result<usize> {
+        if offset < 0 {
+            return Err(Error::invalid_argument(format!(
+                "read at negative offset {offset}"
+            )));
+        }
+        if offset >= self.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let (start, data) = &*cache;
+        let hit = offset >= *start && offset < *start + data.len() as i64;
+        if !hit {
+            let want = (self.size - offset).min(CONTENT_CHUNK.max(buf.len()) as i64);
+            let data = self.fetch(offset, want)?;
+            if data.is_empty() {
+                return Err(Error::unknown(format!(
+                    "content proxy {}: short read of {} at {offset}",
+                    self.address, self.digest
+                )));
+            }
+            *cache = (offset, data);
+        }
+        let (start, data) = &*cache;
+        let from = (offset - start) as usize;
+        let n = buf.len().min(data.len() - from);
+        buf[..n].copy_from_slice(&data[from..from + n]);
+        Ok(n)
+    }
+}
+
+/// One open Write call: requests go out through `tx`, replies come back in order.
+struct WriteSession {
+    tx: tokio::sync::mpsc::Sender<capi::WriteContentRequest>,
+    replies: tonic::Streaming<capi::WriteContentResponse>,
+    stat: capi::WriteContentResponse,
+}
+
+impl WriteSession {
+    async fn round_trip(
+        &mut self,
+        request: capi::WriteContentRequest,
+        address: &str,
+    ) -> Result<capi::WriteContentResponse> {
+        if self.tx.send(request).await.is_err() {
+            // The server ended the call; its status says why.
+            return Err(match self.replies.message().await {
+                Err(s) => proxy_error(address)(s),
+                Ok(_) => Error::unknown(format!("content proxy {address}: write stream closed")),
+            });
+        }
+        self.replies
+            .message()
+            .await
+            .map_err(proxy_error(address))?
+            .ok_or_else(|| Error::unknown(format!("content proxy {address}: write stream ended")))
+    }
+}
+
+/// An ingest written through the proxy. Each operation is one request and its reply on
+/// the open Write call, as containerd's remote writer; the offset and digest of the last
+/// reply answer `status` and `digest` without a round trip.
+struct ProxyWriter {
+    runtime: tokio::runtime::Handle,
+    address: String,
+    r#ref: String,
+    offset: i64,
+    total: i64,
+    digest: Option<Digest>,
+    started_at: std::time::SystemTime,
+    updated_at: std::time::SystemTime,
+    session: Option<Arc<tokio::sync::Mutex<WriteSession>>>,
+}
+
+impl ProxyWriter {
+    fn send(&mut self, request: capi::WriteContentRequest) -> Result<capi::WriteContentResponse> {
+        let session = self.session.clone().ok_or_else(|| {
+            Error::failed_precondition(format!("writer for {:?} is closed", self.r#ref))
+        })?;
+        let address = self.address.clone();
+        let reply = wait_on(&self.runtime, async move {
+            session.lock().await.round_trip(request, &address).await
+        })?;
+        self.offset = reply.offset;
+        if let Ok(d) = Digest::parse(&reply.digest) {
+            self.digest = Some(d);
+        }
+        if let Some(t) = &reply.updated_at {
+            self.updated_at = berth_api::timestamp::to_system_time(t);
+        } else {
+            self.updated_at = std::time::SystemTime::now();
+        }
+        Ok(reply)
+    }
+}
+
+impl Writer for ProxyWriter {
+    fn write(&mut self, data: &[u8]) -> Result<()> {
+        for chunk in data.chunks(CONTENT_CHUNK) {
+            let offset = self.offset;
+            let reply = self.send(capi::WriteContentRequest {
+                action: capi::WriteAction::Write as i32,
+                offset,
+                data: chunk.to_vec(),
+                ..Default::default()
+            })?;
+            if reply.offset != offset + chunk.len() as i64 {
+                return Err(Error::unknown(format!(
+                    "content proxy {}: short write of {:?} at {offset}: now at {}",
+                    self.address, self.r#ref, reply.offset
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> Result<IngestStatus> {
+        Ok(IngestStatus {
+            r#ref: self.r#ref.clone(),
+            offset: self.offset,
+            total: self.total,
+            expected: String::new(),
+            started_at: self.started_at,
+            updated_at: self.updated_at,
+        })
+    }
+
+    fn digest(&self) -> Digest {
+        // Before any reply carried one, nothing was written: the empty blob's digest.
+        self.digest.clone().unwrap_or_else(|| {
+            Digest::parse("sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+                .expect("valid digest")
+        })
+    }
+
+    fn truncate(&mut self, size: i64) -> Result<()> {
+        if size != 0 {
+            return Err(Error::invalid_argument("Truncate: unsupported size"));
+        }
+        // The server restarts the ingest when the next write (or commit) is at offset 0.
+        self.offset = 0;
+        Ok(())
+    }
+
+    fn commit(&mut self, size: i64, expected: Option<&Digest>, labels: Labels) -> Result<()> {
+        let offset = self.offset;
+        let result = self.send(capi::WriteContentRequest {
+            action: capi::WriteAction::Commit as i32,
+            offset,
+            total: size,
+            expected: expected.map(|d| d.to_string()).unwrap_or_default(),
+            labels: labels.into_iter().collect(),
+            ..Default::default()
+        });
+        // A commit ends the call either way.
+        self.session = None;
+        let reply = result?;
+        if size > 0 && reply.offset != size {
+            return Err(Error::failed_precondition(format!(
+                "{:?} failed size validation: {} != {size}",
+                self.r#ref, reply.offset
+            )));
+        }
+        if let Some(expected) = expected
+            && reply.digest != expected.as_str()
+        {
+            return Err(Error::failed_precondition(format!(
+                "{:?} unexpected digest {} != {expected}",
+                self.r#ref, reply.digest
+            )));
+        }
+        Ok(())
+    }
+
+    fn close(&mut self) -> Result<()> {
+        // Ending the request stream makes the server close its writer, keeping the
+        // ingest for a resume.
+        self.session = None;
+        Ok(())
+    }
+}
+
+/// `io.containerd.content.v1.<name>` forwarding to the content service at `address` (a
+/// `[proxy_plugins.<name>]` entry with `type = "content"`). The instance is an
+/// `Arc<dyn BlobStore>` like the local store's; the metadata plugin prefers it over the
+/// local one (see `berth_metadata::plugin`).
+pub fn content_registration(name: &str, address: &str) -> Registration {
+    let id: &'static str = Box::leak(name.to_string().into_boxed_str());
+    let address = address.to_string();
+    Registration::new(types::CONTENT, id, move |ctx: InitContext| {
+        let address = address.clone();
+        async move {
+            let channel = unix_channel(&address)?;
+            ctx.export("address", address.clone());
+            let store: Arc<dyn BlobStore> = Arc::new(ProxyContentStore::new(
+                channel,
+                tokio::runtime::Handle::current(),
+                &address,
+            ));
+            Ok(Arc::new(store) as Instance)
+        }
+    })
+}
+
+/// A [`BlobStore`] seen as a [`ContentStore`] that ignores scopes: what a content proxy's
+/// far end serves (the proxying daemon namespaces, labels and collects). As containerd's
+/// local store without a label store, `update` is refused.
+pub struct UnscopedContent {
+    blobs: Arc<dyn BlobStore>,
+}
+
+impl UnscopedContent {
+    pub fn new(blobs: Arc<dyn BlobStore>) -> UnscopedContent {
+        UnscopedContent { blobs }
+    }
+}
+
+impl ContentStore for UnscopedContent {
+    fn info(&self, _scope: &Scope, digest: &Digest) -> Result<ContentInfo> {
+        self.blobs.info(digest)
+    }
+
+    fn update(&self, _scope: &Scope, info: ContentInfo, _paths: &[String]) -> Result<ContentInfo> {
+        Err(Error::failed_precondition(format!(
+            "update of {}: not supported on an immutable content store",
+            info.digest
+        )))
+    }
+
+    fn walk(
+        &self,
+        _scope: &Scope,
+        filters: &[String],
+        f: &mut dyn FnMut(ContentInfo) -> Result<()>,
+    ) -> Result<()> {
+        let filter = Filter::parse_all(filters)?;
+        self.blobs.walk(&mut |info| {
+            if filter.matches(&|p: &[String]| info.field(p)) {
+                f(info)
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    fn delete(&self, _scope: &Scope, digest: &Digest) -> Result<()> {
+        self.blobs.delete(digest)
+    }
+
+    fn reader_at(&self, _scope: &Scope, digest: &Digest) -> Result<Box<dyn ReaderAt>> {
+        self.blobs.reader_at(digest)
+    }
+
+    fn writer(&self, _scope: &Scope, opts: WriterOpts) -> Result<Box<dyn Writer>> {
+        validate_ref(&opts.r#ref)?;
+        validate_total(opts.total)?;
+        self.blobs.writer(&opts.r#ref, opts.total)
+    }
+
+    fn status(&self, _scope: &Scope, r#ref: &str) -> Result<IngestStatus> {
+        self.blobs.status(r#ref)
+    }
+
+    fn list_statuses(&self, _scope: &Scope, filters: &[String]) -> Result<Vec<IngestStatus>> {
+        let filter = Filter::parse_all(filters)?;
+        Ok(self
+            .blobs
+            .list_statuses()?
+            .into_iter()
+            .filter(|st| {
+                filter.matches(&|p: &[String]| match p.first().map(String::as_str) {
+                    Some("ref") => Some(st.r#ref.clone()),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    fn abort(&self, _scope: &Scope, r#ref: &str) -> Result<()> {
+        self.blobs.abort(r#ref)
     }
 }

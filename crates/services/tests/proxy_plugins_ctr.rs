@@ -1,6 +1,10 @@
-//! `[proxy_plugins]` through berthd: a `type = "snapshot"` entry becomes the snapshotter
-//! `io.containerd.snapshotter.v1.<name>`, served by the standalone `berth-snapshotter`
-//! on a private socket and used with the stock `ctr --snapshotter <name>`.
+//! `[proxy_plugins]` through berthd, served by the standalone `berth-snapshotter` on a
+//! private socket and driven with the stock `ctr`:
+//! - a `type = "snapshot"` entry becomes the snapshotter
+//!   `io.containerd.snapshotter.v1.<name>` (`ctr --snapshotter <name>`);
+//! - a `type = "content"` entry becomes `io.containerd.content.v1.<name>`, which the
+//!   metadata store wraps instead of the local store: every blob lives in the other
+//!   process's root.
 
 use berth_testkit::{Daemon, NO_STARTUP_GC};
 use std::path::{Path, PathBuf};
@@ -50,16 +54,36 @@ struct Snapshotter {
 }
 
 impl Snapshotter {
+    /// Serves a snapshotter of `kind` rooted at `{dir}/root`.
     fn start(kind: &str) -> Snapshotter {
+        Self::start_with(|dir| {
+            vec![
+                "--root".into(),
+                dir.join("root").display().to_string(),
+                "--snapshotter".into(),
+                kind.into(),
+            ]
+        })
+    }
+
+    /// Serves a content store rooted at `{dir}/content`.
+    fn start_content() -> Snapshotter {
+        Self::start_with(|dir| {
+            vec![
+                "--content-root".into(),
+                dir.join("content").display().to_string(),
+            ]
+        })
+    }
+
+    fn start_with(args: impl FnOnce(&Path) -> Vec<String>) -> Snapshotter {
         let dir = TempDir::new();
         let socket = dir.path().join("snap.sock");
         let log = std::fs::File::create(dir.path().join("snapshotter.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_berth-snapshotter"))
-            .arg("--root")
-            .arg(dir.path().join("root"))
+            .args(args(dir.path()))
             .arg("--address")
             .arg(&socket)
-            .args(["--snapshotter", kind])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -98,10 +122,144 @@ impl Drop for Snapshotter {
 }
 
 fn proxy_config(name: &str, socket: &Path) -> String {
+    typed_proxy_config(name, "snapshot", socket)
+}
+
+fn typed_proxy_config(name: &str, r#type: &str, socket: &Path) -> String {
     format!(
-        "[proxy_plugins.{name}]\n  type = \"snapshot\"\n  address = {:?}\n\n{NO_STARTUP_GC}",
+        "[proxy_plugins.{name}]\n  type = \"{}\"\n  address = {:?}\n\n{NO_STARTUP_GC}",
+        r#type,
         socket.display().to_string()
     )
+}
+
+/// Committed blobs under a content store root (`blobs/sha256/*`).
+fn blobs_under(root: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(root.join("blobs/sha256"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| format!("sha256:{}", e.file_name().to_string_lossy()))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+fn sha256_of(data: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "sha256:{}",
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+    )
+}
+
+#[test]
+fn content_proxy_plugin_holds_every_blob() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let server = Snapshotter::start_content();
+    let remote_root = server.dir.path().join("content");
+    let d = Daemon::start_with_config(&typed_proxy_config("remote", "content", &server.socket));
+    let local_root = d.root.join("io.containerd.content.v1.content");
+
+    let plugins = d.ctr_ok(&["plugins", "ls"]);
+    let row: Vec<&str> = plugins
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|cols| {
+            cols.len() >= 3 && cols[0] == "io.containerd.content.v1" && cols[1] == "remote"
+        })
+        .unwrap_or_else(|| panic!("no remote content row:\n{plugins}"));
+    assert_eq!(row.last(), Some(&"ok"), "{plugins}");
+    let detail = d.ctr_ok(&["plugins", "ls", "-d", "id==bolt"]);
+    assert!(
+        detail.contains("io.containerd.content.v1.remote"),
+        "{detail}"
+    );
+
+    // ingest / ls / get / rm through the proxy; 3 MiB so the data crosses several chunks.
+    let data: Vec<u8> = (0..3 * (1 << 20) + 17).map(|i| (i % 251) as u8).collect();
+    let digest = sha256_of(&data);
+    let out = d.ctr_with_input(&["content", "ingest", "ingest-1"], &data);
+    assert!(out.status.success(), "{out:?}\n{}", server.log());
+    assert_eq!(blobs_under(&remote_root), vec![digest.clone()]);
+    assert!(
+        blobs_under(&local_root).is_empty(),
+        "the local store stays empty"
+    );
+    let ls = d.ctr_ok(&["content", "ls"]);
+    assert!(ls.contains(&digest) && ls.contains("3.146MB"), "{ls}");
+    let got = d.ctr(&["content", "get", &digest]);
+    assert!(got.status.success(), "{got:?}");
+    assert!(got.stdout == data, "content get returns the ingested bytes");
+    // A second namespace does not see it (the daemon keeps namespaces).
+    assert!(
+        !d.ctr_ok(&["-n", "other", "content", "ls"])
+            .contains(&digest)
+    );
+    d.ctr_ok(&["content", "rm", &digest]);
+    assert!(!d.ctr_ok(&["content", "ls"]).contains(&digest));
+    // The deletion schedules a collection, which deletes the blob in the proxy's root.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !blobs_under(&remote_root).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "blob not collected in the proxy:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A whole image: import (with unpack, reading the layer back through the proxy).
+    let tar = berth_testkit::fixtures().join("busybox.oci.tar");
+    d.ctr_ok(&["images", "import", tar.to_str().unwrap()]);
+    let image = "import.local/busybox:latest";
+    assert!(d.ctr_ok(&["images", "ls", "-q"]).contains(image));
+    let check = d.ctr_ok(&["images", "check"]);
+    assert!(check.contains("complete"), "{check}");
+    let remote = blobs_under(&remote_root);
+    let listed = d.ctr_ok(&["content", "ls", "-q"]);
+    assert!(
+        remote.len() >= 3,
+        "index/manifest/config/layer in the proxy: {remote:?}"
+    );
+    for digest in listed.lines() {
+        assert!(
+            remote.contains(&digest.to_string()),
+            "{digest} not in {remote:?}"
+        );
+    }
+    assert!(
+        blobs_under(&local_root).is_empty(),
+        "the local store stays empty"
+    );
+    // The layer was applied: the image's snapshot exists and holds busybox.
+    let snapshots = d.ctr_ok(&["snapshots", "ls"]);
+    assert!(snapshots.contains("Committed"), "{snapshots}");
+    let mnt = server.dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    d.ctr_ok(&["images", "mount", image, mnt.to_str().unwrap()]);
+    let has_busybox = mnt.join("bin/busybox").exists();
+    d.ctr_ok(&["images", "unmount", "--rm", mnt.to_str().unwrap()]);
+    assert!(has_busybox, "the unpacked image holds bin/busybox");
+    d.ctr_ok(&["images", "rm", "--sync", image]);
+    assert!(
+        blobs_under(&remote_root).is_empty(),
+        "image blobs collected in the proxy"
+    );
 }
 
 #[test]
