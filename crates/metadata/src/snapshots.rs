@@ -17,6 +17,14 @@
 //! `containerd.io/snapshot/` prefix (and `containerd.io/snapshot.ref`) reach the backend;
 //! a lease named by the caller gets the snapshot as a `snapshots/<snapshotter>`
 //! resource. Snapshots take part in garbage collection through [`SnapshotGc`].
+//!
+//! Remote snapshotters (stargz, nydus): a prepare or view labelled
+//! `containerd.io/snapshot.ref=<target>` that the backend answers with AlreadyExists
+//! means the backend already has `<target>` as a committed snapshot (it can serve the
+//! layer without it being applied). As containerd's `createSnapshot`, the record
+//! `<target>` is then made in the namespace, naming that backend snapshot (a *linked*
+//! record: several namespaces may name one backend snapshot, so only the collector
+//! removes it), and the caller gets AlreadyExists so that it skips the layer.
 
 use crate::MetadataStore;
 use crate::db::{db_error, get_json, to_json};
@@ -48,6 +56,12 @@ struct SnapshotRecord {
     labels: Labels,
     created: u64,
     updated: u64,
+    /// The record names a backend snapshot the backend already had (a remote
+    /// snapshotter's target, see [`NamespacedSnapshotter::create`]): other records, in
+    /// any namespace, may name it too, so removing this record leaves the backend
+    /// snapshot to the collector, which removes it once no record names it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    linked: bool,
 }
 
 impl SnapshotRecord {
@@ -252,6 +266,17 @@ impl NamespacedSnapshotter {
         labels::validate_all(&labels).map_err(|e| e.context("info.Labels"))?;
         let s = &self.db;
         let _shared = s.gc_lock.read().await;
+        // A remote snapshotter's target (containerd's `containerd.io/snapshot.ref`): if the
+        // namespace has it already, the caller can use it as it is.
+        let target = labels
+            .get(LABEL_SNAPSHOT_REF)
+            .filter(|t| !t.is_empty())
+            .cloned();
+        if let Some(target) = &target
+            && s.get(&self.ns, target)?.is_some()
+        {
+            return Err(Error::already_exists(format!("target snapshot {target:?}")));
+        }
         if s.get(&self.ns, key)?.is_some() {
             return Err(Error::already_exists(format!("snapshot {key:?}")));
         }
@@ -270,17 +295,36 @@ impl NamespacedSnapshotter {
         };
         let backend_key = format!("{}/{}/{key}", self.ns, s.next_seq()?);
         let backend_labels = inherited(&labels);
-        let mounts = match kind {
+        let created = match kind {
             Kind::View => {
                 s.backend
                     .view(&backend_key, &backend_parent, backend_labels)
-                    .await?
+                    .await
             }
             _ => {
                 s.backend
                     .prepare(&backend_key, &backend_parent, backend_labels)
-                    .await?
+                    .await
             }
+        };
+        let mounts = match created {
+            Ok(mounts) => mounts,
+            // The backend already has the target (a remote snapshotter found the layer):
+            // record it in this namespace under the target's name and tell the caller,
+            // who then skips fetching and applying the layer.
+            Err(err) if err.is(berth_core::error::ErrorKind::AlreadyExists) => {
+                let Some(target) = target else {
+                    // Backend keys are unique, so this is not the caller's conflict.
+                    return Err(Error::unknown(format!(
+                        "unexpected error from snapshotter: {}",
+                        err.message()
+                    )));
+                };
+                return self
+                    .link_target(&target, parent, &backend_parent, labels)
+                    .await;
+            }
+            Err(err) => return Err(err),
         };
         let now = nanos(SystemTime::now());
         let record = SnapshotRecord {
@@ -290,6 +334,7 @@ impl NamespacedSnapshotter {
             labels,
             created: now,
             updated: now,
+            linked: false,
         };
         let (ns, name, lease) = (self.ns.clone(), s.name.clone(), self.lease.clone());
         let written = s.db.write(|tx| {
@@ -336,6 +381,95 @@ impl NamespacedSnapshotter {
             return Err(err);
         }
         Ok(mounts)
+    }
+
+    /// After the backend answered a create with AlreadyExists for the target `target`
+    /// (containerd's `createSnapshot`): finds the backend's committed snapshot labelled
+    /// `containerd.io/snapshot.ref=<target>` on the same backend parent, records it as
+    /// the committed snapshot `target` of this namespace (child of `parent`), and
+    /// returns AlreadyExists — on success too, as containerd does, which is how the
+    /// caller learns the layer is available without applying it.
+    async fn link_target(
+        &self,
+        target: &str,
+        parent: &str,
+        backend_parent: &str,
+        mut labels: Labels,
+    ) -> Result<Vec<Mount>> {
+        let s = &self.db;
+        let filter = format!("labels.\"{LABEL_SNAPSHOT_REF}\"=={target:?}");
+        let found = s
+            .backend
+            .walk(&[filter])
+            .await
+            .map_err(|e| e.context("failed walking backend snapshots"))?
+            .into_iter()
+            // Checked here too: a remote backend may not apply the filter.
+            .find(|i| {
+                i.kind == Kind::Committed
+                    && i.labels.get(LABEL_SNAPSHOT_REF).map(String::as_str) == Some(target)
+                    && i.parent == backend_parent
+            })
+            .ok_or_else(|| {
+                Error::not_found(format!("target snapshot {target:?} in backend"))
+            })?;
+        for (k, v) in &found.labels {
+            labels.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        let record = SnapshotRecord {
+            backend_key: found.name.clone(),
+            kind: Kind::Committed.as_str().to_string(),
+            parent: parent.to_string(),
+            labels,
+            created: nanos(found.created),
+            updated: nanos(found.updated),
+            linked: true,
+        };
+        let (ns, name, lease) = (self.ns.clone(), s.name.clone(), self.lease.clone());
+        s.db.write(|tx| {
+            MetadataStore::ensure_namespace(tx, &ns)?;
+            let mut table = tx
+                .open_table(SNAPSHOTS)
+                .map_err(|e| db_error("snapshots", e))?;
+            let rk = record_key(&ns, &name, target);
+            if table
+                .get(rk.as_str())
+                .map_err(|e| db_error("get", e))?
+                .is_some()
+            {
+                // Linked meanwhile by another caller: the same answer.
+                return Ok(());
+            }
+            if !parent.is_empty() {
+                let pk = record_key(&ns, &name, parent);
+                let parent_record: SnapshotRecord = get_json(&table, &pk)?.ok_or_else(|| {
+                    Error::not_found(format!("parent snapshot {parent} does not exist"))
+                })?;
+                // The backend enforces which parent a target has; the records can only
+                // refuse to disagree with it.
+                if parent_record.backend_key != backend_parent {
+                    return Err(Error::invalid_argument(format!(
+                        "mismatched parent {parent} from target {target}"
+                    )));
+                }
+                let mut children = tx
+                    .open_table(CHILDREN)
+                    .map_err(|e| db_error("children", e))?;
+                children
+                    .insert(child_key(&ns, &name, parent, target).as_str(), ())
+                    .map_err(|e| db_error("put", e))?;
+            }
+            table
+                .insert(rk.as_str(), to_json(&record)?.as_slice())
+                .map_err(|e| db_error("put", e))?;
+            if let Some(lease) = &lease {
+                crate::leases::add_to_lease(tx, &ns, lease, &format!("snapshots/{name}"), target)?;
+            }
+            Ok(())
+        })?;
+        Err(Error::already_exists(format!(
+            "target snapshot {target:?} from snapshotter"
+        )))
     }
 }
 
@@ -427,6 +561,7 @@ impl Snapshotter for NamespacedSnapshotter {
             labels,
             created: now,
             updated: now,
+            linked: false,
         };
         let (ns, sn, lease) = (self.ns.clone(), s.name.clone(), self.lease.clone());
         s.db.write(|tx| {
@@ -500,6 +635,10 @@ impl Snapshotter for NamespacedSnapshotter {
             Ok(record)
         })?;
         self.db.db.mark_dirty();
+        if record.linked {
+            // Maybe named by other records too: the collector removes it when none does.
+            return Ok(());
+        }
         // The backend snapshot goes now; if this fails, the collector's cleanup retries.
         if let Err(err) = self.db.backend.remove(&record.backend_key).await {
             tracing::warn!(snapshotter = %self.db.name, key = %record.backend_key, error = %err, "removing backend snapshot; left to garbage collection");
@@ -730,6 +869,17 @@ mod tests {
             Ok(vec![Mount::bind(key, false)])
         }
         async fn prepare(&self, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
+            // As a remote snapshotter: a committed snapshot carrying the requested
+            // target on the same parent makes the prepare answer AlreadyExists.
+            if let Some(target) = labels.get(LABEL_SNAPSHOT_REF)
+                && self.snaps.lock().unwrap().values().any(|i| {
+                    i.kind == Kind::Committed
+                        && i.parent == parent
+                        && i.labels.get(LABEL_SNAPSHOT_REF) == Some(target)
+                })
+            {
+                return Err(Error::already_exists(format!("target {target}")));
+            }
             let mut info = Info::new(key, Kind::Active);
             info.parent = parent.into();
             info.labels = labels;
@@ -874,6 +1024,64 @@ mod tests {
         // The root keeps its parent; the unreferenced snapshot is gone, backend too.
         assert_eq!(names, ["base", "kept"]);
         assert_eq!(fake.snaps.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn remote_targets_are_linked_not_created() {
+        let (_d, fake, db) = setup();
+        // The backend already has the layer (as a remote snapshotter would).
+        let target = "sha256:1111";
+        let remote: Labels = [(LABEL_SNAPSHOT_REF.to_string(), target.to_string())].into();
+        fake.prepare("remote-a", "", Labels::new()).await.unwrap();
+        fake.commit("remote", "remote-a", Labels::new()).await.unwrap();
+        fake.snaps.lock().unwrap().get_mut("remote").unwrap().labels = remote.clone();
+        let mut labels = remote.clone();
+        labels.insert("containerd.io/snapshot/cri.layer-digest".into(), "sha256:2222".into());
+        labels.insert("containerd.io/gc.root".into(), "x".into());
+        let a = db.namespaced("a", None);
+        let b = db.namespaced("b", None);
+        for s in [&a, &b] {
+            let err = s.prepare("extract-1", "", labels.clone()).await.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+            assert!(err.to_string().contains("target snapshot"), "{err}");
+            let info = s.stat(target).await.unwrap();
+            assert_eq!(info.kind, Kind::Committed);
+            assert_eq!(info.labels.get(GC_ROOT).map(String::as_str), Some("x"));
+            // The extraction key was never created.
+            assert_eq!(s.stat("extract-1").await.unwrap_err().kind(), ErrorKind::NotFound);
+            // A second prepare of the same target is answered from the records.
+            let err = s.prepare("extract-2", "", labels.clone()).await.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+        }
+        assert_eq!(fake.snaps.lock().unwrap().len(), 1, "nothing created in the backend");
+        // The linked snapshot works as a parent.
+        a.view("rootfs", target, Labels::new()).await.unwrap();
+        let backend_parent = fake
+            .snaps
+            .lock()
+            .unwrap()
+            .values()
+            .find(|i| i.kind == Kind::View)
+            .map(|i| i.parent.clone());
+        assert_eq!(backend_parent.as_deref(), Some("remote"));
+        // The backend has the target on no parent only: on another parent the prepare
+        // is an ordinary one (the caller applies the layer).
+        let c = db.namespaced("c", None);
+        c.prepare("p-a", "", Labels::new()).await.unwrap();
+        c.commit("p", "p-a", Labels::new()).await.unwrap();
+        c.prepare("extract-3", "p", labels.clone()).await.unwrap();
+        assert_eq!(c.stat("extract-3").await.unwrap().kind, Kind::Active);
+        c.remove("extract-3").await.unwrap();
+        c.remove("p").await.unwrap();
+        // Removing one namespace's record keeps the backend snapshot for the other; the
+        // collector removes it once no record names it.
+        a.remove("rootfs").await.unwrap();
+        a.remove(target).await.unwrap();
+        a.cleanup().await.unwrap();
+        assert!(fake.snaps.lock().unwrap().contains_key("remote"));
+        b.remove(target).await.unwrap();
+        a.cleanup().await.unwrap();
+        assert!(!fake.snaps.lock().unwrap().contains_key("remote"));
     }
 
     #[tokio::test]
