@@ -410,9 +410,7 @@ impl NamespacedSnapshotter {
                     && i.labels.get(LABEL_SNAPSHOT_REF).map(String::as_str) == Some(target)
                     && i.parent == backend_parent
             })
-            .ok_or_else(|| {
-                Error::not_found(format!("target snapshot {target:?} in backend"))
-            })?;
+            .ok_or_else(|| Error::not_found(format!("target snapshot {target:?} in backend")))?;
         for (k, v) in &found.labels {
             labels.entry(k.clone()).or_insert_with(|| v.clone());
         }
@@ -1033,27 +1031,45 @@ mod tests {
         let target = "sha256:1111";
         let remote: Labels = [(LABEL_SNAPSHOT_REF.to_string(), target.to_string())].into();
         fake.prepare("remote-a", "", Labels::new()).await.unwrap();
-        fake.commit("remote", "remote-a", Labels::new()).await.unwrap();
+        fake.commit("remote", "remote-a", Labels::new())
+            .await
+            .unwrap();
         fake.snaps.lock().unwrap().get_mut("remote").unwrap().labels = remote.clone();
         let mut labels = remote.clone();
-        labels.insert("containerd.io/snapshot/cri.layer-digest".into(), "sha256:2222".into());
+        labels.insert(
+            "containerd.io/snapshot/cri.layer-digest".into(),
+            "sha256:2222".into(),
+        );
         labels.insert("containerd.io/gc.root".into(), "x".into());
         let a = db.namespaced("a", None);
         let b = db.namespaced("b", None);
         for s in [&a, &b] {
-            let err = s.prepare("extract-1", "", labels.clone()).await.unwrap_err();
+            let err = s
+                .prepare("extract-1", "", labels.clone())
+                .await
+                .unwrap_err();
             assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
             assert!(err.to_string().contains("target snapshot"), "{err}");
             let info = s.stat(target).await.unwrap();
             assert_eq!(info.kind, Kind::Committed);
             assert_eq!(info.labels.get(GC_ROOT).map(String::as_str), Some("x"));
             // The extraction key was never created.
-            assert_eq!(s.stat("extract-1").await.unwrap_err().kind(), ErrorKind::NotFound);
+            assert_eq!(
+                s.stat("extract-1").await.unwrap_err().kind(),
+                ErrorKind::NotFound
+            );
             // A second prepare of the same target is answered from the records.
-            let err = s.prepare("extract-2", "", labels.clone()).await.unwrap_err();
+            let err = s
+                .prepare("extract-2", "", labels.clone())
+                .await
+                .unwrap_err();
             assert_eq!(err.kind(), ErrorKind::AlreadyExists);
         }
-        assert_eq!(fake.snaps.lock().unwrap().len(), 1, "nothing created in the backend");
+        assert_eq!(
+            fake.snaps.lock().unwrap().len(),
+            1,
+            "nothing created in the backend"
+        );
         // The linked snapshot works as a parent.
         a.view("rootfs", target, Labels::new()).await.unwrap();
         let backend_parent = fake

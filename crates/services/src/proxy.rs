@@ -71,6 +71,7 @@ pub fn unix_channel(address: &str) -> Result<Channel> {
 pub struct ProxySnapshotter {
     client: SnapshotsClient<Channel>,
     name: String,
+    namespace: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl ProxySnapshotter {
@@ -78,7 +79,28 @@ impl ProxySnapshotter {
         ProxySnapshotter {
             client: SnapshotsClient::new(channel),
             name: name.to_string(),
+            namespace: None,
         }
+    }
+
+    /// Sends every call in namespace `ns` (the `containerd-namespace` header): the
+    /// snapshotter `name` of a daemon (Berth or containerd) as that namespace sees it,
+    /// rather than a bare backend.
+    pub fn with_namespace(mut self, ns: &str) -> Result<ProxySnapshotter> {
+        self.namespace = Some(ns.parse().map_err(|_| {
+            Error::invalid_argument(format!("namespace {ns:?} is not a valid header value"))
+        })?);
+        Ok(self)
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(ns) = &self.namespace {
+            request
+                .metadata_mut()
+                .insert(berth_core::namespaces::GRPC_HEADER, ns.clone());
+        }
+        request
     }
 }
 
@@ -88,10 +110,10 @@ impl Snapshotter for ProxySnapshotter {
         let r = self
             .client
             .clone()
-            .stat(api::StatSnapshotRequest {
+            .stat(self.request(api::StatSnapshotRequest {
                 snapshotter: self.name.clone(),
                 key: key.into(),
-            })
+            }))
             .await
             .map_err(from_status)?;
         Ok(info_from_api(r.into_inner().info.unwrap_or_default()))
@@ -101,13 +123,13 @@ impl Snapshotter for ProxySnapshotter {
         let r = self
             .client
             .clone()
-            .update(api::UpdateSnapshotRequest {
+            .update(self.request(api::UpdateSnapshotRequest {
                 snapshotter: self.name.clone(),
                 info: Some(info_to_api(info)),
                 update_mask: Some(prost_types::FieldMask {
                     paths: fieldpaths.to_vec(),
                 }),
-            })
+            }))
             .await
             .map_err(from_status)?;
         Ok(info_from_api(r.into_inner().info.unwrap_or_default()))
@@ -117,10 +139,10 @@ impl Snapshotter for ProxySnapshotter {
         let r = self
             .client
             .clone()
-            .usage(api::UsageRequest {
+            .usage(self.request(api::UsageRequest {
                 snapshotter: self.name.clone(),
                 key: key.into(),
-            })
+            }))
             .await
             .map_err(from_status)?
             .into_inner();
@@ -134,10 +156,10 @@ impl Snapshotter for ProxySnapshotter {
         let r = self
             .client
             .clone()
-            .mounts(api::MountsRequest {
+            .mounts(self.request(api::MountsRequest {
                 snapshotter: self.name.clone(),
                 key: key.into(),
-            })
+            }))
             .await
             .map_err(from_status)?;
         Ok(r.into_inner()
@@ -151,12 +173,12 @@ impl Snapshotter for ProxySnapshotter {
         let r = self
             .client
             .clone()
-            .prepare(api::PrepareSnapshotRequest {
+            .prepare(self.request(api::PrepareSnapshotRequest {
                 snapshotter: self.name.clone(),
                 key: key.into(),
                 parent: parent.into(),
                 labels: labels.into_iter().collect(),
-            })
+            }))
             .await
             .map_err(from_status)?;
         Ok(r.into_inner()
@@ -170,12 +192,12 @@ impl Snapshotter for ProxySnapshotter {
         let r = self
             .client
             .clone()
-            .view(api::ViewSnapshotRequest {
+            .view(self.request(api::ViewSnapshotRequest {
                 snapshotter: self.name.clone(),
                 key: key.into(),
                 parent: parent.into(),
                 labels: labels.into_iter().collect(),
-            })
+            }))
             .await
             .map_err(from_status)?;
         Ok(r.into_inner()
@@ -188,12 +210,12 @@ impl Snapshotter for ProxySnapshotter {
     async fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<()> {
         self.client
             .clone()
-            .commit(api::CommitSnapshotRequest {
+            .commit(self.request(api::CommitSnapshotRequest {
                 snapshotter: self.name.clone(),
                 name: name.into(),
                 key: key.into(),
                 labels: labels.into_iter().collect(),
-            })
+            }))
             .await
             .map_err(from_status)?;
         Ok(())
@@ -202,10 +224,10 @@ impl Snapshotter for ProxySnapshotter {
     async fn remove(&self, key: &str) -> Result<()> {
         self.client
             .clone()
-            .remove(api::RemoveSnapshotRequest {
+            .remove(self.request(api::RemoveSnapshotRequest {
                 snapshotter: self.name.clone(),
                 key: key.into(),
-            })
+            }))
             .await
             .map_err(from_status)?;
         Ok(())
@@ -215,10 +237,10 @@ impl Snapshotter for ProxySnapshotter {
         let mut stream = self
             .client
             .clone()
-            .list(api::ListSnapshotsRequest {
+            .list(self.request(api::ListSnapshotsRequest {
                 snapshotter: self.name.clone(),
                 filters: filters.to_vec(),
-            })
+            }))
             .await
             .map_err(from_status)?
             .into_inner();
@@ -233,9 +255,9 @@ impl Snapshotter for ProxySnapshotter {
         match self
             .client
             .clone()
-            .cleanup(api::CleanupRequest {
+            .cleanup(self.request(api::CleanupRequest {
                 snapshotter: self.name.clone(),
-            })
+            }))
             .await
         {
             Ok(_) => Ok(()),
