@@ -559,6 +559,119 @@ fn typed_error(path: &Path, text: &str, key: &str, err: &toml::de::Error) -> Con
     ))
 }
 
+/// The CRI plugin, whose section may hold the deprecated registry keys.
+pub const CRI_PLUGIN: &str = "io.containerd.grpc.v1.cri";
+/// Where [`Config::convert_cri_registry`] writes the hosts directory, under `state`.
+pub const CRI_HOSTS_DIR: &str = "io.containerd.grpc.v1.cri/hosts";
+
+impl Config {
+    /// Converts the CRI plugin's deprecated `registry.mirrors` and `registry.configs.<h>.tls`
+    /// into a `hosts.toml` directory (`{state}/io.containerd.grpc.v1.cri/hosts/<host>/
+    /// hosts.toml`, rewritten at every start since `state` is volatile) and points
+    /// `registry.config_path` at it, so the CRI image service and the daemon-side pull
+    /// need to know one form only. The converted keys leave the section;
+    /// `configs.<h>.auth` stays (it is not deprecated next to `config_path`). Returns a
+    /// warning per converted key naming where it went.
+    ///
+    /// As containerd's CRI plugin, the deprecated keys and `config_path` together are an
+    /// error: which one should win is not knowable.
+    pub fn convert_cri_registry(&mut self) -> Result<Vec<String>, ConfigError> {
+        let state = PathBuf::from(&self.state);
+        let Some(registry) = self
+            .plugins
+            .get_mut(CRI_PLUGIN)
+            .and_then(|cri| cri.get_mut("registry"))
+            .and_then(|r| r.as_table_mut())
+        else {
+            return Ok(Vec::new());
+        };
+        let key = |k: &str| format!("plugins.{CRI_PLUGIN:?}.registry.{k}");
+        let has_mirrors = registry
+            .get("mirrors")
+            .and_then(|m| m.as_table())
+            .is_some_and(|m| !m.is_empty());
+        let tls_hosts: Vec<String> = registry
+            .get("configs")
+            .and_then(|c| c.as_table())
+            .map(|c| {
+                c.iter()
+                    .filter(|(_, v)| v.get("tls").is_some())
+                    .map(|(h, _)| h.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !has_mirrors && tls_hosts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let config_path = registry
+            .get("config_path")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
+        if !config_path.is_empty() {
+            let what = if has_mirrors {
+                "mirrors"
+            } else {
+                "configs.tls"
+            };
+            return Err(ConfigError::new(format!(
+                "{}: `{what}` cannot be set when `config_path` is provided",
+                key(what)
+            )));
+        }
+        let converted = berth_remotes::hosts::convert_cri_registry(registry)
+            .map_err(|e| ConfigError::new(format!("{}: {e}", key("mirrors"))))?;
+        let dir = state.join(CRI_HOSTS_DIR);
+        let written = (|| -> std::io::Result<()> {
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            for (host, text) in &converted.hosts_toml {
+                let host_dir = dir.join(host);
+                std::fs::create_dir_all(&host_dir)?;
+                std::fs::write(host_dir.join("hosts.toml"), text)?;
+            }
+            std::fs::create_dir_all(&dir)
+        })();
+        written.map_err(|e| {
+            ConfigError::new(format!(
+                "writing the hosts directory {} converted from {}: {e}",
+                dir.display(),
+                key("mirrors")
+            ))
+        })?;
+        let mut warnings = converted.warnings;
+        for host in converted.hosts_toml.keys() {
+            let registry = if host == "_default" { "*" } else { host };
+            warnings.push(format!(
+                "{} for {registry:?} converted to {} (config_path now points to {})",
+                key("mirrors/configs"),
+                dir.join(host).join("hosts.toml").display(),
+                dir.display()
+            ));
+        }
+        registry.remove("mirrors");
+        if let Some(configs) = registry.get_mut("configs").and_then(|c| c.as_table_mut()) {
+            for host in &tls_hosts {
+                if let Some(c) = configs.get_mut(host).and_then(|c| c.as_table_mut()) {
+                    c.remove("tls");
+                    if c.is_empty() {
+                        configs.remove(host);
+                    }
+                }
+            }
+            if configs.is_empty() {
+                registry.remove("configs");
+            }
+        }
+        registry.insert(
+            "config_path".into(),
+            toml::Value::String(dir.display().to_string()),
+        );
+        Ok(warnings)
+    }
+}
+
 /// 1-based line and column of a byte offset.
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
@@ -710,6 +823,112 @@ fn merge_file(into: &mut toml::Table, from: toml::Table) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `tests/fixtures/configs/cri-config.toml` with its `config_path` line replaced.
+    fn cri_fixture(registry: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/configs/cri-config.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let line = "    config_path = \"/etc/containerd/certs.d\"\n";
+        assert!(text.contains(line), "the fixture changed");
+        text.replace(line, registry)
+    }
+
+    fn registry_section(config: &Config) -> &toml::Table {
+        config.plugins[CRI_PLUGIN]["registry"].as_table().unwrap()
+    }
+
+    #[test]
+    fn cri_fixture_with_config_path_is_left_alone() {
+        let state = tempfile::tempdir().unwrap();
+        let (mut config, warnings) = Config::parse(
+            &cri_fixture("    config_path = \"/etc/containerd/certs.d\"\n"),
+            "cri-config.toml",
+        )
+        .unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        config.state = state.path().display().to_string();
+        assert!(config.convert_cri_registry().unwrap().is_empty());
+        assert_eq!(
+            registry_section(&config)["config_path"].as_str(),
+            Some("/etc/containerd/certs.d")
+        );
+        assert!(!state.path().join(CRI_HOSTS_DIR).exists());
+    }
+
+    #[test]
+    fn deprecated_cri_registry_keys_become_a_hosts_directory() {
+        let state = tempfile::tempdir().unwrap();
+        let registry = r#"    [plugins."io.containerd.grpc.v1.cri".registry.mirrors."docker.io"]
+      endpoint = ["https://mirror.example:5000"]
+    [plugins."io.containerd.grpc.v1.cri".registry.mirrors."registry.local:5000"]
+      endpoint = ["http://registry.local:5000"]
+    [plugins."io.containerd.grpc.v1.cri".registry.configs."mirror.example:5000".tls]
+      insecure_skip_verify = true
+    [plugins."io.containerd.grpc.v1.cri".registry.configs."docker.io".auth]
+      username = "u"
+      password = "p"
+"#;
+        let (mut config, _) = Config::parse(&cri_fixture(registry), "cri-config.toml").unwrap();
+        config.state = state.path().display().to_string();
+        // A stale file from an earlier start goes.
+        let dir = state.path().join(CRI_HOSTS_DIR);
+        std::fs::create_dir_all(dir.join("stale.example")).unwrap();
+        let warnings = config.convert_cri_registry().unwrap();
+        assert!(
+            warnings.iter().any(|w| w.contains("\"docker.io\"")
+                && w.contains(&dir.join("docker.io/hosts.toml").display().to_string())),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings.iter().any(|w| w.contains("deprecated")),
+            "{warnings:?}"
+        );
+        assert!(!dir.join("stale.example").exists());
+        let section = registry_section(&config);
+        assert_eq!(
+            section["config_path"].as_str(),
+            Some(dir.display().to_string().as_str())
+        );
+        assert!(!section.contains_key("mirrors"));
+        // Credentials stay for the CRI plugin; the TLS settings moved to hosts.toml.
+        assert_eq!(
+            section["configs"]["docker.io"]["auth"]["username"].as_str(),
+            Some("u")
+        );
+        assert!(section["configs"].get("mirror.example:5000").is_none());
+        let text = std::fs::read_to_string(dir.join("docker.io/hosts.toml")).unwrap();
+        let hosts = berth_remotes::hosts::parse_hosts_file(&dir.join("docker.io"), &text).unwrap();
+        assert_eq!(hosts[0].base_url(), "https://mirror.example:5000/v2");
+        assert_eq!(hosts[0].tls.skip_verify, Some(true));
+        assert_eq!(hosts[1].base_url(), "https://registry-1.docker.io/v2");
+        assert!(dir.join("registry.local:5000/hosts.toml").is_file());
+        // The result is a config like any other: it dumps and parses again.
+        let (again, warnings) = Config::parse(&config.to_toml(), "dump").unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(
+            registry_section(&again)["config_path"],
+            section["config_path"]
+        );
+    }
+
+    #[test]
+    fn deprecated_cri_registry_keys_conflict_with_config_path() {
+        let registry = r#"    config_path = "/etc/containerd/certs.d"
+    [plugins."io.containerd.grpc.v1.cri".registry.mirrors."docker.io"]
+      endpoint = ["https://mirror.example"]
+"#;
+        let (mut config, _) = Config::parse(&cri_fixture(registry), "cri-config.toml").unwrap();
+        let state = tempfile::tempdir().unwrap();
+        config.state = state.path().display().to_string();
+        let err = config.convert_cri_registry().unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`mirrors` cannot be set when `config_path` is provided"),
+            "{err}"
+        );
+        assert!(!state.path().join(CRI_HOSTS_DIR).exists());
+    }
 
     #[test]
     fn defaults_are_berths_own_paths() {

@@ -140,6 +140,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for warning in &loaded.warnings {
                 tracing::warn!("{warning}");
             }
+            for warning in config.convert_cri_registry()? {
+                tracing::warn!("{warning}");
+            }
             daemon::run(config)
         }
     }
