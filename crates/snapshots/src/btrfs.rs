@@ -5,20 +5,19 @@
 //! one and deletes it. Mounts are `btrfs` mounts of the root's device with `subvolid=`.
 //! Subvolumes are made with the btrfs ioctls directly (no `btrfs` CLI needed at run time).
 
+use crate::blocking::{Blocking, BlockingSnapshotter};
 use crate::fsutil;
-use crate::overlay::blocking;
 use crate::storage::{MetaStore, Snapshot};
 use berth_core::filters::Filter;
 use berth_core::labels::Labels;
 use berth_core::mount::Mount;
-use berth_core::snapshot::{Info, Kind, Snapshotter, Usage};
+use berth_core::snapshot::{Info, Kind, Usage};
 use berth_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// `[plugins."io.containerd.snapshotter.v1.btrfs"]`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -188,17 +187,15 @@ fn device_of(path: &Path) -> Result<String> {
         .ok_or_else(|| Error::failed_precondition(format!("no btrfs mount holds {path}")))
 }
 
-struct Inner {
+/// The btrfs snapshotter's blocking implementation.
+pub struct BtrfsStore {
     root: PathBuf,
     device: String,
     ms: MetaStore,
 }
 
 /// The btrfs snapshotter.
-#[derive(Clone)]
-pub struct Btrfs {
-    inner: Arc<Inner>,
-}
+pub type Btrfs = Blocking<BtrfsStore>;
 
 impl Btrfs {
     pub fn new(root: &Path) -> Result<Btrfs> {
@@ -215,9 +212,7 @@ impl Btrfs {
             std::fs::create_dir_all(root.join(dir))?;
         }
         let ms = MetaStore::open(&root.join("metadata.db"))?;
-        Ok(Btrfs {
-            inner: Arc::new(Inner { root, device, ms }),
-        })
+        Ok(Blocking::wrap(BtrfsStore { root, device, ms }))
     }
 }
 
@@ -229,7 +224,7 @@ fn berth_plugin_skip(msg: String) -> Error {
     )
 }
 
-impl Inner {
+impl BtrfsStore {
     fn active(&self, id: &str) -> PathBuf {
         self.root.join("active").join(id)
     }
@@ -246,7 +241,7 @@ impl Inner {
         }
     }
 
-    fn mounts(&self, s: &Snapshot) -> Result<Vec<Mount>> {
+    fn mounts_of(&self, s: &Snapshot) -> Result<Vec<Mount>> {
         let id = subvolume_id(&self.active(&s.id))?;
         Ok(vec![Mount {
             r#type: "btrfs".into(),
@@ -258,7 +253,9 @@ impl Inner {
             ],
         }])
     }
+}
 
+impl BlockingSnapshotter for BtrfsStore {
     fn create(&self, kind: Kind, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
         let (snapshot, mounts) = self.ms.create(kind, key, parent, labels, |s| {
             let target = self.active(&s.id);
@@ -266,7 +263,7 @@ impl Inner {
                 Some(p) => subvolume_snapshot(&self.committed(p), &target, false)?,
                 None => subvolume_create(&target)?,
             }
-            match self.mounts(s) {
+            match self.mounts_of(s) {
                 Ok(m) => Ok(m),
                 Err(e) => {
                     let _ = subvolume_delete(&target);
@@ -277,124 +274,74 @@ impl Inner {
         let _ = snapshot;
         Ok(mounts)
     }
-}
 
-#[async_trait::async_trait]
-impl Snapshotter for Btrfs {
-    async fn stat(&self, key: &str) -> Result<Info> {
-        let inner = self.inner.clone();
-        let key = key.to_string();
-        blocking(move || Ok(inner.ms.get_info(&key)?.1)).await
+    fn stat(&self, key: &str) -> Result<Info> {
+        Ok(self.ms.get_info(key)?.1)
     }
 
-    async fn update(&self, info: Info, fieldpaths: &[String]) -> Result<Info> {
-        let inner = self.inner.clone();
-        let fieldpaths = fieldpaths.to_vec();
-        blocking(move || inner.ms.update_info(&info, &fieldpaths)).await
+    fn update(&self, info: Info, fieldpaths: &[String]) -> Result<Info> {
+        self.ms.update_info(&info, fieldpaths)
     }
 
-    async fn usage(&self, key: &str) -> Result<Usage> {
-        let inner = self.inner.clone();
-        let key = key.to_string();
-        blocking(move || {
-            let (id, info, usage) = inner.ms.get_info(&key)?;
-            if info.kind == Kind::Active {
-                return fsutil::disk_usage(&inner.active(&id));
-            }
-            Ok(usage)
+    fn usage(&self, key: &str) -> Result<Usage> {
+        let (id, info, usage) = self.ms.get_info(key)?;
+        if info.kind == Kind::Active {
+            return fsutil::disk_usage(&self.active(&id));
+        }
+        Ok(usage)
+    }
+
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        self.mounts_of(&self.ms.get_snapshot(key)?)
+    }
+
+    fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<()> {
+        let (id, info, _) = self.ms.get_info(key)?;
+        if info.kind != Kind::Active {
+            return Err(Error::failed_precondition(format!(
+                "snapshot {key:?} is not active"
+            )));
+        }
+        let usage = fsutil::disk_usage(&self.active(&id))?;
+        subvolume_snapshot(&self.active(&id), &self.committed(&id), true)?;
+        if let Err(e) = self.ms.commit_active(key, name, usage, labels) {
+            let _ = subvolume_delete(&self.committed(&id));
+            return Err(e.context("failed to commit snapshot"));
+        }
+        if let Err(err) = subvolume_delete(&self.active(&id)) {
+            tracing::warn!(error = %err, "removing the active subvolume after commit");
+        }
+        Ok(())
+    }
+
+    fn remove(&self, key: &str) -> Result<()> {
+        self.ms.remove(key, |id, kind| {
+            subvolume_delete(&self.path(id, kind)).map_err(|e| e.context("failed to remove"))
         })
-        .await
     }
 
-    async fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        let inner = self.inner.clone();
-        let key = key.to_string();
-        blocking(move || inner.mounts(&inner.ms.get_snapshot(&key)?)).await
+    fn walk(&self, filter: &Filter) -> Result<Vec<Info>> {
+        Ok(self.ms.walk(filter)?.into_iter().map(|(_, i)| i).collect())
     }
 
-    async fn prepare(&self, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
-        let inner = self.inner.clone();
-        let (key, parent) = (key.to_string(), parent.to_string());
-        blocking(move || inner.create(Kind::Active, &key, &parent, labels)).await
-    }
-
-    async fn view(&self, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
-        let inner = self.inner.clone();
-        let (key, parent) = (key.to_string(), parent.to_string());
-        blocking(move || inner.create(Kind::View, &key, &parent, labels)).await
-    }
-
-    async fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<()> {
-        let inner = self.inner.clone();
-        let (name, key) = (name.to_string(), key.to_string());
-        blocking(move || {
-            let (id, info, _) = inner.ms.get_info(&key)?;
-            if info.kind != Kind::Active {
-                return Err(Error::failed_precondition(format!(
-                    "snapshot {key:?} is not active"
-                )));
-            }
-            let usage = fsutil::disk_usage(&inner.active(&id))?;
-            subvolume_snapshot(&inner.active(&id), &inner.committed(&id), true)?;
-            if let Err(e) = inner.ms.commit_active(&key, &name, usage, labels) {
-                let _ = subvolume_delete(&inner.committed(&id));
-                return Err(e.context("failed to commit snapshot"));
-            }
-            if let Err(err) = subvolume_delete(&inner.active(&id)) {
-                tracing::warn!(error = %err, "removing the active subvolume after commit");
-            }
-            Ok(())
-        })
-        .await
-    }
-
-    async fn remove(&self, key: &str) -> Result<()> {
-        let inner = self.inner.clone();
-        let key = key.to_string();
-        blocking(move || {
-            inner.ms.remove(&key, |id, kind| {
-                subvolume_delete(&inner.path(id, kind)).map_err(|e| e.context("failed to remove"))
-            })
-        })
-        .await
-    }
-
-    async fn walk(&self, filters: &[String]) -> Result<Vec<Info>> {
-        let filter = Filter::parse_all(filters)?;
-        let inner = self.inner.clone();
-        blocking(move || {
-            Ok(inner
-                .ms
-                .walk(&filter)?
-                .into_iter()
-                .map(|(_, i)| i)
-                .collect())
-        })
-        .await
-    }
-
-    async fn cleanup(&self) -> Result<()> {
-        let inner = self.inner.clone();
-        blocking(move || {
-            let doomed = inner.ms.with_ids_locked(|ids| {
-                let mut doomed = Vec::new();
-                for dir in ["active", "snapshots"] {
-                    for entry in std::fs::read_dir(inner.root.join(dir))? {
-                        let entry = entry?;
-                        if !ids.contains(entry.file_name().to_string_lossy().as_ref()) {
-                            doomed.push(entry.path());
-                        }
+    fn cleanup(&self) -> Result<()> {
+        let doomed = self.ms.with_ids_locked(|ids| {
+            let mut doomed = Vec::new();
+            for dir in ["active", "snapshots"] {
+                for entry in std::fs::read_dir(self.root.join(dir))? {
+                    let entry = entry?;
+                    if !ids.contains(entry.file_name().to_string_lossy().as_ref()) {
+                        doomed.push(entry.path());
                     }
                 }
-                Ok(doomed)
-            })?;
-            for path in doomed {
-                if subvolume_delete(&path).is_err() {
-                    let _ = std::fs::remove_dir_all(&path);
-                }
             }
-            Ok(())
-        })
-        .await
+            Ok(doomed)
+        })?;
+        for path in doomed {
+            if subvolume_delete(&path).is_err() {
+                let _ = std::fs::remove_dir_all(&path);
+            }
+        }
+        Ok(())
     }
 }

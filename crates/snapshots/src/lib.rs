@@ -1,7 +1,10 @@
-//! Berth's snapshotters: overlayfs and native (plus their shared metastore and mount
-//! helpers). Each implements [`berth_core::snapshot::Snapshotter`]; the plugin instance
-//! of a snapshotter is an `Arc<dyn Snapshotter>` (see [`registrations`]).
+//! Berth's snapshotters: overlayfs, native and btrfs (plus their shared metastore and
+//! mount helpers). Each is a blocking store ([`blocking::BlockingSnapshotter`]) made an
+//! async [`berth_core::snapshot::Snapshotter`] by the one adapter [`blocking::Blocking`];
+//! the plugin instance of a snapshotter is an `Arc<dyn Snapshotter>` (see
+//! [`registrations`]).
 
+pub mod blocking;
 pub mod btrfs;
 pub mod fsutil;
 pub mod mount;

@@ -2,18 +2,17 @@
 //! `{root}/snapshots/{id}`; Prepare and View copy the parent's tree (file data cloned
 //! with reflinks where the file system supports them) and mount it with a bind mount.
 
+use crate::blocking::{Blocking, BlockingSnapshotter};
 use crate::fsutil;
-use crate::overlay::blocking;
 use crate::storage::MetaStore;
 use berth_core::filters::Filter;
 use berth_core::labels::Labels;
 use berth_core::mount::Mount;
-use berth_core::snapshot::{Info, Kind, Snapshotter, Usage};
+use berth_core::snapshot::{Info, Kind, Usage};
 use berth_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// `[plugins."io.containerd.snapshotter.v1.native"]`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -23,36 +22,34 @@ pub struct NativeConfig {
     pub root_path: String,
 }
 
-struct Inner {
+/// The native snapshotter's blocking implementation.
+pub struct NativeStore {
     root: PathBuf,
     ms: MetaStore,
 }
 
 /// The native (copying) snapshotter.
-#[derive(Clone)]
-pub struct Native {
-    inner: Arc<Inner>,
-}
+pub type Native = Blocking<NativeStore>;
 
 impl Native {
     pub fn new(root: &Path) -> Result<Native> {
         std::fs::create_dir_all(root.join("snapshots"))?;
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))?;
         let ms = MetaStore::open(&root.join("metadata.db"))?;
-        Ok(Native {
-            inner: Arc::new(Inner {
-                root: root.to_path_buf(),
-                ms,
-            }),
-        })
+        Ok(Blocking::wrap(NativeStore {
+            root: root.to_path_buf(),
+            ms,
+        }))
     }
 }
 
-impl Inner {
+impl NativeStore {
     fn path(&self, id: &str) -> PathBuf {
         self.root.join("snapshots").join(id)
     }
+}
 
+impl BlockingSnapshotter for NativeStore {
     fn create(&self, kind: Kind, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
         let snapshots = self.root.join("snapshots");
         let (snapshot, _) = self.ms.create(kind, key, parent, labels, |s| {
@@ -77,113 +74,62 @@ impl Inner {
             kind == Kind::View,
         )])
     }
-}
 
-#[async_trait::async_trait]
-impl Snapshotter for Native {
-    async fn stat(&self, key: &str) -> Result<Info> {
-        let inner = self.inner.clone();
-        let key = key.to_string();
-        blocking(move || Ok(inner.ms.get_info(&key)?.1)).await
+    fn stat(&self, key: &str) -> Result<Info> {
+        Ok(self.ms.get_info(key)?.1)
     }
 
-    async fn update(&self, info: Info, fieldpaths: &[String]) -> Result<Info> {
-        let inner = self.inner.clone();
-        let fieldpaths = fieldpaths.to_vec();
-        blocking(move || inner.ms.update_info(&info, &fieldpaths)).await
+    fn update(&self, info: Info, fieldpaths: &[String]) -> Result<Info> {
+        self.ms.update_info(&info, fieldpaths)
     }
 
-    async fn usage(&self, key: &str) -> Result<Usage> {
-        let inner = self.inner.clone();
-        let key = key.to_string();
-        blocking(move || {
-            let (id, info, usage) = inner.ms.get_info(&key)?;
-            if info.kind == Kind::Active {
-                return fsutil::disk_usage(&inner.path(&id));
-            }
-            Ok(usage)
-        })
-        .await
+    fn usage(&self, key: &str) -> Result<Usage> {
+        let (id, info, usage) = self.ms.get_info(key)?;
+        if info.kind == Kind::Active {
+            return fsutil::disk_usage(&self.path(&id));
+        }
+        Ok(usage)
     }
 
-    async fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        let inner = self.inner.clone();
-        let key = key.to_string();
-        blocking(move || {
-            let s = inner
-                .ms
-                .get_snapshot(&key)
-                .map_err(|e| e.context("failed to get snapshot mount"))?;
-            Ok(vec![Mount::bind(
-                inner.path(&s.id).display().to_string(),
-                s.kind == Kind::View,
-            )])
-        })
-        .await
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let s = self
+            .ms
+            .get_snapshot(key)
+            .map_err(|e| e.context("failed to get snapshot mount"))?;
+        Ok(vec![Mount::bind(
+            self.path(&s.id).display().to_string(),
+            s.kind == Kind::View,
+        )])
     }
 
-    async fn prepare(&self, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
-        let inner = self.inner.clone();
-        let (key, parent) = (key.to_string(), parent.to_string());
-        blocking(move || inner.create(Kind::Active, &key, &parent, labels)).await
+    fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<()> {
+        let (id, _, _) = self.ms.get_info(key)?;
+        let usage = fsutil::disk_usage(&self.path(&id))?;
+        self.ms
+            .commit_active(key, name, usage, labels)
+            .map_err(|e| e.context("failed to commit snapshot"))?;
+        Ok(())
     }
 
-    async fn view(&self, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
-        let inner = self.inner.clone();
-        let (key, parent) = (key.to_string(), parent.to_string());
-        blocking(move || inner.create(Kind::View, &key, &parent, labels)).await
+    fn remove(&self, key: &str) -> Result<()> {
+        // Rename inside the transaction so a failure keeps the record.
+        let doomed = self.ms.remove(key, |id, _| {
+            let doomed = self.root.join("snapshots").join(format!("rm-{id}"));
+            std::fs::rename(self.path(id), &doomed)
+                .map_err(|e| Error::unknown(format!("failed to rename: {e}")))?;
+            Ok(doomed)
+        })?;
+        if let Err(err) = crate::remove_dir_all(&doomed) {
+            tracing::warn!(path = %doomed.display(), error = %err, "failed to remove directory");
+        }
+        Ok(())
     }
 
-    async fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<()> {
-        let inner = self.inner.clone();
-        let (name, key) = (name.to_string(), key.to_string());
-        blocking(move || {
-            let (id, _, _) = inner.ms.get_info(&key)?;
-            let usage = fsutil::disk_usage(&inner.path(&id))?;
-            inner
-                .ms
-                .commit_active(&key, &name, usage, labels)
-                .map_err(|e| e.context("failed to commit snapshot"))?;
-            Ok(())
-        })
-        .await
+    fn walk(&self, filter: &Filter) -> Result<Vec<Info>> {
+        Ok(self.ms.walk(filter)?.into_iter().map(|(_, i)| i).collect())
     }
 
-    async fn remove(&self, key: &str) -> Result<()> {
-        let inner = self.inner.clone();
-        let key = key.to_string();
-        blocking(move || {
-            // Rename inside the transaction so a failure keeps the record.
-            let doomed = inner.ms.remove(&key, |id, _| {
-                let doomed = inner.root.join("snapshots").join(format!("rm-{id}"));
-                std::fs::rename(inner.path(id), &doomed)
-                    .map_err(|e| Error::unknown(format!("failed to rename: {e}")))?;
-                Ok(doomed)
-            })?;
-            if let Err(err) = crate::remove_dir_all(&doomed) {
-                tracing::warn!(path = %doomed.display(), error = %err, "failed to remove directory");
-            }
-            Ok(())
-        })
-        .await
-    }
-
-    async fn walk(&self, filters: &[String]) -> Result<Vec<Info>> {
-        let filter = Filter::parse_all(filters)?;
-        let inner = self.inner.clone();
-        blocking(move || {
-            Ok(inner
-                .ms
-                .walk(&filter)?
-                .into_iter()
-                .map(|(_, i)| i)
-                .collect())
-        })
-        .await
-    }
-
-    async fn cleanup(&self) -> Result<()> {
-        let inner = self.inner.clone();
-        blocking(move || crate::cleanup_unowned(&inner.ms, &inner.root.join("snapshots"))).await
+    fn cleanup(&self) -> Result<()> {
+        crate::cleanup_unowned(&self.ms, &self.root.join("snapshots"))
     }
 }

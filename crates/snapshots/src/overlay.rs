@@ -6,17 +6,17 @@
 //! is a read-only overlay of lowers only, an active snapshot with parents is an overlay
 //! with `upperdir`/`workdir` and `lowerdir` = parents' `fs`, nearest first.
 
+use crate::blocking::{Blocking, BlockingSnapshotter};
 use crate::fsutil;
 use crate::storage::{MetaStore, Snapshot};
 use berth_core::filters::Filter;
 use berth_core::labels::Labels;
 use berth_core::mount::Mount;
-use berth_core::snapshot::{Info, Kind, Snapshotter, Usage};
+use berth_core::snapshot::{Info, Kind, Usage};
 use berth_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// Label naming the upper directory of a snapshot (with `upperdir_label = true`).
 pub const UPPERDIR_LABEL: &str = "containerd.io/snapshot/overlay.upperdir";
@@ -36,7 +36,8 @@ pub struct OverlayConfig {
     pub mount_options: Vec<String>,
 }
 
-struct Inner {
+/// The overlayfs snapshotter's blocking implementation.
+pub struct OverlayStore {
     root: PathBuf,
     ms: MetaStore,
     upperdir_label: bool,
@@ -47,10 +48,7 @@ struct Inner {
 }
 
 /// The overlayfs snapshotter.
-#[derive(Clone)]
-pub struct Overlay {
-    inner: Arc<Inner>,
-}
+pub type Overlay = Blocking<OverlayStore>;
 
 /// Whether overlay needs `userxattr` here: only outside the initial user namespace
 /// (rootless), where `trusted.*` xattrs are unavailable.
@@ -77,14 +75,6 @@ fn supports_d_type(root: &Path) -> Result<bool> {
     Ok(ok)
 }
 
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::unknown(format!("snapshotter task failed: {e}")))?
-}
-
 impl Overlay {
     pub fn new(root: &Path, config: &OverlayConfig) -> Result<Overlay> {
         std::fs::create_dir_all(root)?;
@@ -97,25 +87,23 @@ impl Overlay {
         }
         let ms = MetaStore::open(&root.join("metadata.db"))?;
         std::fs::create_dir_all(root.join("snapshots"))?;
-        Ok(Overlay {
-            inner: Arc::new(Inner {
-                root: root.to_path_buf(),
-                ms,
-                upperdir_label: config.upperdir_label,
-                sync_remove: config.sync_remove,
-                mount_options: config.mount_options.clone(),
-                index_off: Path::new("/sys/module/overlay/parameters/index").exists(),
-                userxattr: needs_userxattr(),
-            }),
-        })
+        Ok(Blocking::wrap(OverlayStore {
+            root: root.to_path_buf(),
+            ms,
+            upperdir_label: config.upperdir_label,
+            sync_remove: config.sync_remove,
+            mount_options: config.mount_options.clone(),
+            index_off: Path::new("/sys/module/overlay/parameters/index").exists(),
+            userxattr: needs_userxattr(),
+        }))
     }
 
     pub fn root(&self) -> &Path {
-        &self.inner.root
+        &self.store().root
     }
 }
 
-impl Inner {
+impl OverlayStore {
     fn upper_path(&self, id: &str) -> PathBuf {
         self.root.join("snapshots").join(id).join("fs")
     }
@@ -133,7 +121,7 @@ impl Inner {
         }
     }
 
-    fn mounts(&self, s: &Snapshot) -> Vec<Mount> {
+    fn mounts_of(&self, s: &Snapshot) -> Vec<Mount> {
         let path = |id: &str| self.upper_path(id).display().to_string();
         if s.parent_ids.is_empty() {
             return vec![Mount::bind(path(&s.id), s.kind == Kind::View)];
@@ -160,7 +148,9 @@ impl Inner {
             options,
         }]
     }
+}
 
+impl BlockingSnapshotter for OverlayStore {
     fn create(&self, kind: Kind, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
         let snapshots = self.root.join("snapshots");
         let (snapshot, _) = self.ms.create(kind, key, parent, labels, |s| {
@@ -191,7 +181,7 @@ impl Inner {
             }
             result
         })?;
-        Ok(self.mounts(&snapshot))
+        Ok(self.mounts_of(&snapshot))
     }
 
     /// Removes every directory under `snapshots/` no snapshot owns.
@@ -199,147 +189,86 @@ impl Inner {
         let dir = self.root.join("snapshots");
         crate::cleanup_unowned(&self.ms, &dir)
     }
-}
 
-#[async_trait::async_trait]
-impl Snapshotter for Overlay {
-    async fn stat(&self, key: &str) -> Result<Info> {
-        let inner = self.inner.clone();
-        let key = key.to_string();
-        blocking(move || {
-            let (id, mut info, _) = inner.ms.get_info(&key)?;
-            inner.label(&id, &mut info);
-            Ok(info)
-        })
-        .await
+    fn stat(&self, key: &str) -> Result<Info> {
+        let (id, mut info, _) = self.ms.get_info(key)?;
+        self.label(&id, &mut info);
+        Ok(info)
     }
 
-    async fn update(&self, info: Info, fieldpaths: &[String]) -> Result<Info> {
-        let inner = self.inner.clone();
-        let fieldpaths = fieldpaths.to_vec();
-        blocking(move || {
-            let mut info = inner.ms.update_info(&info, &fieldpaths)?;
-            if inner.upperdir_label {
-                let (id, _, _) = inner.ms.get_info(&info.name)?;
-                inner.label(&id, &mut info);
+    fn update(&self, info: Info, fieldpaths: &[String]) -> Result<Info> {
+        let mut info = self.ms.update_info(&info, fieldpaths)?;
+        if self.upperdir_label {
+            let (id, _, _) = self.ms.get_info(&info.name)?;
+            self.label(&id, &mut info);
+        }
+        Ok(info)
+    }
+
+    fn usage(&self, key: &str) -> Result<Usage> {
+        let (id, info, usage) = self.ms.get_info(key)?;
+        if info.kind == Kind::Active {
+            return fsutil::disk_usage(&self.upper_path(&id));
+        }
+        Ok(usage)
+    }
+
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let s = self
+            .ms
+            .get_snapshot(key)
+            .map_err(|e| e.context("failed to get active mount"))?;
+        Ok(self.mounts_of(&s))
+    }
+
+    fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<()> {
+        let (id, _, _) = self.ms.get_info(key)?;
+        let usage = fsutil::disk_usage(&self.upper_path(&id))?;
+        self.ms
+            .commit_active(key, name, usage, labels)
+            .map_err(|e| e.context("failed to commit snapshot"))?;
+        Ok(())
+    }
+
+    fn remove(&self, key: &str) -> Result<()> {
+        let id = self
+            .ms
+            .remove(key, |id, _| Ok(id.to_string()))
+            .map_err(|e| e.context("failed to remove"))?;
+        let dir = self.root.join("snapshots").join(&id);
+        if self.sync_remove {
+            if let Err(err) = crate::remove_dir_all(&dir) {
+                tracing::warn!(path = %dir.display(), error = %err, "failed to remove directory");
             }
-            Ok(info)
-        })
-        .await
-    }
-
-    async fn usage(&self, key: &str) -> Result<Usage> {
-        let inner = self.inner.clone();
-        let key = key.to_string();
-        blocking(move || {
-            let (id, info, usage) = inner.ms.get_info(&key)?;
-            if info.kind == Kind::Active {
-                return fsutil::disk_usage(&inner.upper_path(&id));
+        } else {
+            // Detach the directory now (cheap), delete it in the background; a
+            // crash in between leaves it to `cleanup`.
+            let doomed = self.root.join("snapshots").join(format!("rm-{id}"));
+            if std::fs::rename(&dir, &doomed).is_ok() {
+                std::thread::spawn(move || {
+                    if let Err(err) = crate::remove_dir_all(&doomed) {
+                        tracing::warn!(path = %doomed.display(), error = %err, "failed to remove directory");
+                    }
+                });
             }
-            Ok(usage)
-        })
-        .await
+        }
+        Ok(())
     }
 
-    async fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        let inner = self.inner.clone();
-        let key = key.to_string();
-        blocking(move || {
-            let s = inner
-                .ms
-                .get_snapshot(&key)
-                .map_err(|e| e.context("failed to get active mount"))?;
-            Ok(inner.mounts(&s))
-        })
-        .await
-    }
-
-    async fn prepare(&self, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
-        let inner = self.inner.clone();
-        let (key, parent) = (key.to_string(), parent.to_string());
-        blocking(move || inner.create(Kind::Active, &key, &parent, labels)).await
-    }
-
-    async fn view(&self, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
-        let inner = self.inner.clone();
-        let (key, parent) = (key.to_string(), parent.to_string());
-        blocking(move || inner.create(Kind::View, &key, &parent, labels)).await
-    }
-
-    async fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<()> {
-        let inner = self.inner.clone();
-        let (name, key) = (name.to_string(), key.to_string());
-        blocking(move || {
-            let (id, _, _) = inner.ms.get_info(&key)?;
-            let usage = fsutil::disk_usage(&inner.upper_path(&id))?;
-            inner
-                .ms
-                .commit_active(&key, &name, usage, labels)
-                .map_err(|e| e.context("failed to commit snapshot"))?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn remove(&self, key: &str) -> Result<()> {
-        let inner = self.inner.clone();
-        let key = key.to_string();
-        blocking(move || {
-            let id = inner
-                .ms
-                .remove(&key, |id, _| Ok(id.to_string()))
-                .map_err(|e| e.context("failed to remove"))?;
-            let dir = inner.root.join("snapshots").join(&id);
-            if inner.sync_remove {
-                if let Err(err) = crate::remove_dir_all(&dir) {
-                    tracing::warn!(path = %dir.display(), error = %err, "failed to remove directory");
-                }
-            } else {
-                // Detach the directory now (cheap), delete it in the background; a
-                // crash in between leaves it to `cleanup`.
-                let doomed = inner.root.join("snapshots").join(format!("rm-{id}"));
-                if std::fs::rename(&dir, &doomed).is_ok() {
-                    std::thread::spawn(move || {
-                        if let Err(err) = crate::remove_dir_all(&doomed) {
-                            tracing::warn!(path = %doomed.display(), error = %err, "failed to remove directory");
-                        }
-                    });
-                }
-            }
-            Ok(())
-        })
-        .await
-    }
-
-    async fn walk(&self, filters: &[String]) -> Result<Vec<Info>> {
-        let filter = Filter::parse_all(filters)?;
-        let inner = self.inner.clone();
-        blocking(move || {
-            if !inner.upperdir_label {
-                return Ok(inner
-                    .ms
-                    .walk(&filter)?
-                    .into_iter()
-                    .map(|(_, i)| i)
-                    .collect());
-            }
-            // The label is part of what filters see.
-            Ok(inner
-                .ms
-                .walk(&Filter::default())?
-                .into_iter()
-                .map(|(id, mut info)| {
-                    inner.label(&id, &mut info);
-                    info
-                })
-                .filter(|info| filter.matches(info))
-                .collect())
-        })
-        .await
-    }
-
-    async fn cleanup(&self) -> Result<()> {
-        let inner = self.inner.clone();
-        blocking(move || inner.cleanup()).await
+    fn walk(&self, filter: &Filter) -> Result<Vec<Info>> {
+        if !self.upperdir_label {
+            return Ok(self.ms.walk(filter)?.into_iter().map(|(_, i)| i).collect());
+        }
+        // The label is part of what filters see.
+        Ok(self
+            .ms
+            .walk(&Filter::default())?
+            .into_iter()
+            .map(|(id, mut info)| {
+                self.label(&id, &mut info);
+                info
+            })
+            .filter(|info| filter.matches(info))
+            .collect())
     }
 }
