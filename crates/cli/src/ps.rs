@@ -40,12 +40,14 @@ fn command_of(spec: Option<&prost_types::Any>) -> String {
     let args = spec
         .and_then(|s| serde_json::from_slice::<serde_json::Value>(&s.value).ok())
         .and_then(|v| {
-            v.pointer("/process/args").and_then(|a| a.as_array()).map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_str())
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
+            v.pointer("/process/args")
+                .and_then(|a| a.as_array())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
         })
         .unwrap_or_default();
     if args.chars().count() > 30 {
@@ -78,10 +80,15 @@ pub async fn ps(address: &str, ns: &str, a: PsArgs) -> Result<(), CliError> {
         .map(|p| (p.container_id.clone(), p))
         .collect();
     // Newest first, as people look for what they just started.
-    list.sort_by_key(|c| {
-        std::cmp::Reverse(c.created_at.as_ref().map(|t| (t.seconds, t.nanos)))
-    });
-    let mut t = table::Table::new(&["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PID"]);
+    list.sort_by_key(|c| std::cmp::Reverse(c.created_at.as_ref().map(|t| (t.seconds, t.nanos))));
+    let mut t = table::Table::new(&[
+        "CONTAINER ID",
+        "IMAGE",
+        "COMMAND",
+        "CREATED",
+        "STATUS",
+        "PID",
+    ]);
     for ctr in list {
         let p = procs.get(&ctr.id);
         let status = p.map(|p| Status::try_from(p.status).unwrap_or(Status::Unknown));
@@ -193,7 +200,10 @@ pub async fn logs(address: &str, ns: &str, a: LogsArgs) -> Result<(), CliError> 
         tokio::time::sleep(Duration::from_millis(200)).await;
         // A truncated log starts over.
         let pos = f.stream_position().unwrap_or(0);
-        if std::fs::metadata(path).map(|m| m.len() < pos).unwrap_or(false) {
+        if std::fs::metadata(path)
+            .map(|m| m.len() < pos)
+            .unwrap_or(false)
+        {
             let _ = f.seek(SeekFrom::Start(0));
         }
         copy(&mut f)?;

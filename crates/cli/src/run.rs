@@ -25,8 +25,8 @@ use berth_api::services::snapshots::v1::{
 };
 use berth_api::services::tasks::v1::tasks_client::TasksClient;
 use berth_api::services::tasks::v1::{
-    CloseIoRequest, CreateTaskRequest, DeleteProcessRequest, DeleteTaskRequest,
-    ExecProcessRequest, KillRequest, ResizePtyRequest, StartRequest, WaitRequest,
+    CloseIoRequest, CreateTaskRequest, DeleteProcessRequest, DeleteTaskRequest, ExecProcessRequest,
+    KillRequest, ResizePtyRequest, StartRequest, WaitRequest,
 };
 use berth_api::types::Mount;
 use berth_remotes::manifest;
@@ -353,7 +353,11 @@ fn read_users(mounts: &[Mount]) -> Result<(String, String), CliError> {
         flags,
         (!data.is_empty()).then_some(data.as_str()),
     )
-    .map_err(|e| CliError(format!("mounting the root file system to resolve the user: {e}")))?;
+    .map_err(|e| {
+        CliError(format!(
+            "mounting the root file system to resolve the user: {e}"
+        ))
+    })?;
     let read = |p: &str| std::fs::read_to_string(dir.path().join(p)).unwrap_or_default();
     let users = (read("etc/passwd"), read("etc/group"));
     let _ = nix::mount::umount2(dir.path(), MntFlags::MNT_DETACH);
@@ -616,26 +620,31 @@ pub async fn run(address: &str, ns: &str, a: RunArgs) -> Result<(), CliError> {
         exec_id: "",
     };
     let status = proc
-        .attach(&a.fifo_dir, a.interactive, a.tty, |(stdin, stdout, stderr)| {
-            let c = c.clone();
-            let id = id.clone();
-            let tty = a.tty;
-            async move {
-                tasks(&c)
-                    .create(c.request(CreateTaskRequest {
-                        container_id: id.clone(),
-                        rootfs: mounts,
-                        stdin,
-                        stdout,
-                        stderr,
-                        terminal: tty,
-                        ..Default::default()
-                    }))
-                    .await
-                    .map(|_| ())
-                    .map_err(grpc(&format!("create task {id}")))
-            }
-        })
+        .attach(
+            &a.fifo_dir,
+            a.interactive,
+            a.tty,
+            |(stdin, stdout, stderr)| {
+                let c = c.clone();
+                let id = id.clone();
+                let tty = a.tty;
+                async move {
+                    tasks(&c)
+                        .create(c.request(CreateTaskRequest {
+                            container_id: id.clone(),
+                            rootfs: mounts,
+                            stdin,
+                            stdout,
+                            stderr,
+                            terminal: tty,
+                            ..Default::default()
+                        }))
+                        .await
+                        .map(|_| ())
+                        .map_err(grpc(&format!("create task {id}")))
+                }
+            },
+        )
         .await;
     let status = match status {
         Ok(s) => s,
@@ -674,8 +683,7 @@ pub async fn exec(address: &str, ns: &str, a: ExecArgs) -> Result<(), CliError> 
             return Err(CliError(format!("--env {e:?}: expected K=V")));
         }
     }
-    let process =
-        spec::exec_process(&spec, &a.command, a.tty, &a.env).map_err(internal("exec"))?;
+    let process = spec::exec_process(&spec, &a.command, a.tty, &a.env).map_err(internal("exec"))?;
     let process = prost_types::Any {
         type_url: PROCESS_TYPE_URL.to_string(),
         value: serde_json::to_vec(&process)
@@ -688,36 +696,41 @@ pub async fn exec(address: &str, ns: &str, a: ExecArgs) -> Result<(), CliError> 
         exec_id: &exec_id,
     };
     let status = proc
-        .attach(&a.fifo_dir, a.interactive, a.tty, |(stdin, stdout, stderr)| {
-            let c = c.clone();
-            let id = a.id.clone();
-            let exec_id = exec_id.clone();
-            let tty = a.tty;
-            async move {
-                tasks(&c)
-                    .exec(c.request(ExecProcessRequest {
-                        container_id: id.clone(),
-                        stdin,
-                        stdout,
-                        stderr,
-                        terminal: tty,
-                        spec: Some(process),
-                        exec_id,
-                    }))
-                    .await
-                    .map(|_| ())
-                    .map_err(|s| {
-                        if s.code() == tonic::Code::NotFound {
-                            CliError(format!(
-                                "exec in {id}: the container has no running task ({})",
-                                s.message()
-                            ))
-                        } else {
-                            grpc(&format!("exec in {id}"))(s)
-                        }
-                    })
-            }
-        })
+        .attach(
+            &a.fifo_dir,
+            a.interactive,
+            a.tty,
+            |(stdin, stdout, stderr)| {
+                let c = c.clone();
+                let id = a.id.clone();
+                let exec_id = exec_id.clone();
+                let tty = a.tty;
+                async move {
+                    tasks(&c)
+                        .exec(c.request(ExecProcessRequest {
+                            container_id: id.clone(),
+                            stdin,
+                            stdout,
+                            stderr,
+                            terminal: tty,
+                            spec: Some(process),
+                            exec_id,
+                        }))
+                        .await
+                        .map(|_| ())
+                        .map_err(|s| {
+                            if s.code() == tonic::Code::NotFound {
+                                CliError(format!(
+                                    "exec in {id}: the container has no running task ({})",
+                                    s.message()
+                                ))
+                            } else {
+                                grpc(&format!("exec in {id}"))(s)
+                            }
+                        })
+                }
+            },
+        )
         .await;
     let status = match status {
         Ok(s) => s,

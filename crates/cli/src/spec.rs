@@ -64,7 +64,12 @@ fn default_caps() -> HashSet<Capability> {
     .collect()
 }
 
-fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> Result<oci_spec::runtime::Mount> {
+fn mount(
+    dest: &str,
+    typ: &str,
+    source: &str,
+    options: &[&str],
+) -> Result<oci_spec::runtime::Mount> {
     MountBuilder::default()
         .destination(dest)
         .typ(typ)
@@ -80,7 +85,13 @@ pub fn default_spec(ns: &str, id: &str) -> Result<Spec> {
     let caps = default_caps();
     let process = ProcessBuilder::default()
         .terminal(false)
-        .user(UserBuilder::default().uid(0u32).gid(0u32).build().map_err(err)?)
+        .user(
+            UserBuilder::default()
+                .uid(0u32)
+                .gid(0u32)
+                .build()
+                .map_err(err)?,
+        )
         .args(vec!["sh".to_string()])
         .env(vec![DEFAULT_PATH.to_string()])
         .cwd("/")
@@ -183,7 +194,12 @@ pub fn default_spec(ns: &str, id: &str) -> Result<Spec> {
             "mqueue",
             &["nosuid", "noexec", "nodev"],
         )?,
-        mount("/sys", "sysfs", "sysfs", &["nosuid", "noexec", "nodev", "ro"])?,
+        mount(
+            "/sys",
+            "sysfs",
+            "sysfs",
+            &["nosuid", "noexec", "nodev", "ro"],
+        )?,
         mount(
             "/run",
             "tmpfs",
@@ -263,11 +279,15 @@ pub fn resolve_user(user: &str, passwd: &str, group: &str) -> Result<(u32, u32)>
         }
         Err(_) => {
             let f = entries.iter().find(|f| f[0] == u).ok_or_else(|| {
-                Error::not_found(format!("user {u:?}: no such user in the image's /etc/passwd"))
+                Error::not_found(format!(
+                    "user {u:?}: no such user in the image's /etc/passwd"
+                ))
             })?;
             (
-                f[2].parse().map_err(|_| err(format!("bad uid for user {u:?}")))?,
-                f[3].parse().map_err(|_| err(format!("bad gid for user {u:?}")))?,
+                f[2].parse()
+                    .map_err(|_| err(format!("bad uid for user {u:?}")))?,
+                f[3].parse()
+                    .map_err(|_| err(format!("bad gid for user {u:?}")))?,
             )
         }
     };
@@ -367,7 +387,12 @@ pub fn apply_image(
 /// The process of an exec in a container whose spec is `spec`: its user, env, cwd,
 /// capabilities and limits, with `args` and the terminal flag replaced (what `ctr task
 /// exec` does).
-pub fn exec_process(spec: &Spec, args: &[String], terminal: bool, env: &[String]) -> Result<Process> {
+pub fn exec_process(
+    spec: &Spec,
+    args: &[String],
+    terminal: bool,
+    env: &[String],
+) -> Result<Process> {
     let mut p = spec
         .process()
         .clone()
@@ -421,7 +446,15 @@ mod tests {
             .collect();
         assert_eq!(
             mounts,
-            ["/proc", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys", "/run"]
+            [
+                "/proc",
+                "/dev",
+                "/dev/pts",
+                "/dev/shm",
+                "/dev/mqueue",
+                "/sys",
+                "/run"
+            ]
         );
         let ns: Vec<&str> = v["linux"]["namespaces"]
             .as_array()
@@ -431,7 +464,13 @@ mod tests {
             .collect();
         assert_eq!(ns, ["pid", "ipc", "uts", "mount", "network"]);
         assert!(v["process"].get("oomScoreAdj").is_none());
-        assert_eq!(v["process"]["capabilities"]["bounding"].as_array().unwrap().len(), 14);
+        assert_eq!(
+            v["process"]["capabilities"]["bounding"]
+                .as_array()
+                .unwrap()
+                .len(),
+            14
+        );
         assert_eq!(v["process"]["rlimits"][0]["type"], "RLIMIT_NOFILE");
         assert_eq!(v["linux"]["resources"]["devices"][0]["allow"], false);
     }

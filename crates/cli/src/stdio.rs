@@ -31,7 +31,10 @@ impl Fifos {
     /// `stdin`, no stderr fifo for a terminal (the pty merges both).
     pub fn create(base: &Path, id: &str, stdin: bool, terminal: bool) -> io::Result<Fifos> {
         std::fs::create_dir_all(base).map_err(|e| ctx(e, "creating", base))?;
-        let dir = base.join(format!("{id}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+        let dir = base.join(format!(
+            "{id}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ));
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&dir)

@@ -1,0 +1,441 @@
+//! `berth run/exec/ps/logs/stop/rm` against a private berthd (testkit), the busybox
+//! fixture imported with the stock `ctr`, real runc under the stock
+//! `containerd-shim-runc-v2` and Berth's own shim. What is left behind is checked with
+//! the stock `ctr` (containers, tasks, snapshots).
+
+use berth_testkit::Daemon;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const IMAGE: &str = "import.local/busybox:latest";
+
+/// Fails the test, saying what to install, when the machine cannot run containers.
+fn require_env() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "berth run tests need root (run them as root, as CI does)"
+    );
+    for tool in ["ctr", "runc", "containerd-shim-runc-v2", "timeout"] {
+        assert!(
+            berth_testkit::have(tool),
+            "`{tool}` not found in PATH: run scripts/install-deps"
+        );
+    }
+}
+
+/// Builds Berth's shim next to berthd (where berthd looks for shims first).
+fn build_berth_shim() {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "berth-shim",
+            "--bin",
+            "containerd-shim-berth-v2",
+        ])
+        .current_dir(berth_testkit::workspace_root())
+        .status()
+        .expect("running cargo build for the shim");
+    assert!(status.success(), "building containerd-shim-berth-v2 failed");
+}
+
+struct Env {
+    daemon: Daemon,
+    ns: String,
+    fifo_dir: PathBuf,
+    log_dir: PathBuf,
+}
+
+impl Env {
+    fn start(tag: &str) -> Env {
+        require_env();
+        let daemon = Daemon::start();
+        let ns = format!("cli{tag}{}", std::process::id());
+        let archive = berth_testkit::fixtures().join("busybox.oci.tar");
+        daemon.ctr_ok(&["-n", &ns, "images", "import", archive.to_str().unwrap()]);
+        Env {
+            fifo_dir: daemon.dir.path().join("fifo"),
+            log_dir: daemon.dir.path().join("logs"),
+            daemon,
+            ns,
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        // `timeout` so that a hang fails the test instead of blocking the suite.
+        let mut c = Command::new("timeout");
+        c.args(["-k", "5", "60", env!("CARGO_BIN_EXE_berth"), "--address"])
+            .arg(&self.daemon.socket)
+            .args(["--namespace", &self.ns])
+            .args(args)
+            .env("BERTH_FIFO_DIR", &self.fifo_dir)
+            .env("BERTH_LOG_DIR", &self.log_dir)
+            .env_remove("BERTH_ADDRESS")
+            .env_remove("CONTAINERD_SNAPSHOTTER")
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn berth(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("running berth")
+    }
+
+    fn berth_with_input(&self, args: &[&str], input: &[u8]) -> Output {
+        let mut child = self
+            .cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running berth");
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// Runs berth, asserts success, returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.berth(args);
+        assert!(
+            o.status.success(),
+            "berth {args:?} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log tail:\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+            berth_testkit::tail(&self.daemon.log(), 30),
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs berth, asserts failure, returns stderr.
+    fn err(&self, args: &[&str]) -> String {
+        let o = self.berth(args);
+        assert!(
+            !o.status.success(),
+            "berth {args:?} should have failed but printed:\n{}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    }
+
+    fn ctr(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", self.ns.as_str()];
+        all.extend_from_slice(args);
+        self.daemon.ctr_ok(&all)
+    }
+
+    /// `berth ps -a` rows as (id, status, pid).
+    fn ps(&self) -> Vec<(String, String, String)> {
+        let out = self.ok(&["ps", "-a"]);
+        let mut lines = out.lines();
+        let header = lines.next().expect("ps header");
+        let col = |name: &str| header.find(name).expect(name);
+        let (status_at, pid_at) = (col("STATUS"), col("PID"));
+        lines
+            .map(|l| {
+                let id = l.split_whitespace().next().unwrap().to_string();
+                let status = l[status_at..pid_at].trim().to_string();
+                let pid = l[pid_at..].trim().to_string();
+                (id, status, pid)
+            })
+            .collect()
+    }
+
+    /// Asserts that container `id` left nothing: no container, task or snapshot in
+    /// berthd (as the stock ctr sees it), no log file.
+    fn assert_gone(&self, id: &str) {
+        let containers = self.ctr(&["containers", "ls", "-q"]);
+        assert!(
+            !containers.lines().any(|l| l == id),
+            "container {id} left:\n{containers}"
+        );
+        let tasks = self.ctr(&["tasks", "ls", "-q"]);
+        assert!(!tasks.lines().any(|l| l == id), "task {id} left:\n{tasks}");
+        let snaps = self.ctr(&["snapshots", "ls"]);
+        assert!(
+            !snaps
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(id)),
+            "snapshot {id} left:\n{snaps}"
+        );
+        let log = self.log_dir.join(&self.ns).join(format!("{id}.log"));
+        assert!(!log.exists(), "log {} left", log.display());
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Whatever a failed test left running: our containers, by ID, then anything
+        // still under the daemon's directories.
+        if let Ok(o) = self.cmd(&["ps", "-a", "-q"]).output() {
+            for id in String::from_utf8_lossy(&o.stdout).lines() {
+                let _ = self.cmd(&["rm", "-f", id]).output();
+            }
+        }
+        berth_testkit::kill_processes_under(self.daemon.dir.path());
+        // runc leaves its (empty) root for the namespace and the cgroup parent /<ns>.
+        let _ = std::fs::remove_dir(format!("/run/containerd/runc/{}", self.ns));
+        if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+            for h in hierarchies.flatten() {
+                for base in [h.path(), h.path().join("unified")] {
+                    remove_empty_tree(&base.join(&self.ns));
+                }
+            }
+        }
+    }
+}
+
+fn remove_empty_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                remove_empty_tree(&e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn run_in_the_foreground() {
+    let env = Env::start("fg");
+
+    // Output, exit status and --rm (first run: the image is unpacked on the way).
+    let o = env.berth(&["run", "--rm", "--name", "hi", IMAGE, "echo", "hi"]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "hi\n");
+    env.assert_gone("hi");
+
+    let o = env.berth(&[
+        "run",
+        "--rm",
+        "--name",
+        "three",
+        IMAGE,
+        "sh",
+        "-c",
+        "echo to-err >&2; exit 3",
+    ]);
+    assert_eq!(o.status.code(), Some(3), "stderr: {}", text(&o.stderr));
+    assert_eq!(text(&o.stderr), "to-err\n");
+    env.assert_gone("three");
+
+    // The image's config and the command line's overrides reach the process.
+    let out = env.ok(&[
+        "run",
+        "--rm",
+        "-e",
+        "GREETING=hello",
+        "-w",
+        "/tmp",
+        "--hostname",
+        "box",
+        IMAGE,
+        "sh",
+        "-c",
+        "echo $GREETING $PATH $(pwd) $(hostname) $(id -u)",
+    ]);
+    assert_eq!(out, "hello /bin:/sbin:/usr/bin:/usr/sbin /tmp box 0\n");
+    let out = env.ok(&["run", "--rm", "-u", "nobody", IMAGE, "id"]);
+    assert!(out.starts_with("uid=65534(nobody) gid=65534"), "{out}");
+
+    // -i: stdin forwarded, EOF delivered.
+    let o = env.berth_with_input(
+        &["run", "--rm", "-i", IMAGE, "sh", "-c", "cat; echo done"],
+        b"line 1\nline 2\n",
+    );
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "line 1\nline 2\ndone\n");
+
+    // Without --rm the container stays (its task is deleted) until rm.
+    let o = env.berth(&["run", "--name", "kept", IMAGE, "true"]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
+    let rows = env.ps();
+    let kept = rows.iter().find(|r| r.0 == "kept").expect("kept in ps -a");
+    assert_eq!((kept.1.as_str(), kept.2.as_str()), ("STOPPED", "-"));
+    assert!(
+        env.ok(&["ps"]).lines().nth(1).is_none(),
+        "ps without -a lists only live ones"
+    );
+    assert_eq!(env.ok(&["rm", "kept"]), "kept\n");
+    env.assert_gone("kept");
+    assert!(env.ctr(&["containers", "ls", "-q"]).trim().is_empty());
+}
+
+#[test]
+fn detached_lifecycle() {
+    let env = Env::start("bg");
+    build_berth_shim();
+    for runtime in ["io.containerd.runc.v2", "io.containerd.berth.v2"] {
+        let id = format!("web-{}", runtime.split('.').nth(2).unwrap());
+        // TERM is trapped so that `stop` sees a clean exit (PID 1 ignores an untrapped
+        // TERM); the `kill -9` case is covered by `rm -f` below.
+        let script = "trap 'echo bye; exit 0' TERM; echo started; echo oops >&2; while true; do sleep 0.2; done";
+        let out = env.ok(&[
+            "run",
+            "-d",
+            "--name",
+            &id,
+            "--runtime",
+            runtime,
+            IMAGE,
+            "sh",
+            "-c",
+            script,
+        ]);
+        assert_eq!(out, format!("{id}\n"));
+
+        let rows = env.ps();
+        let row = rows.iter().find(|r| r.0 == id).expect("in ps");
+        assert_eq!(row.1, "RUNNING", "{rows:?}");
+        let pid: i32 = row.2.parse().expect("a pid");
+        assert!(Path::new(&format!("/proc/{pid}")).exists());
+        assert!(
+            env.ok(&["ps"]).contains(&id),
+            "live containers show without -a"
+        );
+
+        // exec: output and exit status.
+        let o = env.berth(&["exec", &id, "sh", "-c", "echo in-$(hostname); exit 4"]);
+        assert_eq!(o.status.code(), Some(4), "stderr: {}", text(&o.stderr));
+        assert_eq!(text(&o.stdout), format!("in-{id}\n"));
+        let o = env.berth_with_input(&["exec", "-i", &id, "cat"], b"via exec\n");
+        assert_eq!(text(&o.stdout), "via exec\n", "stderr: {}", text(&o.stderr));
+
+        // logs: what the container printed on both streams.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = env.ok(&["logs", &id]);
+            if log.contains("started") && log.contains("oops") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "log so far: {log:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+
+        // stop: TERM, the task ends and is deleted; logs -f then ends at once.
+        let started = Instant::now();
+        assert_eq!(env.ok(&["stop", "-t", "20", &id]), format!("{id}\n"));
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "TERM was not enough?"
+        );
+        let row = env
+            .ps()
+            .into_iter()
+            .find(|r| r.0 == id)
+            .expect("still listed");
+        assert_eq!(row.1, "STOPPED");
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} survived stop"
+        );
+        let log = env.ok(&["logs", "-f", &id]);
+        assert!(log.ends_with("bye\n"), "{log:?}");
+
+        assert_eq!(env.ok(&["rm", &id]), format!("{id}\n"));
+        env.assert_gone(&id);
+    }
+
+    // rm refuses a running container without -f, and kills it with -f.
+    env.ok(&["run", "-d", "--name", "stubborn", IMAGE, "sleep", "1000"]);
+    let err = env.err(&["rm", "stubborn"]);
+    assert!(err.contains("running") && err.contains("rm -f"), "{err}");
+    assert_eq!(env.ok(&["rm", "-f", "stubborn"]), "stubborn\n");
+    env.assert_gone("stubborn");
+}
+
+#[test]
+fn errors_are_explained() {
+    let env = Env::start("err");
+    let err = env.err(&["run", "--rm", "example.com/nope:1", "true"]);
+    assert!(
+        err.contains("image \"example.com/nope:1\": not found"),
+        "{err}"
+    );
+    env.ok(&["run", "-d", "--name", "dup", IMAGE, "sleep", "1000"]);
+    let err = env.err(&["run", "-d", "--name", "dup", IMAGE, "true"]);
+    assert!(err.contains("container \"dup\": already exists"), "{err}");
+    let err = env.err(&["exec", "missing", "true"]);
+    assert!(err.contains("container \"missing\": not found"), "{err}");
+    let err = env.err(&["logs", "missing"]);
+    assert!(err.contains("not found"), "{err}");
+    let err = env.err(&["run", "--rm", IMAGE, "/no/such/binary"]);
+    assert!(err.contains("no such file"), "{err}");
+    env.assert_gone_after_failed_start();
+    assert_eq!(env.ok(&["rm", "-f", "dup"]), "dup\n");
+    env.assert_gone("dup");
+}
+
+impl Env {
+    /// A run whose task failed to start removes its container and snapshot again.
+    fn assert_gone_after_failed_start(&self) {
+        let containers = self.ctr(&["containers", "ls", "-q"]);
+        assert_eq!(containers.trim(), "dup", "only the running one is left");
+        let snaps = self.ctr(&["snapshots", "ls"]);
+        let active: Vec<&str> = snaps.lines().filter(|l| l.contains("Active")).collect();
+        assert_eq!(active.len(), 1, "{snaps}");
+    }
+}
+
+/// `-t` on a real pty: the caller's terminal size reaches the container, keys typed go
+/// in (`-i`), the output comes back, and the exit status is the container's.
+#[test]
+fn terminal() {
+    use nix::pty::{Winsize, openpty};
+    let env = Env::start("tty");
+    let size = Winsize {
+        ws_row: 30,
+        ws_col: 100,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = openpty(Some(&size), None).expect("openpty");
+    let slave = std::fs::File::from(pty.slave);
+    let mut child = env
+        .cmd(&["run", "--rm", "-i", "-t", IMAGE, "sh"])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave)
+        .spawn()
+        .expect("running berth");
+    // Our copies of the slave are gone with the Command: reading the master ends (EIO)
+    // when berth exits.
+    let mut master = std::fs::File::from(pty.master);
+    let mut writer = master.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    writer
+        .write_all(b"stty size; tty; echo $((6*7)); exit 5\n")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "berth run -t did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = reader.join().unwrap();
+    assert_eq!(status.code(), Some(5), "{out}");
+    assert!(out.contains("30 100"), "terminal size missing:\n{out}");
+    assert!(out.contains("/dev/pts/"), "not a pty:\n{out}");
+    assert!(out.contains("42"), "{out}");
+    assert!(env.ctr(&["containers", "ls", "-q"]).trim().is_empty());
+}
