@@ -570,6 +570,11 @@ async fn create_container(
 
 /// `berth run`.
 pub async fn run(address: &str, ns: &str, a: RunArgs) -> Result<(), CliError> {
+    if a.detach && a.interactive {
+        return Err(CliError(
+            "-i with -d: a detached container's stdin cannot be attached to later (berth has no attach yet); -dt keeps a shell alive on its terminal".into(),
+        ));
+    }
     let c = Client::connect(address, ns).await?;
     let id = a
         .name
@@ -579,6 +584,13 @@ pub async fn run(address: &str, ns: &str, a: RunArgs) -> Result<(), CliError> {
 
     if a.detach {
         let log = log_path(&a.log_dir, ns, &id);
+        // Why -t fails with the stock shim (its console copy takes the stdout URI for a
+        // fifo path), said before the shim's own "stat file://…" message.
+        let tty_hint = if a.tty {
+            " (a terminal logged to a file:// URI needs a shim that supports it: containerd-shim-runc-v2 1.6 does not, io.containerd.berth.v2 does; or drop -t)"
+        } else {
+            ""
+        };
         let started = async {
             if let Some(dir) = log.parent() {
                 std::fs::create_dir_all(dir)
@@ -595,7 +607,12 @@ pub async fn run(address: &str, ns: &str, a: RunArgs) -> Result<(), CliError> {
                     ..Default::default()
                 }))
                 .await
-                .map_err(grpc(&format!("create task {id}")))?;
+                .map_err(|s| {
+                    CliError(format!(
+                        "{}{tty_hint}",
+                        grpc(&format!("create task {id}"))(s)
+                    ))
+                })?;
             tasks(&c)
                 .start(c.request(StartRequest {
                     container_id: id.clone(),

@@ -245,6 +245,28 @@ fn run_in_the_foreground() {
     let out = env.ok(&["run", "--rm", "-u", "nobody", IMAGE, "id"]);
     assert!(out.starts_with("uid=65534(nobody) gid=65534"), "{out}");
 
+    // An image not unpacked in the chosen snapshotter is unpacked first (the import
+    // unpacked it into overlayfs only); the image's layer snapshot stays after --rm.
+    let out = env.ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "native",
+        "--name",
+        "nat",
+        IMAGE,
+        "echo",
+        "native",
+    ]);
+    assert_eq!(out, "native\n");
+    let snaps = env.ctr(&["snapshots", "--snapshotter", "native", "ls"]);
+    let kinds: Vec<&str> = snaps
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    assert_eq!(kinds, ["Committed"], "{snaps}");
+
     // -i: stdin forwarded, EOF delivered.
     let o = env.berth_with_input(
         &["run", "--rm", "-i", IMAGE, "sh", "-c", "cat; echo done"],
@@ -319,6 +341,18 @@ fn detached_lifecycle() {
             std::thread::sleep(Duration::from_millis(100));
         }
 
+        // exec -t: a pty even when the caller has none.
+        let out = env.ok(&["exec", "-t", &id, "tty"]);
+        assert!(out.starts_with("/dev/pts/"), "{out:?}");
+
+        // logs -f follows until the task ends. (The stock shim copies stdout and stderr
+        // into the log from two pipes, so their relative order is not fixed.)
+        let follower = env
+            .cmd(&["logs", "-f", &id])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+
         // stop: TERM, the task ends and is deleted; logs -f then ends at once.
         let started = Instant::now();
         assert_eq!(env.ok(&["stop", "-t", "20", &id]), format!("{id}\n"));
@@ -336,12 +370,47 @@ fn detached_lifecycle() {
             !Path::new(&format!("/proc/{pid}")).exists(),
             "process {pid} survived stop"
         );
+        let followed = follower.wait_with_output().unwrap();
+        assert!(followed.status.success());
+        let followed = text(&followed.stdout);
+        assert!(
+            followed.contains("started\n") && followed.ends_with("bye\n"),
+            "{followed:?}"
+        );
         let log = env.ok(&["logs", "-f", &id]);
         assert!(log.ends_with("bye\n"), "{log:?}");
 
         assert_eq!(env.ok(&["rm", &id]), format!("{id}\n"));
         env.assert_gone(&id);
     }
+
+    // -dt: the terminal's output is logged by Berth's shim; the stock shim cannot log a
+    // terminal to a file (containerd 1.6), which is explained and cleaned up after.
+    env.ok(&[
+        "run",
+        "-dt",
+        "--name",
+        "tty-log",
+        "--runtime",
+        "io.containerd.berth.v2",
+        IMAGE,
+        "sh",
+        "-c",
+        "tty; sleep 1000",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !env.ok(&["logs", "tty-log"]).starts_with("/dev/pts/") {
+        assert!(Instant::now() < deadline, "no tty output logged");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(env.ok(&["rm", "-f", "tty-log"]), "tty-log\n");
+    env.assert_gone("tty-log");
+    let err = env.err(&["run", "-dt", "--name", "tty-stock", IMAGE, "sh"]);
+    assert!(
+        err.contains("containerd-shim-runc-v2 1.6 does not"),
+        "{err}"
+    );
+    env.assert_gone("tty-stock");
 
     // rm refuses a running container without -f, and kills it with -f.
     env.ok(&["run", "-d", "--name", "stubborn", IMAGE, "sleep", "1000"]);
@@ -366,6 +435,8 @@ fn errors_are_explained() {
     assert!(err.contains("container \"missing\": not found"), "{err}");
     let err = env.err(&["logs", "missing"]);
     assert!(err.contains("not found"), "{err}");
+    let err = env.err(&["run", "-d", "-i", IMAGE, "sh"]);
+    assert!(err.contains("-i with -d"), "{err}");
     let err = env.err(&["run", "--rm", IMAGE, "/no/such/binary"]);
     assert!(err.contains("no such file"), "{err}");
     env.assert_gone_after_failed_start();
