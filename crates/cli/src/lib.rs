@@ -1,5 +1,24 @@
 //! `berth`, the friendly command line for berthd. It speaks only containerd's public gRPC
 //! API over the daemon's unix socket (the stock `ctr` keeps working alongside).
+//!
+//! Images: `pull`/`push` ([`pull`], [`push`], [`unpack`]), `images`, `rmi`.
+//!
+//! Containers ([`run`](mod@run), [`spec`], [`stdio`], [`ps`], [`lifecycle`]), all client side as
+//! with `ctr`, so the records they make are ordinary containerd containers and tasks:
+//!
+//! - `run IMAGE [CMD…]` unpacks the image into the snapshotter if needed, prepares an
+//!   active snapshot named after the container, builds the OCI spec (containerd's
+//!   `WithDefaultSpec` defaults, then the image's Env/Entrypoint/Cmd/WorkingDir/User,
+//!   then `-e/-w/-u/--entrypoint`), creates the container and its task and waits.
+//!   Stdio goes through fifos under `--fifo-dir` (`/run/berth/fifo`), or a pty with
+//!   `-t` (raw mode here, resizes forwarded); berth exits with the container's status;
+//!   the task is deleted afterwards, and with `--rm` the container and snapshot too.
+//!   `-d` prints the ID and hands the shim `file://<log-dir>/<ns>/<id>.log` for stdout
+//!   and stderr (the path is kept in the container label `io.berth.cli.log`).
+//! - `exec ID CMD…` runs a process with the container's process spec (user, env, cwd,
+//!   capabilities) and exits with its status.
+//! - `ps [-a]`, `logs [-f] ID`, `stop [-t SECS] ID…` (stop signal, SIGKILL after the
+//!   timeout, task deleted), `rm [-f] ID…` (task, container, snapshot, log).
 
 pub mod client;
 pub mod lifecycle;

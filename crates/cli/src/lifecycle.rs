@@ -8,7 +8,9 @@ use crate::{CliError, grpc};
 use berth_api::containerd::v1::types::Status;
 use berth_api::services::containers::v1::DeleteContainerRequest;
 use berth_api::services::snapshots::v1::RemoveSnapshotRequest;
-use berth_api::services::tasks::v1::{DeleteTaskRequest, GetRequest, KillRequest, WaitRequest};
+use berth_api::services::tasks::v1::{
+    DeleteTaskRequest, GetRequest, KillRequest, ResumeTaskRequest, WaitRequest,
+};
 use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
@@ -60,6 +62,19 @@ async fn task_status(c: &Client, id: &str) -> Result<Option<Status>, CliError> {
             .map(|p| Status::try_from(p.status).unwrap_or(Status::Unknown))),
         Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
         Err(s) => Err(grpc(&format!("get task {id}"))(s)),
+    }
+}
+
+/// A frozen task handles a signal only once thawed: resumed after the signal is queued,
+/// as nerdctl does. Errors are ignored: the task may have died of the signal already
+/// (runc thaws for `kill --all`), and one that stays frozen shows as the wait's timeout.
+async fn resume_if_paused(c: &Client, id: &str, status: Status) {
+    if matches!(status, Status::Paused | Status::Pausing) {
+        let _ = tasks(c)
+            .resume(c.request(ResumeTaskRequest {
+                container_id: id.to_string(),
+            }))
+            .await;
     }
 }
 
@@ -115,14 +130,14 @@ pub async fn stop_container(c: &Client, id: &str, timeout: Duration) -> Result<(
     match task_status(c, id).await? {
         None => return Ok(()),
         Some(Status::Stopped) => {}
-        Some(_) => {
+        Some(status) => {
             let signal = container
                 .labels
                 .get(STOP_SIGNAL_LABEL)
                 .and_then(|s| signal_number(s))
                 .unwrap_or(15);
-            // A paused task must run to see the signal; SIGKILL works regardless.
             kill(c, id, signal, false).await?;
+            resume_if_paused(c, id, status).await;
             if !wait_exit(c, id, timeout).await? {
                 kill(c, id, 9, true).await?;
                 if !wait_exit(c, id, Duration::from_secs(10)).await? {
@@ -143,6 +158,7 @@ pub async fn remove_container(c: &Client, id: &str) -> Result<(), CliError> {
     if let Some(status) = task_status(c, id).await? {
         if status != Status::Stopped {
             kill(c, id, 9, true).await?;
+            resume_if_paused(c, id, status).await;
             if !wait_exit(c, id, Duration::from_secs(10)).await? {
                 return Err(CliError(format!(
                     "rm {id}: the task did not exit 10s after SIGKILL"

@@ -82,7 +82,7 @@ pub struct RunArgs {
     /// Set an environment variable (K=V), may be repeated
     #[arg(long = "env", short = 'e', value_name = "K=V")]
     pub env: Vec<String>,
-    /// Run as uid[:gid] or user[:group] instead of the image's User
+    /// Run as UID, UID:GID, USER or USER:GROUP instead of the image's User
     #[arg(long, short = 'u')]
     pub user: Option<String>,
     /// Working directory instead of the image's WorkingDir
@@ -100,7 +100,7 @@ pub struct RunArgs {
     /// Directory for the stdio fifos shared with the shim
     #[arg(long, env = "BERTH_FIFO_DIR", default_value = "/run/berth/fifo")]
     pub fifo_dir: PathBuf,
-    /// Directory for detached containers' logs (<dir>/<namespace>/<id>.log)
+    /// Directory for detached containers' logs (DIR/NAMESPACE/ID.log)
     #[arg(long, env = "BERTH_LOG_DIR", default_value = "/var/log/berth")]
     pub log_dir: PathBuf,
     /// Image name as listed by `berth images`
@@ -850,7 +850,13 @@ impl Proc<'_> {
             };
             tokio::spawn(async move { tasks(&c).wait(c.request(req)).await })
         };
-        let raw = if tty { RawTerminal::enable() } else { None };
+        // Raw mode only when keys go to the container (-it, as Docker does): with -t
+        // alone, ^C stays a signal to berth, which forwards it.
+        let raw = if tty && interactive {
+            RawTerminal::enable()
+        } else {
+            None
+        };
         if let Err(s) = tasks(self.c)
             .start(self.c.request(StartRequest {
                 container_id: self.id.to_string(),
@@ -871,13 +877,23 @@ impl Proc<'_> {
         let mut term = sig(SignalKind::terminate())?;
         let mut hup = sig(SignalKind::hangup())?;
         let mut waiter = waiter;
+        let mut interrupts = 0;
         let reply = loop {
             tokio::select! {
                 r = &mut waiter => break r,
                 _ = winch.recv(), if tty => self.resize().await,
-                // With a terminal, ^C reaches the pty as a key; signals sent to this
-                // process are forwarded either way.
-                _ = int.recv() => self.kill(2).await,
+                // With -it, ^C reaches the pty as a key; signals sent to this process
+                // are forwarded either way. A PID 1 that ignores SIGINT (a shell does)
+                // would leave people stuck: the third one is a SIGKILL.
+                _ = int.recv() => {
+                    interrupts += 1;
+                    if interrupts >= 3 {
+                        eprintln!("berth: third interrupt: killing {what}");
+                        self.kill(9).await;
+                    } else {
+                        self.kill(2).await;
+                    }
+                }
                 _ = term.recv() => self.kill(15).await,
                 _ = hup.recv() => self.kill(1).await,
                 r = async { stdin_done.as_mut().unwrap().await }, if stdin_done.is_some() => {

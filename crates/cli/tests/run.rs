@@ -418,6 +418,17 @@ fn detached_lifecycle() {
     assert!(err.contains("running") && err.contains("rm -f"), "{err}");
     assert_eq!(env.ok(&["rm", "-f", "stubborn"]), "stubborn\n");
     env.assert_gone("stubborn");
+
+    // A paused container is resumed to take its stop signal (sleep, as PID 1, ignores
+    // TERM: SIGKILL after the timeout).
+    env.ok(&["run", "-d", "--name", "frozen", IMAGE, "sleep", "1000"]);
+    env.ctr(&["tasks", "pause", "frozen"]);
+    let row = env.ps().into_iter().find(|r| r.0 == "frozen").unwrap();
+    assert_eq!(row.1, "PAUSED");
+    assert_eq!(env.ok(&["stop", "-t", "1", "frozen"]), "frozen\n");
+    assert!(env.ctr(&["tasks", "ls", "-q"]).trim().is_empty());
+    assert_eq!(env.ok(&["rm", "frozen"]), "frozen\n");
+    env.assert_gone("frozen");
 }
 
 #[test]
