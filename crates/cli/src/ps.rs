@@ -187,8 +187,12 @@ pub async fn logs(address: &str, ns: &str, a: LogsArgs) -> Result<(), CliError> 
             if n == 0 {
                 return out.flush().map_err(|e| CliError(format!("stdout: {e}")));
             }
-            out.write_all(&buf[..n])
-                .map_err(|e| CliError(format!("stdout: {e}")))?;
+            match out.write_all(&buf[..n]) {
+                Ok(()) => {}
+                // `berth logs ID | head`: the reader has what it wanted.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+                Err(e) => return Err(CliError(format!("stdout: {e}"))),
+            }
         }
     };
     copy(&mut f)?;

@@ -76,7 +76,8 @@ pub struct RunArgs {
     /// Hostname inside the container (default: the container ID)
     #[arg(long)]
     pub hostname: Option<String>,
-    /// Runtime (shim) to use
+    /// Runtime (shim) to use, e.g. io.containerd.runc.v2 (the stock runc shim) or
+    /// io.containerd.berth.v2 (Berth's)
     #[arg(long, default_value = "io.containerd.runc.v2")]
     pub runtime: String,
     /// Set an environment variable (K=V), may be repeated
