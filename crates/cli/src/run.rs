@@ -504,7 +504,12 @@ async fn create_container(
             )
             .map_err(internal("run"))?;
             // As with Docker, people see which container they are in.
-            spec.set_hostname(Some(a.hostname.clone().unwrap_or_else(|| id.to_string())));
+            // (IDs may be longer than the kernel's 64-byte host names; they are ASCII.)
+            spec.set_hostname(Some(
+                a.hostname
+                    .clone()
+                    .unwrap_or_else(|| id.chars().take(63).collect()),
+            ));
             if let Some(sig) = img
                 .config
                 .config()

@@ -466,8 +466,11 @@ impl Env {
     }
 }
 
-/// `-t` on a real pty: the caller's terminal size reaches the container, keys typed go
-/// in (`-i`), the output comes back, and the exit status is the container's.
+nix::ioctl_write_ptr_bad!(tiocswinsz, nix::libc::TIOCSWINSZ, nix::pty::Winsize);
+
+/// `-t` on a real pty: the caller's terminal size (and its change) reaches the
+/// container, keys typed go in (`-i`), the output comes back, and the exit status is the
+/// container's.
 #[test]
 fn terminal() {
     use nix::pty::{Winsize, openpty};
@@ -504,8 +507,32 @@ fn terminal() {
     });
     std::thread::sleep(Duration::from_secs(1));
     writer
-        .write_all(b"stty size; tty; echo $((6*7)); exit 5\n")
+        .write_all(b"stty size; tty; echo $((6*7))\n")
         .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // A resize: berth is not in the pty's session (no controlling terminal here), so
+    // the SIGWINCH the kernel would send its foreground group is sent by hand.
+    let bigger = Winsize {
+        ws_row: 40,
+        ws_col: 120,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer.
+    unsafe { tiocswinsz(std::os::fd::AsRawFd::as_raw_fd(&writer), &bigger) }.unwrap();
+    let berth_pid = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("berth under timeout");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(berth_pid),
+        nix::sys::signal::Signal::SIGWINCH,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    writer.write_all(b"stty size; exit 5\n").unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -517,6 +544,7 @@ fn terminal() {
     let out = reader.join().unwrap();
     assert_eq!(status.code(), Some(5), "{out}");
     assert!(out.contains("30 100"), "terminal size missing:\n{out}");
+    assert!(out.contains("40 120"), "resize missing:\n{out}");
     assert!(out.contains("/dev/pts/"), "not a pty:\n{out}");
     assert!(out.contains("42"), "{out}");
     assert!(env.ctr(&["containers", "ls", "-q"]).trim().is_empty());
