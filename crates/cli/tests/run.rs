@@ -474,6 +474,7 @@ nix::ioctl_write_ptr_bad!(tiocswinsz, nix::libc::TIOCSWINSZ, nix::pty::Winsize);
 #[test]
 fn terminal() {
     use nix::pty::{Winsize, openpty};
+    use std::sync::{Arc, Mutex};
     let env = Env::start("tty");
     let size = Winsize {
         ws_row: 30,
@@ -494,22 +495,44 @@ fn terminal() {
     // when berth exits.
     let mut master = std::fs::File::from(pty.master);
     let mut writer = master.try_clone().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = master.read(&mut buf) {
-            if n == 0 {
-                break;
+    let master_fd = std::os::fd::AsRawFd::as_raw_fd(&writer);
+    let seen = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = master.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
-            all.extend_from_slice(&buf[..n]);
+        })
+    };
+    // Types `input` (again every second: the machine may be slow) until `want` shows.
+    let mut type_until = |input: &[u8], want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            writer.write_all(input).unwrap();
+            std::thread::sleep(Duration::from_secs(1));
+            if seen.lock().unwrap().contains(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{want:?} never showed:\n{}",
+                seen.lock().unwrap()
+            );
         }
-        String::from_utf8_lossy(&all).into_owned()
-    });
-    std::thread::sleep(Duration::from_secs(1));
-    writer
-        .write_all(b"stty size; tty; echo $((6*7))\n")
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    };
+    // `6*7` typed, 42 printed: the answer comes from the container's shell.
+    type_until(b"stty size; tty; echo $((6*7))\n", "42");
+    let out = seen.lock().unwrap().clone();
+    assert!(out.contains("30 100"), "terminal size missing:\n{out}");
+    assert!(out.contains("/dev/pts/"), "not a pty:\n{out}");
+
     // A resize: berth is not in the pty's session (no controlling terminal here), so
     // the SIGWINCH the kernel would send its foreground group is sent by hand.
     let bigger = Winsize {
@@ -519,7 +542,7 @@ fn terminal() {
         ws_ypixel: 0,
     };
     // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer.
-    unsafe { tiocswinsz(std::os::fd::AsRawFd::as_raw_fd(&writer), &bigger) }.unwrap();
+    unsafe { tiocswinsz(master_fd, &bigger) }.unwrap();
     let berth_pid = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
         .unwrap()
         .split_whitespace()
@@ -531,8 +554,9 @@ fn terminal() {
         nix::sys::signal::Signal::SIGWINCH,
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    writer.write_all(b"stty size; exit 5\n").unwrap();
+    type_until(b"stty size\n", "40 120");
+
+    writer.write_all(b"exit 5\n").unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -541,11 +565,7 @@ fn terminal() {
         assert!(Instant::now() < deadline, "berth run -t did not exit");
         std::thread::sleep(Duration::from_millis(50));
     };
-    let out = reader.join().unwrap();
-    assert_eq!(status.code(), Some(5), "{out}");
-    assert!(out.contains("30 100"), "terminal size missing:\n{out}");
-    assert!(out.contains("40 120"), "resize missing:\n{out}");
-    assert!(out.contains("/dev/pts/"), "not a pty:\n{out}");
-    assert!(out.contains("42"), "{out}");
+    reader.join().unwrap();
+    assert_eq!(status.code(), Some(5), "{}", seen.lock().unwrap());
     assert!(env.ctr(&["containers", "ls", "-q"]).trim().is_empty());
 }
