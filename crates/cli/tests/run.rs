@@ -569,3 +569,34 @@ fn terminal() {
     assert_eq!(status.code(), Some(5), "{}", seen.lock().unwrap());
     assert!(env.ctr(&["containers", "ls", "-q"]).trim().is_empty());
 }
+
+/// What berth makes is an ordinary containerd container to the stock ctr, and the
+/// other way round.
+#[test]
+fn interoperates_with_ctr() {
+    let env = Env::start("ctr");
+    env.ok(&["run", "-d", "--name", "b1", IMAGE, "sleep", "1000"]);
+    let info = env.ctr(&["containers", "info", "b1"]);
+    assert!(
+        info.contains("\"ociVersion\"") && info.contains("\"sleep\""),
+        "ctr cannot decode the spec:\n{info}"
+    );
+    let out = env.ctr(&["tasks", "exec", "--exec-id", "e1", "b1", "echo", "from-ctr"]);
+    assert_eq!(out, "from-ctr\n");
+    assert_eq!(env.ok(&["rm", "-f", "b1"]), "b1\n");
+    env.assert_gone("b1");
+
+    env.ctr(&["run", "-d", IMAGE, "c1", "sleep", "1000"]);
+    let rows = env.ps();
+    assert!(
+        rows.iter().any(|r| r.0 == "c1" && r.1 == "RUNNING"),
+        "{rows:?}"
+    );
+    assert_eq!(
+        env.ok(&["exec", "c1", "echo", "from-berth"]),
+        "from-berth\n"
+    );
+    assert_eq!(env.ok(&["stop", "-t", "1", "c1"]), "c1\n");
+    assert_eq!(env.ok(&["rm", "c1"]), "c1\n");
+    env.assert_gone("c1");
+}
