@@ -482,6 +482,7 @@ async fn create_container(
                 }),
                 env: a.env.clone(),
                 terminal: a.tty,
+                console_size: stdio::terminal_size(),
                 user: a.user.clone(),
                 cwd: a.workdir.clone(),
             };
@@ -574,8 +575,22 @@ async fn create_container(
     result
 }
 
+/// The stock runc shims, whose console copy has no `file://` support.
+fn runc_shim_without_file_console(runtime: &str) -> bool {
+    runtime.starts_with("io.containerd.runc.") || runtime == "io.containerd.runtime.v1.linux"
+}
+
 /// `berth run`.
 pub async fn run(address: &str, ns: &str, a: RunArgs) -> Result<(), CliError> {
+    // containerd 1.6's runc shims take a terminal's stdout URI for a fifo path; with a
+    // file:// URI their create fails *after* `runc create`, leaving runc's state behind
+    // under /run/containerd/runc. Refused before anything is made.
+    if a.detach && a.tty && runc_shim_without_file_console(&a.runtime) {
+        return Err(CliError(format!(
+            "-d with -t: {} (containerd-shim-runc-v2 1.6) cannot log a terminal to a file; use --runtime io.containerd.berth.v2, or drop -t",
+            a.runtime
+        )));
+    }
     if a.detach && a.interactive {
         return Err(CliError(
             "-i with -d: a detached container's stdin cannot be attached to later (berth has no attach yet); -dt keeps a shell alive on its terminal".into(),
@@ -590,10 +605,9 @@ pub async fn run(address: &str, ns: &str, a: RunArgs) -> Result<(), CliError> {
 
     if a.detach {
         let log = log_path(&a.log_dir, ns, &id);
-        // Why -t fails with the stock shim (its console copy takes the stdout URI for a
-        // fifo path), said before the shim's own "stat file://…" message.
+        // Other shims may lack file:// for a terminal too: say what to try.
         let tty_hint = if a.tty {
-            " (a terminal logged to a file:// URI needs a shim that supports it: containerd-shim-runc-v2 1.6 does not, io.containerd.berth.v2 does; or drop -t)"
+            " (a terminal logged to a file:// URI needs a shim that supports it, as io.containerd.berth.v2 does; or drop -t)"
         } else {
             ""
         };
@@ -706,7 +720,8 @@ pub async fn exec(address: &str, ns: &str, a: ExecArgs) -> Result<(), CliError> 
             return Err(CliError(format!("--env {e:?}: expected K=V")));
         }
     }
-    let process = spec::exec_process(&spec, &a.command, a.tty, &a.env).map_err(internal("exec"))?;
+    let process = spec::exec_process(&spec, &a.command, a.tty, stdio::terminal_size(), &a.env)
+        .map_err(internal("exec"))?;
     let process = prost_types::Any {
         type_url: PROCESS_TYPE_URL.to_string(),
         value: serde_json::to_vec(&process)

@@ -32,6 +32,10 @@ pub struct Overrides {
     /// `K=V` entries replacing or extending the image's Env.
     pub env: Vec<String>,
     pub terminal: bool,
+    /// The caller's terminal as (columns, rows): runc sizes the new pty with it, so
+    /// that the first thing the process does already sees the right size (a resize
+    /// after start would race with it).
+    pub console_size: Option<(u32, u32)>,
     /// `uid[:gid]` overriding the image's User.
     pub user: Option<String>,
     pub cwd: Option<String>,
@@ -369,6 +373,7 @@ pub fn apply_image(
         .unwrap_or_else(|| "/".to_string());
     process.set_cwd(cwd.into());
     process.set_terminal(Some(o.terminal));
+    set_console_size(process, o.terminal, o.console_size);
 
     let user = o
         .user
@@ -384,13 +389,25 @@ pub fn apply_image(
     Ok(())
 }
 
+fn set_console_size(p: &mut Process, terminal: bool, size: Option<(u32, u32)>) {
+    let size = size.filter(|_| terminal).and_then(|(width, height)| {
+        oci_spec::runtime::BoxBuilder::default()
+            .width(width)
+            .height(height)
+            .build()
+            .ok()
+    });
+    p.set_console_size(size);
+}
+
 /// The process of an exec in a container whose spec is `spec`: its user, env, cwd,
-/// capabilities and limits, with `args` and the terminal flag replaced (what `ctr task
-/// exec` does).
+/// capabilities and limits, with `args` and the terminal flag (and size) replaced (what
+/// `ctr task exec` does).
 pub fn exec_process(
     spec: &Spec,
     args: &[String],
     terminal: bool,
+    console_size: Option<(u32, u32)>,
     env: &[String],
 ) -> Result<Process> {
     let mut p = spec
@@ -399,6 +416,7 @@ pub fn exec_process(
         .ok_or_else(|| err("the container's spec has no process"))?;
     p.set_args(Some(args.to_vec()));
     p.set_terminal(Some(terminal));
+    set_console_size(&mut p, terminal, console_size);
     let mut e = p.env().clone().unwrap_or_default();
     if terminal && !e.iter().any(|v| v.starts_with("TERM=")) {
         e.push("TERM=xterm".to_string());
@@ -494,10 +512,16 @@ mod tests {
             args: vec!["echo".into(), "hi".into()],
             env: vec!["A=2".into(), "B=3".into()],
             terminal: true,
+            console_size: Some((100, 30)),
             ..Default::default()
         };
         let mut s = default_spec("default", "x").unwrap();
         apply_image(&mut s, &img, &o, None).unwrap();
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(
+            v["process"]["consoleSize"],
+            serde_json::json!({"height": 30, "width": 100})
+        );
         let p = s.process().as_ref().unwrap();
         assert_eq!(p.args().as_ref().unwrap(), &["/init", "echo", "hi"]);
         assert_eq!(
