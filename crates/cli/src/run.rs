@@ -122,6 +122,12 @@ pub struct ExecArgs {
     /// Set an environment variable (K=V), may be repeated
     #[arg(long = "env", short = 'e', value_name = "K=V")]
     pub env: Vec<String>,
+    /// Run as UID or UID:GID instead of the container's user
+    #[arg(long, short = 'u')]
+    pub user: Option<String>,
+    /// Working directory instead of the container's
+    #[arg(long, short = 'w')]
+    pub workdir: Option<String>,
     /// Directory for the stdio fifos shared with the shim
     #[arg(long, env = "BERTH_FIFO_DIR", default_value = "/run/berth/fifo")]
     pub fifo_dir: PathBuf,
@@ -720,8 +726,19 @@ pub async fn exec(address: &str, ns: &str, a: ExecArgs) -> Result<(), CliError> 
             return Err(CliError(format!("--env {e:?}: expected K=V")));
         }
     }
-    let process = spec::exec_process(&spec, &a.command, a.tty, stdio::terminal_size(), &a.env)
-        .map_err(internal("exec"))?;
+    let process = spec::exec_process(
+        &spec,
+        &Overrides {
+            args: a.command.clone(),
+            env: a.env.clone(),
+            terminal: a.tty,
+            console_size: stdio::terminal_size(),
+            user: a.user.clone(),
+            cwd: a.workdir.clone(),
+            entrypoint: None,
+        },
+    )
+    .map_err(internal("exec"))?;
     let process = prost_types::Any {
         type_url: PROCESS_TYPE_URL.to_string(),
         value: serde_json::to_vec(&process)
@@ -850,6 +867,13 @@ impl Proc<'_> {
         } else {
             format!("exec {} in {}", self.exec_id, self.id)
         };
+        // Handlers first: from the moment the process may run, a ^C must reach it
+        // rather than end berth (which would leave it behind, unwatched).
+        let sig = |k| signal(k).map_err(|e| (CliError(format!("signal handler: {e}")), false));
+        let mut winch = sig(SignalKind::window_change())?;
+        let mut int = sig(SignalKind::interrupt())?;
+        let mut term = sig(SignalKind::terminate())?;
+        let mut hup = sig(SignalKind::hangup())?;
         let fifos = Fifos::create(fifo_dir, self.id, interactive, tty)
             .map_err(|e| (CliError(format!("stdio for {what}: {e}")), false))?;
         // Readers first: the stock shim's write-only opens wait for them.
@@ -892,11 +916,6 @@ impl Proc<'_> {
         if tty {
             self.resize().await;
         }
-        let sig = |k| signal(k).map_err(|e| (CliError(format!("signal handler: {e}")), true));
-        let mut winch = sig(SignalKind::window_change())?;
-        let mut int = sig(SignalKind::interrupt())?;
-        let mut term = sig(SignalKind::terminate())?;
-        let mut hup = sig(SignalKind::hangup())?;
         let mut waiter = waiter;
         let mut interrupts = 0;
         let reply = loop {

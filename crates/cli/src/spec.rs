@@ -401,30 +401,41 @@ fn set_console_size(p: &mut Process, terminal: bool, size: Option<(u32, u32)>) {
 }
 
 /// The process of an exec in a container whose spec is `spec`: its user, env, cwd,
-/// capabilities and limits, with `args` and the terminal flag (and size) replaced (what
-/// `ctr task exec` does).
-pub fn exec_process(
-    spec: &Spec,
-    args: &[String],
-    terminal: bool,
-    console_size: Option<(u32, u32)>,
-    env: &[String],
-) -> Result<Process> {
+/// capabilities and limits (what `ctr task exec` starts from), with the args, terminal
+/// and `o`'s env, user and cwd applied. The user must be numeric: names would need the
+/// container's /etc/passwd, which is inside its running root file system.
+pub fn exec_process(spec: &Spec, o: &Overrides) -> Result<Process> {
     let mut p = spec
         .process()
         .clone()
         .ok_or_else(|| err("the container's spec has no process"))?;
-    p.set_args(Some(args.to_vec()));
-    p.set_terminal(Some(terminal));
-    set_console_size(&mut p, terminal, console_size);
+    p.set_args(Some(o.args.clone()));
+    p.set_terminal(Some(o.terminal));
+    set_console_size(&mut p, o.terminal, o.console_size);
     let mut e = p.env().clone().unwrap_or_default();
-    if terminal && !e.iter().any(|v| v.starts_with("TERM=")) {
+    if o.terminal && !e.iter().any(|v| v.starts_with("TERM=")) {
         e.push("TERM=xterm".to_string());
     }
-    for v in env {
+    for v in &o.env {
         set_env(&mut e, v);
     }
     p.set_env(Some(e));
+    if let Some(user) = &o.user {
+        let (uid, gid) = match numeric_user(user) {
+            Some((uid, gid)) => (uid, gid.unwrap_or(0)),
+            None => {
+                return Err(Error::invalid_argument(format!(
+                    "exec --user {user:?}: give a numeric UID[:GID] (names are resolved only by run)"
+                )));
+            }
+        };
+        let u = p.user_mut();
+        u.set_uid(uid);
+        u.set_gid(gid);
+    }
+    if let Some(cwd) = &o.cwd {
+        p.set_cwd(cwd.into());
+    }
     Ok(p)
 }
 
@@ -541,6 +552,45 @@ mod tests {
         assert_eq!(resolve_user("5:6", "", "").unwrap(), (5, 6));
         let e = resolve_user("nobody", passwd, group).unwrap_err();
         assert!(e.to_string().contains("no such user"), "{e}");
+    }
+
+    #[test]
+    fn exec_starts_from_the_container_process() {
+        let img = image(
+            r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},
+                "config":{"Env":["A=1"],"Cmd":["sh"],"User":"7:8","WorkingDir":"/srv"}}"#,
+        );
+        let mut s = default_spec("default", "x").unwrap();
+        apply_image(&mut s, &img, &Overrides::default(), None).unwrap();
+        let o = Overrides {
+            args: vec!["id".into()],
+            env: vec!["B=2".into()],
+            ..Default::default()
+        };
+        let p = exec_process(&s, &o).unwrap();
+        assert_eq!(p.args().as_ref().unwrap(), &["id"]);
+        assert_eq!((p.user().uid(), p.user().gid()), (7, 8));
+        assert_eq!(p.cwd().to_str(), Some("/srv"));
+        assert!(p.env().as_ref().unwrap().contains(&"B=2".to_string()));
+        assert_eq!(
+            p.capabilities(),
+            s.process().as_ref().unwrap().capabilities()
+        );
+        let o = Overrides {
+            args: vec!["id".into()],
+            user: Some("5".into()),
+            cwd: Some("/tmp".into()),
+            ..Default::default()
+        };
+        let p = exec_process(&s, &o).unwrap();
+        assert_eq!((p.user().uid(), p.user().gid()), (5, 0));
+        assert_eq!(p.cwd().to_str(), Some("/tmp"));
+        let o = Overrides {
+            user: Some("www".into()),
+            ..o
+        };
+        let e = exec_process(&s, &o).unwrap_err();
+        assert!(e.to_string().contains("numeric"), "{e}");
     }
 
     #[test]

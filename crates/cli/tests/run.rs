@@ -198,6 +198,25 @@ fn remove_empty_tree(dir: &Path) {
     }
 }
 
+/// Sends `signal` to the berth that `Env::cmd` runs under `timeout`.
+fn signal_berth(timeout: &std::process::Child, signal: nix::sys::signal::Signal) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pid = loop {
+        let children =
+            std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", timeout.id()))
+                .unwrap_or_default();
+        if let Some(pid) = children.split_whitespace().next() {
+            break pid.parse().unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "berth did not start under timeout"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).unwrap();
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -267,6 +286,35 @@ fn run_in_the_foreground() {
         .collect();
     assert_eq!(kinds, ["Committed"], "{snaps}");
 
+    // A signal to berth goes to the container (here: its trap decides the exit status).
+    let mut child = env
+        .cmd(&[
+            "run",
+            "--rm",
+            "--name",
+            "sig",
+            IMAGE,
+            "sh",
+            "-c",
+            "trap 'echo got-int; exit 7' INT; echo ready; while true; do sleep 0.1; done",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // "ready" comes after the trap is set (PID 1 ignores a signal it has no handler for).
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    signal_berth(&child, nix::sys::signal::Signal::SIGINT);
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(7), "stderr: {}", text(&o.stderr));
+    assert_eq!(rest, "got-int\n");
+    env.assert_gone("sig");
+
     // -i: stdin forwarded, EOF delivered.
     let o = env.berth_with_input(
         &["run", "--rm", "-i", IMAGE, "sh", "-c", "cat; echo done"],
@@ -327,6 +375,18 @@ fn detached_lifecycle() {
         let o = env.berth(&["exec", &id, "sh", "-c", "echo in-$(hostname); exit 4"]);
         assert_eq!(o.status.code(), Some(4), "stderr: {}", text(&o.stderr));
         assert_eq!(text(&o.stdout), format!("in-{id}\n"));
+        let out = env.ok(&[
+            "exec",
+            "-u",
+            "65534:65534",
+            "-w",
+            "/tmp",
+            &id,
+            "sh",
+            "-c",
+            "id -u; pwd",
+        ]);
+        assert_eq!(out, "65534\n/tmp\n");
         let o = env.berth_with_input(&["exec", "-i", &id, "cat"], b"via exec\n");
         assert_eq!(text(&o.stdout), "via exec\n", "stderr: {}", text(&o.stderr));
 
@@ -547,17 +607,7 @@ fn terminal_session(env: &Env, runtime: &str) {
     };
     // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer.
     unsafe { tiocswinsz(master_fd, &bigger) }.unwrap();
-    let berth_pid = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("berth under timeout");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(berth_pid),
-        nix::sys::signal::Signal::SIGWINCH,
-    )
-    .unwrap();
+    signal_berth(&child, nix::sys::signal::Signal::SIGWINCH);
     type_until(b"stty size\n", "40 120");
 
     writer.write_all(b"exit 5\n").unwrap();
