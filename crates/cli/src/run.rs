@@ -417,6 +417,14 @@ async fn undo(c: &Client, id: &str, snapshotter: &str, container: bool, task: bo
         .await;
 }
 
+/// What [`create_container`] has made so far, for cleaning up after an interruption.
+#[derive(Default)]
+struct Made {
+    lease: std::sync::Mutex<Option<String>>,
+    /// The container's snapshot was prepared (so a record named `id`, if any, is ours).
+    snapshot: std::sync::atomic::AtomicBool,
+}
+
 /// Creates the container (snapshot + record) under a lease so the collector cannot take
 /// the snapshot between its creation and the record that references it.
 async fn create_container(
@@ -424,6 +432,7 @@ async fn create_container(
     ns: &str,
     id: &str,
     a: &RunArgs,
+    made: &Made,
 ) -> Result<(Container, Vec<Mount>), CliError> {
     let mut labels = parse_kv(&a.labels, "--label")?;
     for e in &a.env {
@@ -460,6 +469,7 @@ async fn create_container(
         }))
         .await
         .map_err(grpc("create lease"))?;
+    *made.lease.lock().unwrap() = Some(lease_id.clone());
     c.lease = Some(lease_id.clone());
     let result = async {
         ensure_unpacked(&c, &img, &a.snapshotter).await?;
@@ -475,6 +485,7 @@ async fn create_container(
             .map_err(grpc(&format!("prepare snapshot {id}")))?
             .into_inner()
             .mounts;
+        made.snapshot.store(true, Ordering::SeqCst);
         let built = async {
             let mut spec = spec::default_spec(ns, id).map_err(internal("run"))?;
             let o = Overrides {
@@ -571,6 +582,7 @@ async fn create_container(
     }
     .await;
     c.lease = None;
+    made.lease.lock().unwrap().take();
     let _ = c
         .leases()
         .delete(c.request(LeaseDelete {
@@ -607,7 +619,24 @@ pub async fn run(address: &str, ns: &str, a: RunArgs) -> Result<(), CliError> {
         .name
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..16].to_string());
-    let (_container, mounts) = create_container(&c, ns, &id, &a).await?;
+    // A ^C while unpacking or creating leaves nothing behind: what exists is removed
+    // (the lease makes half-unpacked layers collectable).
+    let made = Made::default();
+    let (_container, mounts) = tokio::select! {
+        r = create_container(&c, ns, &id, &a, &made) => r?,
+        _ = tokio::signal::ctrl_c() => {
+            // Only what this run made: a container of that name that existed before
+            // must survive.
+            if made.snapshot.load(Ordering::SeqCst) {
+                undo(&c, &id, &a.snapshotter, true, false).await;
+            }
+            let lease = made.lease.lock().unwrap().take();
+            if let Some(lease) = lease {
+                let _ = c.leases().delete(c.request(LeaseDelete { id: lease, sync: false })).await;
+            }
+            return Err(CliError(format!("run {id}: interrupted before the container started")));
+        }
+    };
 
     if a.detach {
         let log = log_path(&a.log_dir, ns, &id);
