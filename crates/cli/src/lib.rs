@@ -1,10 +1,34 @@
 //! `berth`, the friendly command line for berthd. It speaks only containerd's public gRPC
 //! API over the daemon's unix socket (the stock `ctr` keeps working alongside).
+//!
+//! Images: `pull`/`push` ([`pull`], [`push`], [`unpack`]), `images`, `rmi`.
+//!
+//! Containers ([`run`](mod@run), [`spec`], [`stdio`], [`ps`], [`lifecycle`]), all client side as
+//! with `ctr`, so the records they make are ordinary containerd containers and tasks:
+//!
+//! - `run IMAGE [CMD…]` unpacks the image into the snapshotter if needed, prepares an
+//!   active snapshot named after the container, builds the OCI spec (containerd's
+//!   `WithDefaultSpec` defaults, then the image's Env/Entrypoint/Cmd/WorkingDir/User,
+//!   then `-e/-w/-u/--entrypoint`), creates the container and its task and waits.
+//!   Stdio goes through fifos under `--fifo-dir` (`/run/berth/fifo`), or a pty with
+//!   `-t` (raw mode here, resizes forwarded); berth exits with the container's status;
+//!   the task is deleted afterwards, and with `--rm` the container and snapshot too.
+//!   `-d` prints the ID and hands the shim `file://<log-dir>/<ns>/<id>.log` for stdout
+//!   and stderr (the path is kept in the container label `io.berth.cli.log`).
+//! - `exec ID CMD…` runs a process with the container's process spec (user, env, cwd,
+//!   capabilities) and exits with its status.
+//! - `ps [-a]`, `logs [-f] ID`, `stop [-t SECS] ID…` (stop signal, SIGKILL after the
+//!   timeout, task deleted), `rm [-f] ID…` (task, container, snapshot, log).
 
 pub mod client;
+pub mod lifecycle;
 pub mod progress;
+pub mod ps;
 pub mod pull;
 pub mod push;
+pub mod run;
+pub mod spec;
+pub mod stdio;
 pub mod table;
 pub mod unpack;
 
@@ -144,6 +168,24 @@ pub enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Run a command in a new container from an image.
+    ///
+    /// Client side like `ctr run`: the image's layers are unpacked into the snapshotter if
+    /// they are not yet, an active snapshot is prepared for the container, the OCI spec
+    /// is built here from containerd's defaults and the image config, then the container
+    /// and its task are created. Without -d the command's output comes here and berth
+    /// exits with its exit status; with -d the output goes to a log (`berth logs`).
+    Run(run::RunArgs),
+    /// Run a command in a running container
+    Exec(run::ExecArgs),
+    /// List containers and their tasks
+    Ps(ps::PsArgs),
+    /// Print the log of a container started with `run -d`
+    Logs(ps::LogsArgs),
+    /// Stop containers: their stop signal (SIGTERM), SIGKILL after a timeout
+    Stop(lifecycle::StopArgs),
+    /// Remove containers: task, record, snapshot and log
+    Rm(lifecycle::RmArgs),
     /// Print a shell completion script
     Completions { shell: clap_complete::Shell },
 }
@@ -198,6 +240,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Info => info(&cli.address, &cli.namespace).await,
+        Command::Run(a) => run::run(&cli.address, &cli.namespace, a).await,
+        Command::Exec(a) => run::exec(&cli.address, &cli.namespace, a).await,
+        Command::Ps(a) => ps::ps(&cli.address, &cli.namespace, a).await,
+        Command::Logs(a) => ps::logs(&cli.address, &cli.namespace, a).await,
+        Command::Stop(a) => lifecycle::stop(&cli.address, &cli.namespace, a).await,
+        Command::Rm(a) => lifecycle::rm(&cli.address, &cli.namespace, a).await,
         Command::Images { quiet, filters } => {
             let c = Client::connect(&cli.address, &cli.namespace).await?;
             let mut imgs = c

@@ -14,7 +14,8 @@ fn main() -> ExitCode {
         }
     };
     match rt.block_on(berth_cli::run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        // `run` and `exec` end with their process's exit status.
+        Ok(()) => ExitCode::from(berth_cli::run::exit_code()),
         Err(e) => {
             eprintln!("berth: {e}");
             ExitCode::FAILURE

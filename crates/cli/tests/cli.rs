@@ -35,6 +35,12 @@ fn help_and_completions() {
         "rmi",
         "pull",
         "push",
+        "run",
+        "exec",
+        "ps",
+        "logs",
+        "stop",
+        "rm",
         "completions",
     ] {
         assert!(out.contains(cmd), "{cmd} missing from help:\n{out}");
