@@ -245,11 +245,14 @@ impl Service {
     fn do_create(&self, st: &mut State, req: &api::CreateTaskRequest) -> TResult<Container> {
         let bundle = PathBuf::from(&req.bundle);
         let mut opts = Options::new();
-        if let Some(a) = req.options.as_ref()
-            && a.type_url.ends_with("containerd.runc.v1.Options")
-        {
-            opts = Options::parse_from_bytes(&a.value)
-                .map_err(|e| err(Code::INVALID_ARGUMENT, format!("runc options: {e}")))?;
+        if let Some(a) = req.options.as_ref() {
+            if a.type_url.ends_with("containerd.runc.v1.Options") {
+                opts = Options::parse_from_bytes(&a.value)
+                    .map_err(|e| err(Code::INVALID_ARGUMENT, format!("runc options: {e}")))?;
+            } else if a.type_url.ends_with("runtimeoptions.v1.Options") {
+                (opts.binary_name, opts.root) = runc::parse_runtime_options(&a.value)
+                    .map_err(|e| err(Code::INVALID_ARGUMENT, format!("runtime options: {e}")))?;
+            }
         }
         runc::write_options(&bundle, &opts.binary_name, &opts.root).map_err(internal)?;
         let rt = Runtime::new(&opts.binary_name, &opts.root, &self.namespace, &bundle)
