@@ -32,7 +32,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(WORKER_THREADS)
         .max_blocking_threads(16)
-        .thread_keep_alive(Duration::from_secs(5))
+        // Blocking threads (metadata transactions, file work) exit after a second
+        // without work, so that an idle daemon does not keep a burst's threads.
+        .thread_keep_alive(Duration::from_secs(1))
         .thread_name("berthd")
         .enable_all()
         .build()

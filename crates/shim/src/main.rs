@@ -282,18 +282,19 @@ fn serve(flags: &Flags) -> Result<(), String> {
     let (tx, rx) = std::sync::mpsc::channel();
     let mon = Monitor::start(tx.clone()).map_err(|e| format!("starting the monitor: {e}"))?;
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
-    let publisher = events::Publisher::new(
+    let publisher = Arc::new(events::Publisher::new(
         &flags.namespace,
         &ttrpc_address,
         &flags.address,
         &flags.publish_binary,
-    );
+        tx.clone(),
+    ));
     let dir = socket_dir();
     let svc = Arc::new(service::Service::new(
         &flags.namespace,
         dir.clone(),
         mon,
-        publisher,
+        publisher.clone(),
         tx,
     ));
     let task: Arc<dyn containerd_shim_protos::Task + Send + Sync> = svc.clone();
@@ -309,6 +310,7 @@ fn serve(flags: &Flags) -> Result<(), String> {
         match msg {
             Msg::Exit { pid, status } => svc.handle_exit(pid, status),
             Msg::Oom { container_id } => svc.handle_oom(&container_id),
+            Msg::Event { topic, any } => publisher.deliver(topic, &any),
             Msg::Shutdown => break,
         }
     }

@@ -113,7 +113,7 @@ pub struct Service {
     namespace: String,
     socket_dir: PathBuf,
     mon: Arc<Monitor>,
-    events: Publisher,
+    events: Arc<Publisher>,
     tx: Mutex<Sender<Msg>>,
     state: Mutex<State>,
     cv: Condvar,
@@ -124,7 +124,7 @@ impl Service {
         namespace: &str,
         socket_dir: PathBuf,
         mon: Arc<Monitor>,
-        events: Publisher,
+        events: Arc<Publisher>,
         tx: Sender<Msg>,
     ) -> Service {
         Service {
