@@ -8,9 +8,9 @@
 //! it finds nothing and cleaning it up has nothing to do; once its database file exists
 //! (from this or an earlier run), every call goes to the real snapshotter.
 
+use berth_core::labels::Labels;
 use berth_core::mount::Mount;
 use berth_core::snapshot::{Info, Snapshotter, Usage};
-use berth_core::labels::Labels;
 use berth_core::{Error, Result};
 use berth_plugin::{InitContext, Instance, Registration, types};
 use berth_snapshots::SnapshotterInstance;
