@@ -106,6 +106,11 @@ impl Publisher {
         }
     }
 
+    /// Closes the connection to the daemon (the next event opens a new one).
+    pub fn disconnect(&self) {
+        self.conn.lock().unwrap().stream = None;
+    }
+
     /// Sends one event to the daemon (called by the main thread, in queue order).
     pub fn deliver(&self, topic: &str, any: &Any) {
         if let Err(err) = self.forward(topic, any) {

@@ -306,11 +306,28 @@ fn serve(flags: &Flags) -> Result<(), String> {
         .set_thread_count_default(2)
         .set_thread_count_max(4);
     server.start().map_err(|e| format!("ttrpc server: {e:?}"))?;
-    for msg in rx {
+    let mut next = None;
+    loop {
+        let msg = match next.take() {
+            Some(msg) => msg,
+            None => match rx.recv() {
+                Ok(msg) => msg,
+                Err(_) => break,
+            },
+        };
         match msg {
             Msg::Exit { pid, status } => svc.handle_exit(pid, status),
             Msg::Oom { container_id } => svc.handle_oom(&container_id),
-            Msg::Event { topic, any } => publisher.deliver(topic, &any),
+            Msg::Event { topic, any } => {
+                publisher.deliver(topic, &any);
+                // Events come in bursts (create/start, exit/delete) with a container's
+                // lifetime in between: hang up once the queue is empty, so that the
+                // daemon keeps no connection (and its buffers and tasks) per idle shim.
+                match rx.try_recv() {
+                    Ok(msg) => next = Some(msg),
+                    Err(_) => publisher.disconnect(),
+                }
+            }
             Msg::Shutdown => break,
         }
     }
