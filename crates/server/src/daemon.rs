@@ -118,8 +118,8 @@ async fn release_memory_after_bursts(state: DaemonState) {
     }
 }
 
-/// Hands the memory freed after start-up (plugin initialisation is the daemon's biggest
-/// burst of allocations) back to the kernel.
+/// Hands the heap's free pages back to the kernel: after start-up (plugin initialisation
+/// is a big burst of allocations) and after each burst of calls.
 fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim is thread-safe and only returns unused pages.
