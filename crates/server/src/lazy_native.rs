@@ -106,3 +106,41 @@ impl Snapshotter for LazyNative {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lazy(root: &std::path::Path) -> LazyNative {
+        LazyNative {
+            root: root.join("native"),
+            native: OnceCell::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn reading_an_unused_store_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = lazy(dir.path());
+        assert!(s.walk(&[]).await.unwrap().is_empty());
+        s.cleanup().await.unwrap();
+        assert!(!dir.path().join("native").exists());
+        assert!(s.native.get().is_none());
+    }
+
+    #[tokio::test]
+    async fn first_write_opens_the_store_and_later_runs_find_it() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = lazy(dir.path());
+            s.prepare("a", "", Labels::new()).await.unwrap();
+            assert!(dir.path().join("native/metadata.db").exists());
+            assert_eq!(s.walk(&[]).await.unwrap().len(), 1);
+        }
+        // A daemon started later opens the existing store to list it.
+        let s = lazy(dir.path());
+        assert_eq!(s.walk(&[]).await.unwrap().len(), 1);
+        s.remove("a").await.unwrap();
+        assert!(s.walk(&[]).await.unwrap().is_empty());
+    }
+}
