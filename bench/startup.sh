@@ -4,7 +4,7 @@
 #   the reference containerd started with ../shared/tools/refd.sh in the same run.
 #   Each daemon is started RUNS times (default 5) from scratch; the table shows the
 #   median and the range. Run as root; needs ctr (Debian's containerd package).
-#   Env: BERTHD (default: build target/release/berthd with cargo), IDLE_SECONDS (2),
+#   Env: BERTHD (default: the deployable build of scripts/build-release), IDLE_SECONDS (2),
 #   WORKDIR (default: a private directory under /tmp, removed at the end).
 set -euo pipefail
 export LC_ALL=C
@@ -18,8 +18,7 @@ REFD=$REPO/../shared/tools/refd.sh
 command -v ctr >/dev/null || { echo "ctr not found (apt-get install containerd)" >&2; exit 1; }
 
 if [[ -z ${BERTHD:-} ]]; then
-  (cd "$REPO" && cargo build --release -q -p berth-server)
-  BERTHD=${CARGO_TARGET_DIR:-$REPO/target}/release/berthd
+  BERTHD=$("$REPO/scripts/build-release" | tail -1)/berthd
 fi
 [[ -x $BERTHD ]] || { echo "berthd not found at $BERTHD" >&2; exit 1; }
 

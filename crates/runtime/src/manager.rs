@@ -732,7 +732,9 @@ fn open_shim_log(bundle: &Bundle) -> Result<()> {
         .map_err(|e| Error::unknown(format!("open shim log pipe {}: {e}", path.display())))?;
     let id = bundle.id.clone();
     tokio::spawn(async move {
-        let mut lines = tokio::io::BufReader::new(receiver).lines();
+        // One reader lives as long as its shim and shims log little: a small buffer (the
+        // default is 8 KiB per shim) keeps the daemon's memory per container down.
+        let mut lines = tokio::io::BufReader::with_capacity(512, receiver).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             tracing::debug!(target: "shim", id = %id, "{line}");
         }

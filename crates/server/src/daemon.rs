@@ -32,7 +32,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(WORKER_THREADS)
         .max_blocking_threads(16)
-        .thread_keep_alive(Duration::from_secs(5))
+        // Blocking threads (metadata transactions, file work) exit after a second
+        // without work, so that an idle daemon does not keep a burst's threads.
+        .thread_keep_alive(Duration::from_secs(1))
         .thread_name("berthd")
         .enable_all()
         .build()
@@ -74,17 +76,50 @@ unsafe extern "C" {
 
 /// glibc gives each thread that allocates its own arena (up to 8 per core), each keeping
 /// its own free memory; the daemon mostly idles, so one shared arena is enough.
+///
+/// glibc also raises its mmap and trim thresholds (up to 32 and 64 MiB) each time a
+/// large block is freed, after which big buffers (ingests, layer unpacking) come from the
+/// heap and their memory stays in it once freed. Fixed thresholds keep blocks of 128 KiB
+/// and more in their own mappings, returned to the kernel on free.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
+        const M_TRIM_THRESHOLD: i32 = -1;
+        const M_MMAP_THRESHOLD: i32 = -3;
         const M_ARENA_MAX: i32 = -8;
         // SAFETY: mallopt only adjusts allocator tuning; called before other threads.
-        unsafe { mallopt(M_ARENA_MAX, 1) };
+        unsafe {
+            mallopt(M_ARENA_MAX, 1);
+            mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+            mallopt(M_TRIM_THRESHOLD, 128 * 1024);
+        }
     }
 }
 
-/// Hands the memory freed after start-up (plugin initialisation is the daemon's biggest
-/// burst of allocations) back to the kernel.
+/// How long the daemon must go without a gRPC call ending before the heap it freed is
+/// handed back (short enough that memory drops right after a burst of calls, long enough
+/// that a running client such as `ctr run` is not trimmed between each of its calls).
+const TRIM_AFTER_QUIET: Duration = Duration::from_millis(200);
+
+/// After each burst of gRPC calls, returns the heap it freed to the kernel: malloc only
+/// gives back the top of the heap by itself, while the holes left between live blocks
+/// stay resident. Sleeps without a timer while the daemon idles.
+async fn release_memory_after_bursts(state: DaemonState) {
+    loop {
+        state.call_ended().await;
+        // Debounce: another call ending restarts the wait.
+        loop {
+            tokio::select! {
+                _ = state.call_ended() => continue,
+                _ = tokio::time::sleep(TRIM_AFTER_QUIET) => break,
+            }
+        }
+        release_free_memory();
+    }
+}
+
+/// Hands the heap's free pages back to the kernel: after start-up (plugin initialisation
+/// is a big burst of allocations) and after each burst of calls.
 fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim is thread-safe and only returns unused pages.
@@ -289,6 +324,7 @@ async fn serve(mut config: Config, started: Instant) -> anyhow::Result<()> {
     );
     notify::notify("READY=1");
     release_free_memory();
+    side_tasks.push(tokio::spawn(release_memory_after_bursts(state.clone())));
 
     loop {
         tokio::select! {

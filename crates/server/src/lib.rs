@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod endpoints;
 pub mod grpc;
+mod lazy_native;
 pub mod logging;
 pub mod notify;
 pub mod opt;

@@ -10,7 +10,13 @@ pub fn all_registrations() -> Vec<Registration> {
     registrations.extend(berth_services::registrations());
     registrations.extend(berth_content::registrations());
     registrations.extend(berth_gc::registrations());
-    registrations.extend(berth_snapshots::registrations());
+    // The native snapshotter opens its store on first use (see lazy_native).
+    registrations.extend(
+        berth_snapshots::registrations()
+            .into_iter()
+            .filter(|r| !(r.r#type == berth_plugin::types::SNAPSHOT && r.id == "native")),
+    );
+    registrations.push(crate::lazy_native::registration());
     registrations.extend(berth_diff::registrations());
     registrations.extend(berth_runtime::registrations());
     registrations

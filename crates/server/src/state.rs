@@ -21,6 +21,8 @@ struct Inner {
     exchange: Exchange,
     /// gRPC calls currently being handled (a stream counts until its reply starts).
     in_flight: AtomicUsize,
+    /// Signalled whenever the last call in flight ends (see [`DaemonState::call_ended`]).
+    quiet: tokio::sync::Notify,
     version: &'static str,
 }
 
@@ -40,6 +42,7 @@ impl DaemonState {
                 records,
                 exchange,
                 in_flight: AtomicUsize::new(0),
+                quiet: tokio::sync::Notify::new(),
                 version: env!("CARGO_PKG_VERSION"),
             }),
         }
@@ -75,6 +78,12 @@ impl DaemonState {
         CallGuard {
             state: self.clone(),
         }
+    }
+
+    /// Completes after a moment at which no gRPC call was in flight (at once if one passed
+    /// since the last wait): the end of a burst of work.
+    pub async fn call_ended(&self) {
+        self.inner.quiet.notified().await;
     }
 
     /// The runtime's live tasks (the Go daemon's goroutine count, in spirit).
@@ -132,7 +141,9 @@ pub struct CallGuard {
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        self.state.inner.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.state.inner.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.state.inner.quiet.notify_one();
+        }
     }
 }
 

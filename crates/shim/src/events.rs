@@ -1,11 +1,19 @@
 //! Event publishing to the daemon: `containerd.services.events.ttrpc.v1.Events/Forward` over
 //! the daemon's ttrpc socket (`TTRPC_ADDRESS`), with one small hand-rolled synchronous ttrpc
 //! client (no extra threads), falling back to `<publish-binary> publish` on failure.
+//!
+//! Handlers only queue their events ([`Publisher::publish`]); the main thread forwards them
+//! in order ([`Publisher::deliver`]). A round trip to the daemon therefore never delays a
+//! reply: `Wait` returns as soon as the exit is recorded, `Create`/`Start`/`Delete` as soon
+//! as the runtime is done (as with the Go shim, whose events go out from a queue too). One
+//! FIFO keeps the order in which handlers published (TaskStart before TaskExit, TaskDelete
+//! before the Shutdown that ends the process).
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
+use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use containerd_shim_protos::events::task as ev;
@@ -15,6 +23,7 @@ use containerd_shim_protos::shim::event::Envelope;
 use containerd_shim_protos::shim::events::ForwardRequest;
 use containerd_shim_protos::ttrpc::{Request, Response};
 
+use crate::monitor::Msg;
 use crate::sys;
 
 pub struct Publisher {
@@ -23,6 +32,8 @@ pub struct Publisher {
     containerd_address: String,
     publish_binary: String,
     conn: Mutex<Conn>,
+    /// The main thread's queue.
+    queue: Mutex<Sender<Msg>>,
 }
 
 struct Conn {
@@ -63,6 +74,7 @@ impl Publisher {
         ttrpc_address: &str,
         containerd_address: &str,
         publish_binary: &str,
+        queue: Sender<Msg>,
     ) -> Self {
         Publisher {
             namespace: namespace.into(),
@@ -73,9 +85,11 @@ impl Publisher {
                 stream: None,
                 next_id: 1,
             }),
+            queue: Mutex::new(queue),
         }
     }
 
+    /// Queues an event for the main thread (delivered at once if the queue is gone).
     pub fn publish<E: Event>(&self, e: &E) {
         let mut any = Any::new();
         any.type_url = E::TYPE.into();
@@ -83,13 +97,26 @@ impl Publisher {
             Ok(v) => v,
             Err(_) => return,
         };
-        if let Err(err) = self.forward(E::TOPIC, &any) {
-            slog!(
-                "forwarding {} over ttrpc failed ({err}); trying the publish binary",
-                E::TOPIC
-            );
-            if let Err(err) = self.exec_publish(E::TOPIC, &any) {
-                slog!("publishing {} failed: {err}", E::TOPIC);
+        let queued = self.queue.lock().unwrap().send(Msg::Event {
+            topic: E::TOPIC,
+            any,
+        });
+        if let Err(std::sync::mpsc::SendError(Msg::Event { topic, any })) = queued {
+            self.deliver(topic, &any);
+        }
+    }
+
+    /// Closes the connection to the daemon (the next event opens a new one).
+    pub fn disconnect(&self) {
+        self.conn.lock().unwrap().stream = None;
+    }
+
+    /// Sends one event to the daemon (called by the main thread, in queue order).
+    pub fn deliver(&self, topic: &str, any: &Any) {
+        if let Err(err) = self.forward(topic, any) {
+            slog!("forwarding {topic} over ttrpc failed ({err}); trying the publish binary");
+            if let Err(err) = self.exec_publish(topic, any) {
+                slog!("publishing {topic} failed: {err}");
             }
         }
     }

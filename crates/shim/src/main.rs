@@ -282,18 +282,19 @@ fn serve(flags: &Flags) -> Result<(), String> {
     let (tx, rx) = std::sync::mpsc::channel();
     let mon = Monitor::start(tx.clone()).map_err(|e| format!("starting the monitor: {e}"))?;
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
-    let publisher = events::Publisher::new(
+    let publisher = Arc::new(events::Publisher::new(
         &flags.namespace,
         &ttrpc_address,
         &flags.address,
         &flags.publish_binary,
-    );
+        tx.clone(),
+    ));
     let dir = socket_dir();
     let svc = Arc::new(service::Service::new(
         &flags.namespace,
         dir.clone(),
         mon,
-        publisher,
+        publisher.clone(),
         tx,
     ));
     let task: Arc<dyn containerd_shim_protos::Task + Send + Sync> = svc.clone();
@@ -305,15 +306,34 @@ fn serve(flags: &Flags) -> Result<(), String> {
         .set_thread_count_default(2)
         .set_thread_count_max(4);
     server.start().map_err(|e| format!("ttrpc server: {e:?}"))?;
-    for msg in rx {
+    let mut next = None;
+    loop {
+        let msg = match next.take() {
+            Some(msg) => msg,
+            None => match rx.recv() {
+                Ok(msg) => msg,
+                Err(_) => break,
+            },
+        };
         match msg {
             Msg::Exit { pid, status } => svc.handle_exit(pid, status),
             Msg::Oom { container_id } => svc.handle_oom(&container_id),
+            Msg::Event { topic, any } => {
+                publisher.deliver(topic, &any);
+                // Events come in bursts (create/start, exit/delete) with a container's
+                // lifetime in between: hang up once the queue is empty, so that the
+                // daemon keeps no connection (and its buffers and tasks) per idle shim.
+                match rx.try_recv() {
+                    Ok(msg) => next = Some(msg),
+                    Err(_) => publisher.disconnect(),
+                }
+            }
             Msg::Shutdown => break,
         }
     }
-    // Let the Shutdown reply go out before the process ends.
-    std::thread::sleep(std::time::Duration::from_millis(5));
+    // No pause for the Shutdown reply: both containerd and berthd treat the connection
+    // closing as a completed Shutdown and then wait for this process to exit, so a delay
+    // here only lengthens every task deletion.
     let _ = std::fs::remove_file(service::socket_path(
         &dir,
         &flags.address,

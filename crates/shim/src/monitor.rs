@@ -16,8 +16,18 @@ use std::time::Duration;
 use crate::sys;
 
 pub enum Msg {
-    Exit { pid: i32, status: i32 },
-    Oom { container_id: String },
+    Exit {
+        pid: i32,
+        status: i32,
+    },
+    Oom {
+        container_id: String,
+    },
+    /// An event to forward to the daemon (see `events`).
+    Event {
+        topic: &'static str,
+        any: containerd_shim_protos::protobuf::well_known_types::any::Any,
+    },
     Shutdown,
 }
 

@@ -169,6 +169,93 @@ pub fn write_options(bundle: &Path, binary_name: &str, root: &str) -> io::Result
     )
 }
 
+/// `runtimeoptions.v1.Options` (what `ctr run --runtime-config-path FILE` and containerd's
+/// CRI send for runtimes that are not named `io.containerd.runc.*`): a TOML document,
+/// inline (`config_body`, field 3) or in a file (`config_path`, field 2), whose
+/// `BinaryName` and `Root` keys select the OCI runtime (e.g. `BinaryName = "crun"`) the
+/// way `containerd.runc.v1.Options` does. Returns (binary_name, root).
+pub fn parse_runtime_options(message: &[u8]) -> io::Result<(String, String)> {
+    let mut path = String::new();
+    let mut body = Vec::new();
+    let mut rest = message;
+    while !rest.is_empty() {
+        let (key, r) = varint(rest)?;
+        rest = r;
+        match key & 7 {
+            0 => rest = varint(rest)?.1,
+            2 => {
+                let (len, r) = varint(rest)?;
+                let len = usize::try_from(len).map_err(|_| bad_options())?;
+                if r.len() < len {
+                    return Err(bad_options());
+                }
+                let (value, r) = r.split_at(len);
+                match key >> 3 {
+                    2 => path = String::from_utf8_lossy(value).into_owned(),
+                    3 => body = value.to_vec(),
+                    _ => {}
+                }
+                rest = r;
+            }
+            _ => return Err(bad_options()),
+        }
+    }
+    let text = if !body.is_empty() {
+        String::from_utf8_lossy(&body).into_owned()
+    } else if !path.is_empty() {
+        std::fs::read_to_string(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("reading runtime config {path}: {e}")))?
+    } else {
+        String::new()
+    };
+    Ok((toml_str(&text, "BinaryName"), toml_str(&text, "Root")))
+}
+
+fn bad_options() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "malformed runtimeoptions.v1.Options",
+    )
+}
+
+fn varint(mut b: &[u8]) -> io::Result<(u64, &[u8])> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, r) = b.split_first().ok_or_else(bad_options)?;
+        b = r;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok((v, b));
+        }
+    }
+    Err(bad_options())
+}
+
+/// The string value of a top-level `key = "value"` line of a small TOML document (the
+/// runtime config files hold a few flat keys; anything else is ignored).
+fn toml_str(text: &str, key: &str) -> String {
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            break;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        if k.trim().trim_matches('"') != key {
+            continue;
+        }
+        let v = v.trim();
+        if let Some(inner) = v.strip_prefix('"').and_then(|v| v.split('"').next()) {
+            return inner.to_string();
+        }
+        if let Some(inner) = v.strip_prefix('\'').and_then(|v| v.split('\'').next()) {
+            return inner.to_string();
+        }
+    }
+    String::new()
+}
+
 pub fn read_options(bundle: &Path) -> (String, String) {
     let data = std::fs::read_to_string(bundle.join("options.json")).unwrap_or_default();
     (
@@ -185,6 +272,35 @@ mod tests {
     fn pids() {
         assert_eq!(parse_pids(b"[12,345, 6]\n"), vec![12, 345, 6]);
         assert!(parse_pids(b"null").is_empty());
+    }
+
+    #[test]
+    fn runtime_options() {
+        // config_body (field 3) with a TOML document.
+        let body =
+            b"# crun\nBinaryName = \"crun\"\nRoot = '/run/crun'\n[other]\nBinaryName = \"x\"\n";
+        let mut msg = vec![0x0a, 3, b'a', b'b', b'c', 0x1a, body.len() as u8];
+        msg.extend_from_slice(body);
+        assert_eq!(
+            parse_runtime_options(&msg).unwrap(),
+            ("crun".into(), "/run/crun".into())
+        );
+        // config_path (field 2).
+        let f = std::env::temp_dir().join(format!("berth-shim-rtopt-{}", std::process::id()));
+        std::fs::write(&f, "BinaryName=\"/usr/bin/crun\"\n").unwrap();
+        let p = f.to_string_lossy().into_owned();
+        let mut msg = vec![0x12, p.len() as u8];
+        msg.extend_from_slice(p.as_bytes());
+        assert_eq!(
+            parse_runtime_options(&msg).unwrap(),
+            ("/usr/bin/crun".into(), String::new())
+        );
+        std::fs::remove_file(&f).unwrap();
+        assert!(parse_runtime_options(&[0x12, 5, b'a']).is_err());
+        assert_eq!(
+            parse_runtime_options(&[]).unwrap(),
+            (String::new(), String::new())
+        );
     }
 
     #[test]

@@ -113,7 +113,7 @@ pub struct Service {
     namespace: String,
     socket_dir: PathBuf,
     mon: Arc<Monitor>,
-    events: Publisher,
+    events: Arc<Publisher>,
     tx: Mutex<Sender<Msg>>,
     state: Mutex<State>,
     cv: Condvar,
@@ -124,7 +124,7 @@ impl Service {
         namespace: &str,
         socket_dir: PathBuf,
         mon: Arc<Monitor>,
-        events: Publisher,
+        events: Arc<Publisher>,
         tx: Sender<Msg>,
     ) -> Service {
         Service {
@@ -245,11 +245,14 @@ impl Service {
     fn do_create(&self, st: &mut State, req: &api::CreateTaskRequest) -> TResult<Container> {
         let bundle = PathBuf::from(&req.bundle);
         let mut opts = Options::new();
-        if let Some(a) = req.options.as_ref()
-            && a.type_url.ends_with("containerd.runc.v1.Options")
-        {
-            opts = Options::parse_from_bytes(&a.value)
-                .map_err(|e| err(Code::INVALID_ARGUMENT, format!("runc options: {e}")))?;
+        if let Some(a) = req.options.as_ref() {
+            if a.type_url.ends_with("containerd.runc.v1.Options") {
+                opts = Options::parse_from_bytes(&a.value)
+                    .map_err(|e| err(Code::INVALID_ARGUMENT, format!("runc options: {e}")))?;
+            } else if a.type_url.ends_with("runtimeoptions.v1.Options") {
+                (opts.binary_name, opts.root) = runc::parse_runtime_options(&a.value)
+                    .map_err(|e| err(Code::INVALID_ARGUMENT, format!("runtime options: {e}")))?;
+            }
         }
         runc::write_options(&bundle, &opts.binary_name, &opts.root).map_err(internal)?;
         let rt = Runtime::new(&opts.binary_name, &opts.root, &self.namespace, &bundle)

@@ -491,7 +491,7 @@ fn dead_shim_is_cleaned_up_by_delete_action() {
 
 /// The release binary to measure: `$BERTH_SHIM_RELEASE_BIN` when set (CI or a developer
 /// that already has the deployable build), else crates/shim/build-release.sh's deployable
-/// build (static-pie, size-optimised) in `<target>/shim-static`, a target dir of its own so
+/// build (static non-PIE, size-optimised) in `<target>/shim-static`, a target dir of its own so
 /// as not to wait on this test run's build lock. That build costs minutes once in a fresh
 /// target dir and is a no-op afterwards (cargo), so it runs at most once per test process.
 fn release_shim() -> PathBuf {
