@@ -138,6 +138,33 @@ fn create_directory(path: &Path, mode: u32) -> anyhow::Result<()> {
         .with_context(|| format!("setting the mode of {}", path.display()))
 }
 
+/// TLS for the TCP gRPC endpoint, as containerd sets it up: `tcp_tls_cert` and
+/// `tcp_tls_key` turn it on; `tcp_tls_ca` in addition requires every client to present a
+/// certificate signed by that CA. A key without a certificate (or the reverse) is a
+/// configuration error rather than a silently unencrypted endpoint.
+fn tcp_tls_config(
+    grpc: &crate::config::GrpcConfig,
+) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    match (grpc.tcp_tls_cert.is_empty(), grpc.tcp_tls_key.is_empty()) {
+        (true, true) => return Ok(None),
+        (false, false) => {}
+        _ => bail!("[grpc] tcp_tls_cert and tcp_tls_key must be set together"),
+    }
+    let read = |what: &str, path: &str| {
+        std::fs::read(path).with_context(|| format!("[grpc] {what}: reading {path}"))
+    };
+    let identity = Identity::from_pem(
+        read("tcp_tls_cert", &grpc.tcp_tls_cert)?,
+        read("tcp_tls_key", &grpc.tcp_tls_key)?,
+    );
+    let mut tls = ServerTlsConfig::new().identity(identity);
+    if !grpc.tcp_tls_ca.is_empty() {
+        tls = tls.client_ca_root(Certificate::from_pem(read("tcp_tls_ca", &grpc.tcp_tls_ca)?));
+    }
+    Ok(Some(tls))
+}
+
 /// Writes `/proc/self/oom_score_adj`. Lowering it needs CAP_SYS_RESOURCE; without it the
 /// daemon runs on with the inherited score (containerd does the same).
 fn apply_oom_score(score: i32) {
@@ -148,27 +175,92 @@ fn apply_oom_score(score: i32) {
     }
 }
 
-/// Moves the daemon into `[cgroup] path` (cgroup v2), creating it if needed, so its
-/// memory and CPU are accounted apart from the containers'. Failing is fatal, as in
-/// containerd: the operator asked for a placement the daemon cannot honour.
+/// Moves the daemon into `[cgroup] path`, creating it if needed, so its memory and CPU
+/// are accounted apart from the containers'. As in containerd, a host whose
+/// `/sys/fs/cgroup` is the unified (v2) hierarchy gets one cgroup there; any other host
+/// (cgroup v1, or hybrid like this project's CI machines) gets the path in every v1
+/// hierarchy. Failing is fatal, as in containerd: the operator asked for a placement the
+/// daemon cannot honour.
 fn join_cgroup(path: &str) -> anyhow::Result<()> {
-    const UNIFIED_ROOT: &str = "/sys/fs/cgroup";
-    if !Path::new(UNIFIED_ROOT).join("cgroup.controllers").exists() {
-        bail!("[cgroup] path {path:?}: only the cgroup v2 unified hierarchy is supported");
-    }
+    const CGROUP_ROOT: &str = "/sys/fs/cgroup";
     let relative = path.trim_start_matches('/');
-    if relative.split('/').any(|c| c == "..") {
-        bail!("[cgroup] path {path:?} must not contain \"..\"");
+    if relative.is_empty() || relative.split('/').any(|c| c == "..") {
+        bail!("[cgroup] path {path:?} must name a cgroup below the root, without \"..\"");
     }
-    let directory = Path::new(UNIFIED_ROOT).join(relative);
-    std::fs::create_dir_all(&directory)
+    let pid = std::process::id().to_string();
+    if Path::new(CGROUP_ROOT).join("cgroup.controllers").exists() {
+        let directory = Path::new(CGROUP_ROOT).join(relative);
+        add_to_cgroup(&directory, &pid)?;
+        tracing::info!(cgroup = %directory.display(), "joined cgroup");
+        return Ok(());
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("[cgroup] path: reading /proc/self/mountinfo")?;
+    let hierarchies = cgroup_v1_hierarchies(&mountinfo);
+    if hierarchies.is_empty() {
+        bail!("[cgroup] path {path:?}: no cgroup v1 hierarchy and no cgroup v2 at {CGROUP_ROOT}");
+    }
+    for (mount_point, options) in &hierarchies {
+        let directory = mount_point.join(relative);
+        if options.iter().any(|o| o == "cpuset") {
+            prepare_cpuset(mount_point, Path::new(relative))?;
+        }
+        add_to_cgroup(&directory, &pid)?;
+    }
+    tracing::info!(
+        cgroup = path,
+        hierarchies = hierarchies.len(),
+        "joined cgroup"
+    );
+    Ok(())
+}
+
+fn add_to_cgroup(directory: &Path, pid: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(directory)
         .with_context(|| format!("creating cgroup {}", directory.display()))?;
-    std::fs::write(
-        directory.join("cgroup.procs"),
-        std::process::id().to_string(),
-    )
-    .with_context(|| format!("moving berthd into cgroup {}", directory.display()))?;
-    tracing::info!(cgroup = %directory.display(), "joined cgroup");
+    std::fs::write(directory.join("cgroup.procs"), pid)
+        .with_context(|| format!("moving berthd into cgroup {}", directory.display()))
+}
+
+/// Mount points and super options of the cgroup v1 hierarchies in a mountinfo text
+/// (`… - cgroup cgroup rw,memory`). cgroup2 mounts (the hybrid `unified` one) are left
+/// out, as containerd's v1 manager leaves them out.
+fn cgroup_v1_hierarchies(mountinfo: &str) -> Vec<(std::path::PathBuf, Vec<String>)> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (fields, tail) = line.split_once(" - ")?;
+            let mut tail = tail.split(' ');
+            if tail.next()? != "cgroup" {
+                return None;
+            }
+            let options = tail.nth(1)?.split(',').map(str::to_owned).collect();
+            let mount_point = fields.split(' ').nth(4)?;
+            Some((std::path::PathBuf::from(mount_point), options))
+        })
+        .collect()
+}
+
+/// A new cpuset cgroup starts with no CPUs and no memory nodes, and the kernel refuses
+/// to move a task into it; fill every level on the way down from its parent, as
+/// containerd's cgroups library does.
+fn prepare_cpuset(mount_point: &Path, relative: &Path) -> anyhow::Result<()> {
+    let mut parent = mount_point.to_path_buf();
+    for component in relative.components() {
+        let directory = parent.join(component);
+        std::fs::create_dir_all(&directory)
+            .with_context(|| format!("creating cgroup {}", directory.display()))?;
+        for file in ["cpuset.cpus", "cpuset.mems"] {
+            let own = std::fs::read_to_string(directory.join(file)).unwrap_or_default();
+            if own.trim().is_empty() {
+                let inherited = std::fs::read_to_string(parent.join(file))
+                    .with_context(|| format!("reading {}", parent.join(file).display()))?;
+                std::fs::write(directory.join(file), inherited.trim())
+                    .with_context(|| format!("writing {}", directory.join(file).display()))?;
+            }
+        }
+        parent = directory;
+    }
     Ok(())
 }
 
@@ -281,22 +373,22 @@ async fn serve(mut config: Config, started: Instant) -> anyhow::Result<()> {
     let (stop_grpc, grpc_stopped) = tokio::sync::watch::channel(false);
     let mut grpc_servers = Vec::new();
     if !config.grpc.tcp_address.is_empty() {
-        if !(config.grpc.tcp_tls_cert.is_empty() && config.grpc.tcp_tls_key.is_empty()) {
-            bail!(
-                "[grpc] tcp_tls_cert/tcp_tls_key are set but TLS on tcp_address is not supported yet; refusing to serve gRPC unencrypted on {}",
-                config.grpc.tcp_address
-            );
-        }
+        let tls = tcp_tls_config(&config.grpc)?;
         let listener = tokio::net::TcpListener::bind(&config.grpc.tcp_address)
             .await
             .with_context(|| format!("gRPC TCP endpoint {}", config.grpc.tcp_address))?;
-        tracing::info!(address = %config.grpc.tcp_address, "serving gRPC over TCP");
+        tracing::info!(
+            address = %config.grpc.tcp_address,
+            tls = tls.is_some(),
+            "serving gRPC over TCP"
+        );
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         grpc_servers.push(tokio::spawn(crate::grpc::serve(
             routes.clone(),
             incoming,
             wait_for(grpc_stopped.clone()),
             state.clone(),
+            tls,
         )));
     }
     let (grpc_listener, grpc_path) =
@@ -312,6 +404,7 @@ async fn serve(mut config: Config, started: Instant) -> anyhow::Result<()> {
         incoming,
         wait_for(grpc_stopped),
         state.clone(),
+        None,
     )));
     tracing::info!(address = %grpc_path.display(), "serving gRPC");
     let counts = state.plugin_counts();

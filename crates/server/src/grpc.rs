@@ -14,6 +14,7 @@ pub async fn serve<I, IO, IE, F>(
     incoming: I,
     shutdown: F,
     state: DaemonState,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> Result<(), tonic::transport::Error>
 where
     I: Stream<Item = Result<IO, IE>> + Send + 'static,
@@ -30,7 +31,11 @@ where
             response
         }
     });
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .layer(count_calls)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
