@@ -31,6 +31,8 @@ fn state_name(s: &ProgressState) -> String {
         ProgressState::Exists => "exists".into(),
         ProgressState::Done => "done".into(),
         ProgressState::Failed(_) => "failed".into(),
+        ProgressState::Unpacking => "unpacking".into(),
+        ProgressState::Unpacked => "unpacked".into(),
     }
 }
 
@@ -117,8 +119,10 @@ pub async fn display(mut rx: UnboundedReceiver<ProgressEvent>, mode: Mode) {
                 states.insert(ev.digest.clone(), state);
                 if matches!(
                     ev.state,
-                    ProgressState::Done | ProgressState::Exists | ProgressState::Failed(_)
-                ) {
+                    ProgressState::Unpacked | ProgressState::Failed(_)
+                ) || (matches!(ev.state, ProgressState::Done | ProgressState::Exists)
+                    && !matches!(ev.kind, BlobKind::Layer(_)))
+                {
                     bar.finish();
                 }
             }
