@@ -1,0 +1,492 @@
+//! The transfer and streaming services against a private berthd and a real
+//! `docker-registry` on 127.0.0.1, driven by a tonic client shaped exactly like
+//! containerd 2.x's `ctr image pull` (2.x's ctr is not available here): a progress stream
+//! and an auth stream opened through Streaming with `StreamInit`, then
+//! `Transfer(OCIRegistry → ImageStore, options.progress_stream)`. Results are checked with
+//! the stock `ctr` 1.6 (`images ls`, `snapshots ls`, `run --rm`) and against what
+//! `ctr images pull --plain-http` produces from the same registry.
+
+use berth_api::any;
+use berth_api::services::streaming::v1::StreamInit;
+use berth_api::services::streaming::v1::streaming_client::StreamingClient;
+use berth_api::services::transfer::v1::transfer_client::TransferClient;
+use berth_api::services::transfer::v1::{TransferOptions, TransferRequest};
+use berth_api::types::Platform;
+use berth_api::types::transfer as tt;
+use berth_testkit::Daemon;
+use prost_types::Any;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+/// A `docker-registry` on a free port with private storage; killed on drop.
+struct Registry {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Registry {
+    fn start() -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = dir.path().join("config.yml");
+        std::fs::write(
+            &conf,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("/usr/bin/docker-registry")
+            .arg("serve")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting docker-registry");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "docker-registry did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Registry { port, dir, child }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Pushes a fixture OCI archive with skopeo; returns the manifest digest it pushed.
+    fn push_fixture(&self, archive: &Path, repo: &str) -> String {
+        let out = Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci-archive:{}", archive.display()))
+            .arg(format!("docker://{}/{repo}", self.host()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "skopeo: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let index = Command::new("tar")
+            .arg("-xOf")
+            .arg(archive)
+            .arg("index.json")
+            .output()
+            .unwrap();
+        let index: serde_json::Value = serde_json::from_slice(&index.stdout).unwrap();
+        index["manifests"][0]["digest"].as_str().unwrap().to_string()
+    }
+
+    /// The stored file of blob `digest` (the filesystem driver's layout).
+    fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn have(tool: &str) -> bool {
+    berth_testkit::have(tool) && Path::new("/usr/bin/docker-registry").exists()
+}
+
+async fn channel(socket: PathBuf) -> Channel {
+    tonic::transport::Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = socket.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .expect("connecting to berthd")
+}
+
+fn namespaced<T>(ns: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("containerd-namespace", ns.parse().unwrap());
+    request
+}
+
+/// A stream opened as 2.x's `streamCreator.Create` does: `StreamInit{id}` first, then
+/// the server's acknowledgement.
+async fn open_stream(
+    ch: &Channel,
+    ns: &str,
+    id: &str,
+) -> (mpsc::Sender<Any>, tonic::Streaming<Any>) {
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(any::pack(&StreamInit { id: id.into() }))
+        .await
+        .unwrap();
+    let mut inbound = StreamingClient::new(ch.clone())
+        .stream(namespaced(
+            ns,
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .await
+        .expect("Streaming/Stream")
+        .into_inner();
+    let ack = inbound.message().await.unwrap().expect("stream ack");
+    assert_eq!(ack.type_url, "google.protobuf.Empty");
+    (tx, inbound)
+}
+
+struct Pull {
+    result: Result<(), tonic::Status>,
+    progress: Vec<tt::Progress>,
+    auth_requests: Vec<tt::AuthRequest>,
+}
+
+/// `ctr image pull --plain-http <reference>` of containerd 2.x, over the wire.
+async fn pull_like_ctr2(ch: &Channel, ns: &str, reference: &str) -> Pull {
+    let progress_id = format!("progress-{}", uuid::Uuid::new_v4());
+    let auth_id = format!("creds-{}", uuid::Uuid::new_v4());
+    let (_ptx, mut progress) = open_stream(ch, ns, &progress_id).await;
+    let (atx, mut auth) = open_stream(ch, ns, &auth_id).await;
+    let collected = tokio::spawn(async move {
+        let mut out = vec![];
+        // Ends when the server closes the stream after the transfer.
+        while let Ok(Some(m)) = progress.message().await {
+            out.push(any::unpack::<tt::Progress>(&m).expect("a Progress message"));
+        }
+        out
+    });
+    let auth_requests = Arc::new(Mutex::new(vec![]));
+    let seen = auth_requests.clone();
+    tokio::spawn(async move {
+        // 2.x's ctr answers with a refresh token, empty without credentials.
+        while let Ok(Some(m)) = auth.message().await {
+            let req: tt::AuthRequest = any::unpack(&m).expect("an AuthRequest");
+            seen.lock().unwrap().push(req);
+            let resp = tt::AuthResponse {
+                auth_type: tt::AuthType::Refresh as i32,
+                ..Default::default()
+            };
+            if atx.send(any::pack(&resp)).await.is_err() {
+                break;
+            }
+        }
+    });
+    let platform = Platform {
+        os: "linux".into(),
+        architecture: "amd64".into(),
+        ..Default::default()
+    };
+    let source = tt::OciRegistry {
+        reference: reference.into(),
+        resolver: Some(tt::RegistryResolver {
+            auth_stream: auth_id,
+            default_scheme: "http".into(),
+            ..Default::default()
+        }),
+    };
+    let destination = tt::ImageStore {
+        name: reference.into(),
+        platforms: vec![platform.clone()],
+        all_metadata: true,
+        unpacks: vec![tt::UnpackConfiguration {
+            platform: Some(platform),
+            snapshotter: "overlayfs".into(),
+        }],
+        ..Default::default()
+    };
+    let result = TransferClient::new(ch.clone())
+        .transfer(namespaced(
+            ns,
+            TransferRequest {
+                source: Some(any::pack(&source)),
+                destination: Some(any::pack(&destination)),
+                options: Some(TransferOptions {
+                    progress_stream: progress_id,
+                }),
+            },
+        ))
+        .await
+        .map(|_| ());
+    let progress = tokio::time::timeout(Duration::from_secs(20), collected)
+        .await
+        .expect("the server closes the progress stream after the transfer")
+        .unwrap();
+    let auth_requests = auth_requests.lock().unwrap().clone();
+    Pull {
+        result,
+        progress,
+        auth_requests,
+    }
+}
+
+/// `(name, digest)` of `ctr images ls` rows.
+fn images(d: &Daemon, ns: &str) -> Vec<(String, String)> {
+    d.ctr_ok(&["-n", ns, "images", "ls"])
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0].to_string(), f[2].to_string())
+        })
+        .collect()
+}
+
+/// Committed snapshot names of `ctr snapshots ls`.
+fn committed(d: &Daemon, ns: &str) -> Vec<String> {
+    let mut v: Vec<String> = d
+        .ctr_ok(&["-n", ns, "snapshots", "--snapshotter", "overlayfs", "ls"])
+        .lines()
+        .filter(|l| l.contains("Committed"))
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_through_transfer_matches_ctr_pull_and_runs() {
+    if !have("skopeo") || !have("umoci") {
+        eprintln!("SKIP: skopeo, umoci or docker-registry missing (scripts/install-deps)");
+        return;
+    }
+    let fixtures = berth_testkit::fixtures();
+    let reg = Registry::start();
+    let digest = reg.push_fixture(&fixtures.join("busybox.oci.tar"), "fixtures/busybox:1");
+    let reference = format!("{}/fixtures/busybox:1", reg.host());
+    let d = Daemon::start();
+    let ch = channel(d.socket.clone()).await;
+
+    let pull = pull_like_ctr2(&ch, "default", &reference).await;
+    assert!(
+        pull.result.is_ok(),
+        "{:?}\n{}",
+        pull.result,
+        berth_testkit::tail(&d.log(), 30)
+    );
+    // Progress as 2.x sends it: the phases, then per-blob events named by ref key.
+    let events: Vec<(&str, &str)> = pull
+        .progress
+        .iter()
+        .map(|p| (p.event.as_str(), p.name.as_str()))
+        .collect();
+    let source = format!("OCI Registry ({reference})");
+    assert_eq!(pull.progress[0].event, format!("Resolving from {source}"));
+    assert_eq!(
+        pull.progress.last().unwrap().event,
+        format!("Completed pull from {source}")
+    );
+    assert!(events.contains(&("saved", reference.as_str())), "{events:?}");
+    let manifest_key = format!("manifest-{digest}");
+    let layers: Vec<&tt::Progress> = pull
+        .progress
+        .iter()
+        .filter(|p| p.name.starts_with("layer-sha256:"))
+        .collect();
+    assert!(!layers.is_empty(), "{events:?}");
+    for want in ["waiting", "complete", "extracting", "extracted"] {
+        assert!(
+            layers.iter().any(|p| p.event == want),
+            "no {want} layer event: {events:?}"
+        );
+    }
+    for p in &layers {
+        assert_eq!(p.parents, [manifest_key.clone()], "{p:?}");
+        assert_eq!(p.desc.as_ref().unwrap().digest, p.name["layer-".len()..]);
+    }
+    let done = layers.iter().find(|p| p.event == "complete").unwrap();
+    assert_eq!(done.progress, done.total);
+    // The auth stream was asked about the registry's host.
+    assert_eq!(pull.auth_requests.len(), 1, "{:?}", pull.auth_requests);
+    assert_eq!(pull.auth_requests[0].host, reg.host());
+
+    // The stock ctr sees the image with the digest ctr 1.6's own pull gives.
+    assert!(images(&d, "default").contains(&(reference.clone(), digest.clone())));
+    d.ctr_ok(&["namespaces", "create", "reference"]);
+    d.ctr_ok(&["-n", "reference", "images", "pull", "--plain-http", &reference]);
+    assert_eq!(images(&d, "reference"), images(&d, "default"));
+    // Unpacked: the same committed chain as ctr's pull.
+    let ours = committed(&d, "default");
+    assert!(!ours.is_empty());
+    assert_eq!(ours, committed(&d, "reference"));
+    // No lease left behind.
+    let leases = d.ctr_ok(&["leases", "ls"]);
+    assert_eq!(leases.lines().count(), 1, "{leases}");
+
+    // A second pull finds everything.
+    let again = pull_like_ctr2(&ch, "default", &reference).await;
+    assert!(again.result.is_ok(), "{:?}", again.result);
+    assert!(
+        again
+            .progress
+            .iter()
+            .any(|p| p.event == "already exists" && p.name.starts_with("layer-")),
+        "{:?}",
+        again.progress
+    );
+
+    // Usable by ctr run.
+    if berth_testkit::have("runc") {
+        let out = d.ctr_ok(&["run", "--rm", &reference, "transfer-run", "echo", "hello"]);
+        assert_eq!(out, "hello\n");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_transfers_fail_as_containerd() {
+    let d = Daemon::start();
+    let ch = channel(d.socket.clone()).await;
+    let client = TransferClient::new(ch.clone());
+    let store = tt::ImageStore {
+        name: "example.com/x:1".into(),
+        ..Default::default()
+    };
+    let call = |source: Option<Any>, destination: Option<Any>, progress: &str| {
+        let mut client = client.clone();
+        let progress = progress.to_string();
+        async move {
+            client
+                .transfer(namespaced(
+                    "default",
+                    TransferRequest {
+                        source,
+                        destination,
+                        options: Some(TransferOptions {
+                            progress_stream: progress,
+                        }),
+                    },
+                ))
+                .await
+                .unwrap_err()
+        }
+    };
+    // A source no transferrer handles: containerd's Unimplemented and message.
+    let import = any::pack(&tt::ImageImportStream {
+        stream: "s".into(),
+        ..Default::default()
+    });
+    let e = call(Some(import), Some(any::pack(&store)), "").await;
+    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+    assert_eq!(
+        e.message(),
+        "method Transfer not implemented for containerd.types.transfer.ImageImportStream to containerd.types.transfer.ImageStore"
+    );
+    let unknown = Any {
+        type_url: "example.com/Unknown".into(),
+        value: vec![1, 2, 3],
+    };
+    let e = call(Some(unknown), Some(any::pack(&store)), "").await;
+    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+    // Undecodable bytes of a known type.
+    let broken = Any {
+        type_url: "containerd.types.transfer.OCIRegistry".into(),
+        value: vec![0xff, 0xff, 0xff],
+    };
+    let e = call(Some(broken), Some(any::pack(&store)), "").await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = call(None, Some(any::pack(&store)), "").await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // A progress stream nobody opened: NotFound, as containerd's stream manager.
+    let registry = any::pack(&tt::OciRegistry {
+        reference: "127.0.0.1:1/x:1".into(),
+        resolver: None,
+    });
+    let e = call(Some(registry.clone()), Some(any::pack(&store)), "nope").await;
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    // A bad reference.
+    let bad_ref = any::pack(&tt::OciRegistry {
+        reference: "UPPER/case".into(),
+        resolver: None,
+    });
+    let e = call(Some(bad_ref), Some(any::pack(&store)), "").await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // A stream ID registered twice.
+    let (_tx, _rx) = open_stream(&ch, "default", "dup").await;
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(any::pack(&StreamInit { id: "dup".into() }))
+        .await
+        .unwrap();
+    let mut second = StreamingClient::new(ch.clone())
+        .stream(namespaced(
+            "default",
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let e = second.message().await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+
+    if !have("skopeo") {
+        return;
+    }
+    // A missing image on a live registry: NotFound, and no image record.
+    let reg = Registry::start();
+    let missing = format!("{}/nothing/here:1", reg.host());
+    let pull = pull_like_ctr2(&ch, "default", &missing).await;
+    let e = pull.result.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(images(&d, "default").is_empty());
+    let leases = d.ctr_ok(&["leases", "ls"]);
+    assert_eq!(leases.lines().count(), 1, "{leases}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_lying_about_a_digest_leaves_no_image() {
+    if !have("skopeo") || !have("umoci") {
+        eprintln!("SKIP: skopeo, umoci or docker-registry missing (scripts/install-deps)");
+        return;
+    }
+    let fixtures = berth_testkit::fixtures();
+    let reg = Registry::start();
+    let digest = reg.push_fixture(&fixtures.join("busybox.oci.tar"), "lying/busybox:1");
+    let reference = format!("{}/lying/busybox:1", reg.host());
+    // The registry now serves other bytes (same length) under the layer's digest.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(reg.blob_file(&digest)).unwrap()).unwrap();
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap().to_string();
+    let path = reg.blob_file(&layer);
+    let mut data = std::fs::read(&path).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 0xff;
+    std::fs::write(&path, &data).unwrap();
+
+    let d = Daemon::start();
+    let ch = channel(d.socket.clone()).await;
+    let pull = pull_like_ctr2(&ch, "default", &reference).await;
+    let e = pull.result.unwrap_err();
+    assert!(
+        e.message().contains(&layer) && e.message().contains("digest"),
+        "the error names the blob and what is wrong: {e:?}"
+    );
+    assert!(images(&d, "default").is_empty());
+    // Nothing unpacked, nothing leased, the bad blob not in the store.
+    assert!(committed(&d, "default").is_empty());
+    let leases = d.ctr_ok(&["leases", "ls"]);
+    assert_eq!(leases.lines().count(), 1, "{leases}");
+    let content = d.ctr_ok(&["content", "ls", "-q"]);
+    assert!(!content.contains(&layer), "{content}");
+}
