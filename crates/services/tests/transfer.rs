@@ -348,6 +348,35 @@ async fn pull_through_transfer_matches_ctr_pull_and_runs() {
         again.progress
     );
 
+    // Push it back under another name (image store → registry); ctr 1.6 pulls the copy
+    // with the same digest.
+    let copy = format!("{}/fixtures/copy:2", reg.host());
+    let push_source = tt::ImageStore {
+        name: reference.clone(),
+        ..Default::default()
+    };
+    let push_destination = tt::OciRegistry {
+        reference: copy.clone(),
+        resolver: Some(tt::RegistryResolver {
+            default_scheme: "http".into(),
+            ..Default::default()
+        }),
+    };
+    TransferClient::new(ch.clone())
+        .transfer(namespaced(
+            "default",
+            TransferRequest {
+                source: Some(any::pack(&push_source)),
+                destination: Some(any::pack(&push_destination)),
+                options: None,
+            },
+        ))
+        .await
+        .expect("push through Transfer");
+    d.ctr_ok(&["namespaces", "create", "copy"]);
+    d.ctr_ok(&["-n", "copy", "images", "pull", "--plain-http", &copy]);
+    assert_eq!(images(&d, "copy"), [(copy.clone(), digest.clone())]);
+
     // Usable by ctr run.
     if berth_testkit::have("runc") {
         let out = d.ctr_ok(&["run", "--rm", &reference, "transfer-run", "echo", "hello"]);
@@ -489,4 +518,119 @@ async fn a_registry_lying_about_a_digest_leaves_no_image() {
     assert_eq!(leases.lines().count(), 1, "{leases}");
     let content = d.ctr_ok(&["content", "ls", "-q"]);
     assert!(!content.contains(&layer), "{content}");
+}
+
+/// A TCP proxy in front of `upstream` that sends the registry's answers slowly (16 KiB
+/// per 100 ms), so a pull is still downloading when the client goes away.
+async fn slow_proxy(upstream: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                });
+                let mut buf = vec![0u8; 16 << 10];
+                loop {
+                    let n = match sr.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_going_away_cancels_the_pull() {
+    if !have("skopeo") || !have("umoci") {
+        eprintln!("SKIP: skopeo, umoci or docker-registry missing (scripts/install-deps)");
+        return;
+    }
+    let fixtures = berth_testkit::fixtures();
+    let reg = Registry::start();
+    reg.push_fixture(&fixtures.join("busybox.oci.tar"), "slow/busybox:1");
+    let proxy = slow_proxy(reg.host()).await;
+    let reference = format!("{proxy}/slow/busybox:1");
+    let d = Daemon::start();
+    let ch = channel(d.socket.clone()).await;
+
+    let (_ptx, mut progress) = open_stream(&ch, "default", "cancel-progress").await;
+    let store = tt::ImageStore {
+        name: reference.clone(),
+        unpacks: vec![tt::UnpackConfiguration {
+            platform: None,
+            snapshotter: "overlayfs".into(),
+        }],
+        ..Default::default()
+    };
+    let source = tt::OciRegistry {
+        reference: reference.clone(),
+        resolver: Some(tt::RegistryResolver {
+            default_scheme: "http".into(),
+            ..Default::default()
+        }),
+    };
+    let mut client = TransferClient::new(ch.clone());
+    let call = tokio::spawn(async move {
+        client
+            .transfer(namespaced(
+                "default",
+                TransferRequest {
+                    source: Some(any::pack(&source)),
+                    destination: Some(any::pack(&store)),
+                    options: Some(TransferOptions {
+                        progress_stream: "cancel-progress".into(),
+                    }),
+                },
+            ))
+            .await
+    });
+    // Wait until a layer is being downloaded, then go away.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "no layer download started");
+        let m = tokio::time::timeout(Duration::from_secs(30), progress.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("progress until cancelled");
+        let p: tt::Progress = any::unpack(&m).unwrap();
+        if p.event == "downloading" && p.name.starts_with("layer-") && p.progress > 0 {
+            break;
+        }
+    }
+    assert!(d.ctr_ok(&["leases", "ls"]).lines().count() == 2, "the pull holds a lease");
+    call.abort();
+    drop(ch);
+    // The daemon stops the pull and drops its lease; no image record is written.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let leases = d.ctr_ok(&["leases", "ls"]);
+        if leases.lines().count() == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lease still there after the client left:\n{leases}\n{}",
+            berth_testkit::tail(&d.log(), 20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(images(&d, "default").is_empty());
+    assert!(committed(&d, "default").is_empty());
 }
