@@ -117,14 +117,16 @@ pub async fn display(mut rx: UnboundedReceiver<ProgressEvent>, mode: Mode) {
                     );
                 }
                 states.insert(ev.digest.clone(), state);
-                if matches!(
-                    ev.state,
-                    ProgressState::Unpacked | ProgressState::Failed(_)
-                ) || (matches!(ev.state, ProgressState::Done | ProgressState::Exists)
-                    && !matches!(ev.kind, BlobKind::Layer(_)))
+                if matches!(ev.state, ProgressState::Unpacked | ProgressState::Failed(_))
+                    || (matches!(ev.state, ProgressState::Done | ProgressState::Exists)
+                        && !matches!(ev.kind, BlobKind::Layer(_)))
                 {
                     bar.finish();
                 }
+            }
+            // Layers that were not unpacked (--no-unpack) end with the stream.
+            for bar in bars.values().filter(|b| !b.is_finished()) {
+                bar.finish();
             }
         }
     }

@@ -329,7 +329,12 @@ pub mod daemon {
         let mut inbound = StreamingClient::new(client.channel())
             .stream(client.request(tokio_stream::wrappers::ReceiverStream::new(rx)))
             .await
-            .map_err(|s| super::grpc_err("open a stream (is berthd too old for daemon-side pulls? try --local)", s))?
+            .map_err(|s| {
+                super::grpc_err(
+                    "open a stream (is berthd too old for daemon-side pulls? try --local)",
+                    s,
+                )
+            })?
             .into_inner();
         inbound
             .message()
@@ -452,7 +457,11 @@ pub mod daemon {
             resolver: Some(tt::RegistryResolver {
                 auth_stream: auth_id,
                 host_dir: req.hosts_dir,
-                default_scheme: if req.plain_http { "http".into() } else { String::new() },
+                default_scheme: if req.plain_http {
+                    "http".into()
+                } else {
+                    String::new()
+                },
                 ..Default::default()
             }),
         };

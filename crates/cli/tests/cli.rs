@@ -246,7 +246,14 @@ fn version_info_images_pull_rmi_against_berthd() {
         &layer0[..layer0.len() / 2],
         layer0.len(),
     );
-    let o = run(&["pull", "--local", "--json", "--hosts-dir", "/nonexistent", &image]);
+    let o = run(&[
+        "pull",
+        "--local",
+        "--json",
+        "--hosts-dir",
+        "/nonexistent",
+        &image,
+    ]);
     let (out, err) = text(&o);
     assert!(
         o.status.success(),
@@ -281,7 +288,14 @@ fn version_info_images_pull_rmi_against_berthd() {
     assert!(listing.contains(&digest), "{listing}");
 
     // A second pull finds everything.
-    let o = run(&["pull", "--local", "--json", "--hosts-dir", "/nonexistent", &image]);
+    let o = run(&[
+        "pull",
+        "--local",
+        "--json",
+        "--hosts-dir",
+        "/nonexistent",
+        &image,
+    ]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert!(out.contains("\"state\":\"exists\""), "{out}");
@@ -392,7 +406,9 @@ fn pull_goes_through_the_daemons_transfer_service() {
     // The image is in berthd and unpacked by berthd (no client-side lease or ingest).
     let listed = d.ctr_ok(&["images", "ls"]);
     assert!(
-        listed.lines().any(|l| l.starts_with(&image) && l.contains(&digest)),
+        listed
+            .lines()
+            .any(|l| l.starts_with(&image) && l.contains(&digest)),
         "{listed}"
     );
     let snaps = d.ctr_ok(&["snapshots", "--snapshotter", "overlayfs", "ls"]);
@@ -411,7 +427,11 @@ fn pull_goes_through_the_daemons_transfer_service() {
     assert!(o.status.success(), "{err}");
     assert_eq!(out, format!("{image}\n"));
     let o = run(&["pull", "--json", "--hosts-dir", "/nonexistent", &image]);
-    assert!(text(&o).0.contains("\"state\":\"exists\""), "{}", text(&o).0);
+    assert!(
+        text(&o).0.contains("\"state\":\"exists\""),
+        "{}",
+        text(&o).0
+    );
 
     // A missing image: the daemon's NotFound, no record.
     let missing = format!("{host}/daemon/none:v1");

@@ -196,9 +196,11 @@ impl GrpcService for StreamingService {
 
 /// `io.containerd.streaming.v1.manager`: instance [`StreamManager`].
 pub fn manager_registration() -> Registration {
-    Registration::new(types::STREAMING, "manager", |_ctx: InitContext| async move {
-        Ok::<Instance, _>(Arc::new(StreamManager::default()))
-    })
+    Registration::new(
+        types::STREAMING,
+        "manager",
+        |_ctx: InitContext| async move { Ok::<Instance, _>(Arc::new(StreamManager::default())) },
+    )
     .requires(&[types::METADATA])
 }
 

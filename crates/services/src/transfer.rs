@@ -78,7 +78,9 @@ async fn credentials(
     let reply = tokio::time::timeout(AUTH_TIMEOUT, stream.recv())
         .await
         .map_err(|_| Error::unavailable(format!("no answer on the auth stream for {host}")))?
-        .ok_or_else(|| Error::unavailable(format!("auth stream closed before answering for {host}")))?;
+        .ok_or_else(|| {
+            Error::unavailable(format!("auth stream closed before answering for {host}"))
+        })?;
     let resp: tt::AuthResponse = any::unpack(&reply).ok_or_else(|| {
         Error::invalid_argument(format!(
             "auth stream answered with {}, expected containerd.types.transfer.AuthResponse",
@@ -110,7 +112,8 @@ impl TransferService {
     /// Decodes one side of a transfer. Types Berth knows but cannot transfer yet become
     /// [`Object::Other`], unknown ones too (both end as `Unimplemented`).
     async fn convert(&self, ns: &str, a: &Any) -> std::result::Result<Object, Status> {
-        let bad = |what: &str| Status::invalid_argument(format!("{what}: cannot decode {}", a.type_url));
+        let bad =
+            |what: &str| Status::invalid_argument(format!("{what}: cannot decode {}", a.type_url));
         let name = a.type_url.rsplit('/').next().unwrap_or_default();
         if name == any::type_url::<tt::OciRegistry>() {
             let r: tt::OciRegistry = any::unpack(a).ok_or_else(|| bad("source"))?;
@@ -241,9 +244,10 @@ impl transfer_server::Transfer for TransferService {
         let guard = cancel.drop_guard();
         let transfer = self.transfer.clone();
         let n = ns.clone();
-        let result = tokio::spawn(async move { transfer.transfer(&n, source, destination, opts).await })
-            .await
-            .map_err(|e| Status::internal(format!("transfer task failed: {e}")))?;
+        let result =
+            tokio::spawn(async move { transfer.transfer(&n, source, destination, opts).await })
+                .await
+                .map_err(|e| Status::internal(format!("transfer task failed: {e}")))?;
         drop(guard.disarm());
         if let Some(f) = forwarder {
             let _ = f.await;

@@ -87,7 +87,10 @@ impl Registry {
             .output()
             .unwrap();
         let index: serde_json::Value = serde_json::from_slice(&index.stdout).unwrap();
-        index["manifests"][0]["digest"].as_str().unwrap().to_string()
+        index["manifests"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     /// The stored file of blob `digest` (the filesystem driver's layout).
@@ -299,7 +302,10 @@ async fn pull_through_transfer_matches_ctr_pull_and_runs() {
         pull.progress.last().unwrap().event,
         format!("Completed pull from {source}")
     );
-    assert!(events.contains(&("saved", reference.as_str())), "{events:?}");
+    assert!(
+        events.contains(&("saved", reference.as_str())),
+        "{events:?}"
+    );
     let manifest_key = format!("manifest-{digest}");
     let layers: Vec<&tt::Progress> = pull
         .progress
@@ -326,7 +332,14 @@ async fn pull_through_transfer_matches_ctr_pull_and_runs() {
     // The stock ctr sees the image with the digest ctr 1.6's own pull gives.
     assert!(images(&d, "default").contains(&(reference.clone(), digest.clone())));
     d.ctr_ok(&["namespaces", "create", "reference"]);
-    d.ctr_ok(&["-n", "reference", "images", "pull", "--plain-http", &reference]);
+    d.ctr_ok(&[
+        "-n",
+        "reference",
+        "images",
+        "pull",
+        "--plain-http",
+        &reference,
+    ]);
     assert_eq!(images(&d, "reference"), images(&d, "default"));
     // Unpacked: the same committed chain as ctr's pull.
     let ours = committed(&d, "default");
@@ -496,7 +509,10 @@ async fn a_registry_lying_about_a_digest_leaves_no_image() {
     // The registry now serves other bytes (same length) under the layer's digest.
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(reg.blob_file(&digest)).unwrap()).unwrap();
-    let layer = manifest["layers"][0]["digest"].as_str().unwrap().to_string();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let path = reg.blob_file(&layer);
     let mut data = std::fs::read(&path).unwrap();
     let mid = data.len() / 2;
@@ -614,7 +630,10 @@ async fn a_client_going_away_cancels_the_pull() {
             break;
         }
     }
-    assert!(d.ctr_ok(&["leases", "ls"]).lines().count() == 2, "the pull holds a lease");
+    assert!(
+        d.ctr_ok(&["leases", "ls"]).lines().count() == 2,
+        "the pull holds a lease"
+    );
     call.abort();
     drop(ch);
     // The daemon stops the pull and drops its lease; no image record is written.

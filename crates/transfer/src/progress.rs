@@ -149,13 +149,43 @@ mod tests {
         let seen = Arc::new(Mutex::new(vec![]));
         let s = seen.clone();
         let mut t = Translator::new(Arc::new(move |p| s.lock().unwrap().push(p)), "img:1");
-        t.event(&ev(BlobKind::Manifest, "sha256:m", ProgressState::Waiting, 0));
-        t.event(&ev(BlobKind::Layer(0), "sha256:l", ProgressState::Waiting, 0));
-        t.event(&ev(BlobKind::Layer(0), "sha256:l", ProgressState::Downloading, 10));
+        t.event(&ev(
+            BlobKind::Manifest,
+            "sha256:m",
+            ProgressState::Waiting,
+            0,
+        ));
+        t.event(&ev(
+            BlobKind::Layer(0),
+            "sha256:l",
+            ProgressState::Waiting,
+            0,
+        ));
+        t.event(&ev(
+            BlobKind::Layer(0),
+            "sha256:l",
+            ProgressState::Downloading,
+            10,
+        ));
         // Repeated within the interval: dropped.
-        t.event(&ev(BlobKind::Layer(0), "sha256:l", ProgressState::Downloading, 20));
-        t.event(&ev(BlobKind::Layer(0), "sha256:l", ProgressState::Done, 100));
-        t.event(&ev(BlobKind::Layer(0), "sha256:l", ProgressState::Unpacked, 100));
+        t.event(&ev(
+            BlobKind::Layer(0),
+            "sha256:l",
+            ProgressState::Downloading,
+            20,
+        ));
+        t.event(&ev(
+            BlobKind::Layer(0),
+            "sha256:l",
+            ProgressState::Done,
+            100,
+        ));
+        t.event(&ev(
+            BlobKind::Layer(0),
+            "sha256:l",
+            ProgressState::Unpacked,
+            100,
+        ));
         let seen = seen.lock().unwrap();
         let events: Vec<_> = seen.iter().map(|p| p.event.as_str()).collect();
         assert_eq!(

@@ -153,7 +153,11 @@ pub(crate) async fn pull(
         // containerd finds this out after downloading; nothing would keep the content.
         return Err(Error::not_found("no image name found"));
     }
-    let platform = dst.platforms.first().cloned().unwrap_or_else(Platform::host);
+    let platform = dst
+        .platforms
+        .first()
+        .cloned()
+        .unwrap_or_else(Platform::host);
     let resolver = t.resolver(src, &reference);
 
     let lease_id = format!("transfer-{}", uuid::Uuid::new_v4());
@@ -166,8 +170,10 @@ pub(crate) async fn pull(
         let (md, ns, id) = (t.md.clone(), ns.to_string(), lease_id.clone());
         blocking(move || md.create_lease(&ns, Some(&id), &lease_labels)).await?;
     }
-    let result = pull_leased(t, ns, src, dst, opts, &reference, &resolver, &platform, &lease_id)
-        .await;
+    let result = pull_leased(
+        t, ns, src, dst, opts, &reference, &resolver, &platform, &lease_id,
+    )
+    .await;
     let (md, n, id) = (t.md.clone(), ns.to_string(), lease_id.clone());
     if let Err(e) = blocking(move || md.delete_lease(&n, &id)).await {
         tracing::warn!(lease = %lease_id, error = %e, "deleting the pull's lease");

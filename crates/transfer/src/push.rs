@@ -105,7 +105,9 @@ pub(crate) async fn push(
     } else if manifest::is_manifest(&mt) {
         manifests.push((top.clone(), body.clone()));
     } else {
-        return Err(Error::invalid_argument(format!("{what}: cannot push a {mt}")));
+        return Err(Error::invalid_argument(format!(
+            "{what}: cannot push a {mt}"
+        )));
     }
     let mut blobs: Vec<OciDescriptor> = vec![];
     for (_, mb) in &manifests {
@@ -143,7 +145,10 @@ pub(crate) async fn push(
             .map_err(|e| e.context(format!("blob {digest} of {what}")))?;
             let mount_from = info
                 .labels
-                .get(&format!("containerd.io/distribution.source.{}", target.host))
+                .get(&format!(
+                    "containerd.io/distribution.source.{}",
+                    target.host
+                ))
                 .cloned();
             let outcome = resolver
                 .push_blob(target, &d, reader, mount_from.as_deref())
