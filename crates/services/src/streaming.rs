@@ -59,10 +59,13 @@ impl ManagedStream {
     }
 }
 
+/// Open streams by (namespace, ID).
+type StreamMap = HashMap<(String, String), Arc<ManagedStream>>;
+
 /// `io.containerd.streaming.v1.manager`: open streams by namespace and ID.
 #[derive(Clone, Default)]
 pub struct StreamManager {
-    streams: Arc<Mutex<HashMap<(String, String), Arc<ManagedStream>>>>,
+    streams: Arc<Mutex<StreamMap>>,
 }
 
 impl StreamManager {

@@ -320,7 +320,7 @@ async fn pull_through_transfer_matches_ctr_pull_and_runs() {
         );
     }
     for p in &layers {
-        assert_eq!(p.parents, [manifest_key.clone()], "{p:?}");
+        assert_eq!(p.parents, std::slice::from_ref(&manifest_key), "{p:?}");
         assert_eq!(p.desc.as_ref().unwrap().digest, p.name["layer-".len()..]);
     }
     let done = layers.iter().find(|p| p.event == "complete").unwrap();
