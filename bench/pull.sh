@@ -10,7 +10,8 @@
 #   root before every pull (no content, snapshots or metadata). After each pull the
 #   unpacked tree is checked with layers.verify.sh against layers.expected. Prints every
 #   run and the medians.
-#   Env: BERTHD / BERTH (default: cargo build --release), WORKDIR (private dir by
+#   Env: BERTH_FLAGS (extra `berth pull` flags, e.g. --local for the client-side
+#   pipeline), BERTHD / BERTH (default: cargo build --release), WORKDIR (private dir by
 #   default), REGISTRY_ADDR (default 127.0.0.1:5077; a registry started and filled with
 #   ../shared/tools/registry.sh unless it answers already).
 set -euo pipefail
@@ -110,7 +111,7 @@ berth_run() {
   start_berthd
   local t ms
   t=$(date +%s%N)
-  "$BERTH" --address "$B/berthd.sock" --namespace "$NS" pull --quiet --hosts-dir /nonexistent "$IMAGE" >/dev/null
+  "$BERTH" --address "$B/berthd.sock" --namespace "$NS" pull --quiet ${BERTH_FLAGS:-} --hosts-dir /nonexistent "$IMAGE" >/dev/null
   ms=$(ms_since "$t")
   echo "$ms $(verify "$B/berthd.sock")"
   stop_berthd
@@ -141,5 +142,5 @@ echo "Runs: $RUNS each, alternating; overlayfs; $(nproc) CPUs; load $(cut -d' ' 
 echo
 echo "| client → daemon | cold pull + unpack, ms: median (min–max) | every run | tree verified |"
 echo "|---|---|---|---|"
-echo "| \`berth pull\` → berthd (transfer service) | $bm | $(printf '%s\n' "${b_all[@]}" | awk '{ printf "%s ", $1 }') | $(printf '%s\n' "${b_all[@]}" | awk '{ print $2 }' | sort -u | tr '\n' ' ') |"
+echo "| \`berth pull${BERTH_FLAGS:+ $BERTH_FLAGS}\` → berthd | $bm | $(printf '%s\n' "${b_all[@]}" | awk '{ printf "%s ", $1 }') | $(printf '%s\n' "${b_all[@]}" | awk '{ print $2 }' | sort -u | tr '\n' ' ') |"
 echo "| \`ctr images pull --plain-http\` → containerd 1.6.20 | $cm | $(printf '%s\n' "${c_all[@]}" | awk '{ printf "%s ", $1 }') | $(printf '%s\n' "${c_all[@]}" | awk '{ print $2 }' | sort -u | tr '\n' ' ') |"
