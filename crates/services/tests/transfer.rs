@@ -390,6 +390,16 @@ async fn pull_through_transfer_matches_ctr_pull_and_runs() {
     d.ctr_ok(&["-n", "copy", "images", "pull", "--plain-http", &copy]);
     assert_eq!(images(&d, "copy"), [(copy.clone(), digest.clone())]);
 
+    // The collector keeps everything the record refers to (content through the
+    // manifest's gc.ref labels, the snapshot chain through the config's
+    // gc.ref.snapshot.overlayfs): a synchronous collection triggered elsewhere changes
+    // nothing in this namespace.
+    let content_before = d.ctr_ok(&["content", "ls", "-q"]);
+    d.ctr_ok(&["-n", "reference", "images", "rm", "--sync", &reference]);
+    assert_eq!(d.ctr_ok(&["content", "ls", "-q"]), content_before);
+    assert_eq!(committed(&d, "default"), ours);
+    assert!(committed(&d, "reference").is_empty(), "the collection ran");
+
     // Usable by ctr run.
     if berth_testkit::have("runc") {
         let out = d.ctr_ok(&["run", "--rm", &reference, "transfer-run", "echo", "hello"]);
