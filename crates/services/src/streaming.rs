@@ -157,19 +157,21 @@ impl streaming_server::Streaming for StreamingService {
                 manager.unregister(&ns, &init.id, &stream);
                 return;
             }
-            let mut client_sending = true;
+            let mut in_tx = Some(in_tx);
             loop {
                 tokio::select! {
                     _ = stream.closed.cancelled() => break,
                     _ = out_tx.closed() => break,
-                    m = inbound.message(), if client_sending => match m {
+                    m = inbound.message(), if in_tx.is_some() => match m {
                         Ok(Some(m)) => {
-                            if in_tx.send(m).await.is_err() {
-                                // Nobody reads what the client sends: drop it.
+                            if let Some(tx) = &in_tx {
+                                // Nobody reading what the client sends: dropped.
+                                let _ = tx.send(m).await;
                             }
                         }
-                        // The client closed its sending side; it still reads.
-                        Ok(None) => client_sending = false,
+                        // The client closed its sending side (it still reads): the
+                        // service's `recv` sees the end.
+                        Ok(None) => in_tx = None,
                         Err(_) => break,
                     },
                 }

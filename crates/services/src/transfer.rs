@@ -22,7 +22,8 @@ use berth_plugin::{GrpcService, InitContext, Instance, Registration, grpc_instan
 use berth_remotes::Platform;
 use berth_remotes::hosts::AuthConfig;
 use berth_transfer::{
-    ImageStore, LocalTransfer, Object, Progress, Registry, TransferConfig, TransferOptions, Unpack,
+    ImageReference, ImageStore, ImportStream, LocalTransfer, Object, Progress, Registry,
+    TransferConfig, TransferOptions, Unpack,
 };
 use prost_types::Any;
 use std::sync::Arc;
@@ -108,6 +109,73 @@ async fn credentials(
     })
 }
 
+/// Flow-control window of a received byte stream (containerd's `ReceiveStream`: the
+/// receiver grants 64 KiB at a time; the sender sends `Data` only within the window).
+const WINDOW: i32 = 64 << 10;
+
+/// A blocking reader over a client's byte stream (`containerd.types.transfer.Data`
+/// messages, credited with `WindowUpdate`s), for the import's blocking tar reader.
+fn receive_stream(stream: Arc<ManagedStream>) -> impl std::io::Read + Send {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
+    tokio::spawn(async move {
+        let mut window = 0i32;
+        loop {
+            if window < WINDOW {
+                let update = tt::WindowUpdate { update: WINDOW };
+                if stream.send(any::pack(&update)).await.is_err() {
+                    break;
+                }
+                window += WINDOW;
+            }
+            let Some(m) = stream.recv().await else { break };
+            let Some(data) = any::unpack::<tt::Data>(&m) else {
+                tracing::warn!(type_url = %m.type_url, "ignoring a non-data message on an import stream");
+                continue;
+            };
+            window -= data.data.len() as i32;
+            let tx = tx.clone();
+            // The reader runs on a blocking thread; a full channel waits here, off the
+            // async workers.
+            let sent = tokio::task::spawn_blocking(move || tx.send(data.data).is_ok()).await;
+            if !matches!(sent, Ok(true)) {
+                break;
+            }
+        }
+        stream.close();
+    });
+    ChannelReader {
+        rx,
+        buf: Vec::new(),
+        pos: 0,
+    }
+}
+
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.buf.len() {
+            match self.rx.recv() {
+                Ok(b) => {
+                    self.buf = b;
+                    self.pos = 0;
+                }
+                // The client finished (or went away: the archive reader reports it
+                // truncated).
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 impl TransferService {
     /// Decodes one side of a transfer. Types Berth knows but cannot transfer yet become
     /// [`Object::Other`], unknown ones too (both end as `Unimplemented`).
@@ -160,6 +228,33 @@ impl TransferService {
                         snapshotter: u.snapshotter,
                     })
                     .collect(),
+                extra_references: s
+                    .extra_references
+                    .into_iter()
+                    .map(|r| ImageReference {
+                        name: r.name,
+                        is_prefix: r.is_prefix,
+                        allow_overwrite: r.allow_overwrite,
+                        add_digest: r.add_digest,
+                        skip_named_digest: r.skip_named_digest,
+                    })
+                    .collect(),
+            }));
+        }
+        if name == any::type_url::<tt::ImageImportStream>() {
+            let s: tt::ImageImportStream = any::unpack(a).ok_or_else(|| bad("import stream"))?;
+            let stream = self.streams.get(ns, &s.stream).map_err(status)?;
+            if s.force_compress {
+                // Only an import with compression asked for is refused, not every import.
+                return Err(Status::unimplemented(
+                    "ImageImportStream.force_compress is not implemented by Berth",
+                ));
+            }
+            return Ok(Object::ImportStream(ImportStream {
+                reader: Arc::new(std::sync::Mutex::new(Some(Box::new(receive_stream(
+                    stream,
+                ))))),
+                media_type: s.media_type,
             }));
         }
         Ok(Object::Other(a.type_url.clone()))

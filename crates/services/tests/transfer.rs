@@ -435,17 +435,25 @@ async fn bad_transfers_fail_as_containerd() {
                 .unwrap_err()
         }
     };
-    // A source no transferrer handles: containerd's Unimplemented and message.
+    // A pair no transferrer handles (export is not built): containerd's Unimplemented
+    // and message.
+    let export = any::pack(&tt::ImageExportStream {
+        stream: "s".into(),
+        ..Default::default()
+    });
+    let e = call(Some(any::pack(&store)), Some(export), "").await;
+    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+    assert_eq!(
+        e.message(),
+        "method Transfer not implemented for containerd.types.transfer.ImageStore to containerd.types.transfer.ImageExportStream"
+    );
+    // An import from a stream nobody opened.
     let import = any::pack(&tt::ImageImportStream {
         stream: "s".into(),
         ..Default::default()
     });
     let e = call(Some(import), Some(any::pack(&store)), "").await;
-    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
-    assert_eq!(
-        e.message(),
-        "method Transfer not implemented for containerd.types.transfer.ImageImportStream to containerd.types.transfer.ImageStore"
-    );
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
     let unknown = Any {
         type_url: "example.com/Unknown".into(),
         value: vec![1, 2, 3],
@@ -662,4 +670,155 @@ async fn a_client_going_away_cancels_the_pull() {
     }
     assert!(images(&d, "default").is_empty());
     assert!(committed(&d, "default").is_empty());
+}
+
+/// `ctr image import <archive>` of containerd 2.x, over the wire: the archive goes over a
+/// stream as `Data` messages within the `WindowUpdate`s the server grants (2.x's
+/// `SendStream`), the destination is the image store with the date prefix.
+async fn import_like_ctr2(
+    ch: &Channel,
+    ns: &str,
+    archive: &Path,
+) -> (Result<(), tonic::Status>, Vec<tt::Progress>) {
+    let data = std::fs::read(archive).unwrap();
+    let import_id = format!("import-{}", uuid::Uuid::new_v4());
+    let progress_id = format!("progress-{}", uuid::Uuid::new_v4());
+    let (_ptx, mut progress) = open_stream(ch, ns, &progress_id).await;
+    let (itx, mut inbound) = open_stream(ch, ns, &import_id).await;
+    tokio::spawn(async move {
+        let mut sent = 0usize;
+        let mut window = 0i64;
+        while sent < data.len() {
+            while window <= 0 {
+                let Ok(Some(m)) = inbound.message().await else {
+                    return;
+                };
+                let u: tt::WindowUpdate = any::unpack(&m).expect("a WindowUpdate");
+                window += i64::from(u.update);
+            }
+            let n = (data.len() - sent).min(32 << 10).min(window as usize);
+            let chunk = tt::Data {
+                data: data[sent..sent + n].to_vec(),
+            };
+            if itx.send(any::pack(&chunk)).await.is_err() {
+                return;
+            }
+            sent += n;
+            window -= n as i64;
+        }
+        // Dropping the sender closes our side, as 2.x's stream.Close().
+        drop(itx);
+        while let Ok(Some(_)) = inbound.message().await {}
+    });
+    let collected = tokio::spawn(async move {
+        let mut out = vec![];
+        while let Ok(Some(m)) = progress.message().await {
+            out.push(any::unpack::<tt::Progress>(&m).unwrap());
+        }
+        out
+    });
+    let platform = Platform {
+        os: "linux".into(),
+        architecture: "amd64".into(),
+        ..Default::default()
+    };
+    let destination = tt::ImageStore {
+        extra_references: vec![tt::ImageReference {
+            name: "import-2026-11-27".into(),
+            is_prefix: true,
+            allow_overwrite: true,
+            ..Default::default()
+        }],
+        platforms: vec![platform.clone()],
+        unpacks: vec![tt::UnpackConfiguration {
+            platform: Some(platform),
+            snapshotter: "overlayfs".into(),
+        }],
+        ..Default::default()
+    };
+    let source = tt::ImageImportStream {
+        stream: import_id,
+        ..Default::default()
+    };
+    let result = TransferClient::new(ch.clone())
+        .transfer(namespaced(
+            ns,
+            TransferRequest {
+                source: Some(any::pack(&source)),
+                destination: Some(any::pack(&destination)),
+                options: Some(TransferOptions {
+                    progress_stream: progress_id,
+                }),
+            },
+        ))
+        .await
+        .map(|_| ());
+    let progress = tokio::time::timeout(Duration::from_secs(20), collected)
+        .await
+        .unwrap()
+        .unwrap();
+    (result, progress)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_stream_like_ctr2_names_unpacks_and_runs() {
+    let fixtures = berth_testkit::fixtures();
+    let archive = fixtures.join("busybox.oci.tar");
+    let d = Daemon::start();
+    let ch = channel(d.socket.clone()).await;
+    let (result, progress) = import_like_ctr2(&ch, "default", &archive).await;
+    assert!(
+        result.is_ok(),
+        "{result:?}\n{}",
+        berth_testkit::tail(&d.log(), 30)
+    );
+    let events: Vec<&str> = progress.iter().map(|p| p.event.as_str()).collect();
+    assert_eq!(events.first(), Some(&"Importing"), "{events:?}");
+    assert_eq!(events.last(), Some(&"Completed import"), "{events:?}");
+    assert!(events.contains(&"extracted"), "{events:?}");
+    // Named from the archive's io.containerd.image.name, as 2.x's image store does, with
+    // the manifest's digest (what ctr 1.6's own import records too).
+    let index = Command::new("tar")
+        .arg("-xOf")
+        .arg(&archive)
+        .arg("index.json")
+        .output()
+        .unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&index.stdout).unwrap();
+    let digest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let name = "import.local/busybox:latest".to_string();
+    assert_eq!(images(&d, "default"), [(name.clone(), digest.clone())]);
+    d.ctr_ok(&["namespaces", "create", "reference"]);
+    d.ctr_ok(&[
+        "-n",
+        "reference",
+        "images",
+        "import",
+        archive.to_str().unwrap(),
+    ]);
+    assert_eq!(images(&d, "reference"), images(&d, "default"));
+    let ours = committed(&d, "default");
+    assert!(!ours.is_empty());
+    assert_eq!(ours, committed(&d, "reference"));
+    let leases = d.ctr_ok(&["leases", "ls"]);
+    assert_eq!(leases.lines().count(), 1, "{leases}");
+    if berth_testkit::have("runc") {
+        let out = d.ctr_ok(&["run", "--rm", &name, "import-run", "echo", "imported"]);
+        assert_eq!(out, "imported\n");
+    }
+
+    // A truncated archive fails cleanly: no record, no lease.
+    let cut = d.dir.path().join("cut.tar");
+    let data = std::fs::read(&archive).unwrap();
+    std::fs::write(&cut, &data[..data.len() / 2]).unwrap();
+    d.ctr_ok(&["namespaces", "create", "cut"]);
+    let (result, _) = import_like_ctr2(&ch, "cut", &cut).await;
+    let e = result.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(images(&d, "cut").is_empty());
+    let leases = d.ctr_ok(&["-n", "cut", "leases", "ls"]);
+    assert_eq!(leases.lines().count(), 1, "{leases}");
 }

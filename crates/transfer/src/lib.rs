@@ -14,6 +14,7 @@
 //! stops downloads and unpacking, removes the half-applied snapshot and the lease, and
 //! writes no image record.
 
+mod import;
 mod progress;
 mod pull;
 mod push;
@@ -82,6 +83,19 @@ pub struct Unpack {
     pub snapshotter: String,
 }
 
+/// One of containerd's `ImageStore.extra_references`.
+#[derive(Debug, Clone, Default)]
+pub struct ImageReference {
+    pub name: String,
+    /// `name` is a prefix for names taken from an archive's annotations.
+    pub is_prefix: bool,
+    /// Names outside the prefix may be used.
+    pub allow_overwrite: bool,
+    /// Also (or, without a name, only) record `name@digest`.
+    pub add_digest: bool,
+    pub skip_named_digest: bool,
+}
+
 /// containerd's `ImageStore`: the local image store as source or destination.
 #[derive(Debug, Clone, Default)]
 pub struct ImageStore {
@@ -90,6 +104,24 @@ pub struct ImageStore {
     /// Platforms to pull (the first one is pulled; empty: this machine's).
     pub platforms: Vec<Platform>,
     pub unpacks: Vec<Unpack>,
+    pub extra_references: Vec<ImageReference>,
+}
+
+/// containerd's `ImageImportStream`: an archive read from the client.
+#[derive(Clone)]
+pub struct ImportStream {
+    /// Taken by the import (a stream is read once).
+    pub reader: Arc<std::sync::Mutex<Option<Box<dyn std::io::Read + Send>>>>,
+    /// Empty: detect the compression from the first bytes.
+    pub media_type: String,
+}
+
+impl std::fmt::Debug for ImportStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImportStream")
+            .field("media_type", &self.media_type)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A transfer's source or destination.
@@ -97,6 +129,7 @@ pub struct ImageStore {
 pub enum Object {
     Registry(Registry),
     ImageStore(ImageStore),
+    ImportStream(ImportStream),
     /// A type the adapter decoded but no transfer handles yet (its type URL), e.g. an
     /// OCI archive import or export stream.
     Other(String),
@@ -107,6 +140,7 @@ impl Object {
         match self {
             Object::Registry(r) => format!("OCI Registry ({})", r.reference),
             Object::ImageStore(s) => format!("Local Image Store ({})", s.name),
+            Object::ImportStream(_) => "Image import stream".into(),
             Object::Other(t) => t.clone(),
         }
     }
@@ -175,8 +209,11 @@ impl LocalTransfer {
                 push::push(self, ns, &src, &dst, &opts).await?;
                 Ok(vec![])
             }
+            (Object::ImportStream(src), Object::ImageStore(dst)) => {
+                import::import(self, ns, &src, &dst, &opts).await
+            }
             (s, d) => Err(Error::not_implemented(format!(
-                "transfer from {} to {} is not implemented by Berth yet (supported: registry → image store, image store → registry)",
+                "transfer from {} to {} is not implemented by Berth yet (supported: registry → image store, image store → registry, import stream → image store)",
                 s.describe(),
                 d.describe()
             ))),

@@ -41,7 +41,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 }
 
 /// The image configuration's `rootfs.diff_ids`.
-fn diff_ids(config: &[u8]) -> Result<Vec<String>> {
+pub(crate) fn diff_ids(config: &[u8]) -> Result<Vec<String>> {
     let v: serde_json::Value = serde_json::from_slice(config)
         .map_err(|e| Error::invalid_argument(format!("image config: {e}")))?;
     Ok(v.pointer("/rootfs/diff_ids")
@@ -118,7 +118,11 @@ impl LayerHook for UnpackHook {
 }
 
 /// The unpack the destination asks for on `platform`: (snapshotter name).
-fn unpack_for(t: &LocalTransfer, dst: &ImageStore, platform: &Platform) -> Option<String> {
+pub(crate) fn unpack_for(
+    t: &LocalTransfer,
+    dst: &ImageStore,
+    platform: &Platform,
+) -> Option<String> {
     let u = dst.unpacks.iter().find(|u| match &u.platform {
         None => true,
         Some(p) => p.match_rank(platform).is_some() || platform.match_rank(p).is_some(),
