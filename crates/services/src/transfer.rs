@@ -109,6 +109,15 @@ async fn credentials(
     })
 }
 
+/// Closes a stream when dropped.
+struct CloseOnDrop(Arc<ManagedStream>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 /// Flow-control window of a received byte stream (containerd's `ReceiveStream`: the
 /// receiver grants 64 KiB at a time; the sender sends `Data` only within the window).
 const WINDOW: i32 = 64 << 10;
@@ -292,8 +301,12 @@ impl transfer_server::Transfer for TransferService {
     ) -> std::result::Result<Response<()>, Status> {
         let ns = namespace(&request)?;
         let req = request.into_inner();
+        // Closed however this call ends (containerd's `defer stream.Close()`), so the
+        // client's progress reader always sees the end of the stream.
         let progress_stream = match req.options.as_ref().map(|o| o.progress_stream.as_str()) {
-            Some(id) if !id.is_empty() => Some(self.streams.get(&ns, id).map_err(status)?),
+            Some(id) if !id.is_empty() => {
+                Some(CloseOnDrop(self.streams.get(&ns, id).map_err(status)?))
+            }
             _ => None,
         };
         let (Some(src_any), Some(dst_any)) = (&req.source, &req.destination) else {
@@ -316,11 +329,10 @@ impl transfer_server::Transfer for TransferService {
         let forwarder = progress_stream.map(|stream| {
             tokio::spawn(async move {
                 while let Some(p) = prx.recv().await {
-                    if stream.send(any::pack(&progress_to_api(p))).await.is_err() {
+                    if stream.0.send(any::pack(&progress_to_api(p))).await.is_err() {
                         break;
                     }
                 }
-                stream.close();
             })
         });
         let cancel = CancellationToken::new();

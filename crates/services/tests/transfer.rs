@@ -469,6 +469,14 @@ async fn bad_transfers_fail_as_containerd() {
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     let e = call(None, Some(any::pack(&store)), "").await;
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // A failed call still ends the client's progress stream.
+    let (_keep, mut progress) = open_stream(&ch, "default", "ended").await;
+    let e = call(None, Some(any::pack(&store)), "ended").await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let end = tokio::time::timeout(Duration::from_secs(10), progress.message())
+        .await
+        .expect("the progress stream ends with the call");
+    assert!(matches!(end, Ok(None)), "{end:?}");
     // A progress stream nobody opened: NotFound, as containerd's stream manager.
     let registry = any::pack(&tt::OciRegistry {
         reference: "127.0.0.1:1/x:1".into(),
