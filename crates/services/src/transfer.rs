@@ -22,8 +22,8 @@ use berth_plugin::{GrpcService, InitContext, Instance, Registration, grpc_instan
 use berth_remotes::Platform;
 use berth_remotes::hosts::AuthConfig;
 use berth_transfer::{
-    ImageReference, ImageStore, ImportStream, LocalTransfer, Object, Progress, Registry,
-    TransferConfig, TransferOptions, Unpack,
+    ExportStream, ImageReference, ImageStore, ImportStream, LocalTransfer, Object, Progress,
+    Registry, TransferConfig, TransferOptions, Unpack,
 };
 use prost_types::Any;
 use std::sync::Arc;
@@ -159,6 +159,86 @@ fn receive_stream(stream: Arc<ManagedStream>) -> impl std::io::Read + Send {
     }
 }
 
+/// Largest `Data` message sent (containerd's `SendStream` reads 32 KiB at a time).
+const MAX_DATA: usize = 32 << 10;
+
+/// A blocking writer whose bytes go to the client as `Data` messages, never more than the
+/// client's `WindowUpdate`s allow (containerd's `SendStream`). The task ends, closing the
+/// stream, once the writer is dropped and everything was sent, or when the client leaves
+/// (the writer's next write then fails).
+fn send_stream(
+    stream: Arc<ManagedStream>,
+) -> (impl std::io::Write + Send, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    let task = tokio::spawn(async move {
+        let mut window: i64 = 0;
+        'chunks: while let Some(chunk) = rx.recv().await {
+            let mut off = 0;
+            while off < chunk.len() {
+                while window <= 0 {
+                    let Some(m) = stream.recv().await else {
+                        break 'chunks;
+                    };
+                    match any::unpack::<tt::WindowUpdate>(&m) {
+                        Some(u) => window += i64::from(u.update),
+                        None => {
+                            tracing::warn!(type_url = %m.type_url, "ignoring a message on an export stream")
+                        }
+                    }
+                }
+                let n = (chunk.len() - off).min(MAX_DATA).min(window as usize);
+                let data = tt::Data {
+                    data: chunk[off..off + n].to_vec(),
+                };
+                if stream.send(any::pack(&data)).await.is_err() {
+                    break 'chunks;
+                }
+                off += n;
+                window -= n as i64;
+            }
+        }
+        stream.close();
+    });
+    (
+        ChannelWriter {
+            tx,
+            buf: Vec::with_capacity(MAX_DATA),
+        },
+        task,
+    )
+}
+
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl ChannelWriter {
+    fn send_buf(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(MAX_DATA));
+        // Called from the export's blocking thread.
+        self.tx.blocking_send(chunk).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
+        })
+    }
+}
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= MAX_DATA {
+            self.send_buf()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send_buf()
+    }
+}
+
 struct ChannelReader {
     rx: std::sync::mpsc::Receiver<Vec<u8>>,
     buf: Vec<u8>,
@@ -188,7 +268,12 @@ impl std::io::Read for ChannelReader {
 impl TransferService {
     /// Decodes one side of a transfer. Types Berth knows but cannot transfer yet become
     /// [`Object::Other`], unknown ones too (both end as `Unimplemented`).
-    async fn convert(&self, ns: &str, a: &Any) -> std::result::Result<Object, Status> {
+    async fn convert(
+        &self,
+        ns: &str,
+        a: &Any,
+        finishers: &mut Vec<tokio::task::JoinHandle<()>>,
+    ) -> std::result::Result<Object, Status> {
         let bad =
             |what: &str| Status::invalid_argument(format!("{what}: cannot decode {}", a.type_url));
         let name = a.type_url.rsplit('/').next().unwrap_or_default();
@@ -248,6 +333,25 @@ impl TransferService {
                         skip_named_digest: r.skip_named_digest,
                     })
                     .collect(),
+            }));
+        }
+        if name == any::type_url::<tt::ImageExportStream>() {
+            let s: tt::ImageExportStream = any::unpack(a).ok_or_else(|| bad("export stream"))?;
+            let stream = self.streams.get(ns, &s.stream).map_err(status)?;
+            if !s.media_type.is_empty() && !s.media_type.contains("tar") {
+                return Err(Status::unimplemented(format!(
+                    "export media type {:?} is not implemented by Berth (an uncompressed tar is)",
+                    s.media_type
+                )));
+            }
+            let (writer, sender) = send_stream(stream);
+            finishers.push(sender);
+            return Ok(Object::ExportStream(ExportStream {
+                writer: Arc::new(std::sync::Mutex::new(Some(Box::new(writer)))),
+                platforms: s.platforms.iter().map(platform).collect(),
+                all_platforms: s.all_platforms,
+                skip_compatibility_manifest: s.skip_compatibility_manifest,
+                skip_non_distributable: s.skip_non_distributable,
             }));
         }
         if name == any::type_url::<tt::ImageImportStream>() {
@@ -320,8 +424,10 @@ impl transfer_server::Transfer for TransferService {
                 src_any.type_url, dst_any.type_url
             ))
         };
-        let source = self.convert(&ns, src_any).await?;
-        let destination = self.convert(&ns, dst_any).await?;
+        // Tasks still sending to the client after the transfer (an export's last bytes).
+        let mut finishers = vec![];
+        let source = self.convert(&ns, src_any, &mut finishers).await?;
+        let destination = self.convert(&ns, dst_any, &mut finishers).await?;
 
         // Progress goes through a queue so a slow client never stalls the transfer; one
         // task sends in order and closes the stream after the last event.
@@ -356,6 +462,9 @@ impl transfer_server::Transfer for TransferService {
                 .await
                 .map_err(|e| Status::internal(format!("transfer task failed: {e}")))?;
         drop(guard.disarm());
+        for f in finishers {
+            let _ = f.await;
+        }
         if let Some(f) = forwarder {
             let _ = f.await;
         }

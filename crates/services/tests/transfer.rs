@@ -435,18 +435,21 @@ async fn bad_transfers_fail_as_containerd() {
                 .unwrap_err()
         }
     };
-    // A pair no transferrer handles (export is not built): containerd's Unimplemented
-    // and message.
+    // A pair no transferrer handles (tagging, image store → image store, is not built):
+    // containerd's Unimplemented and message.
+    let e = call(Some(any::pack(&store)), Some(any::pack(&store)), "").await;
+    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+    assert_eq!(
+        e.message(),
+        "method Transfer not implemented for containerd.types.transfer.ImageStore to containerd.types.transfer.ImageStore"
+    );
+    // An export to a stream nobody opened.
     let export = any::pack(&tt::ImageExportStream {
         stream: "s".into(),
         ..Default::default()
     });
     let e = call(Some(any::pack(&store)), Some(export), "").await;
-    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
-    assert_eq!(
-        e.message(),
-        "method Transfer not implemented for containerd.types.transfer.ImageStore to containerd.types.transfer.ImageExportStream"
-    );
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
     // An import from a stream nobody opened.
     let import = any::pack(&tt::ImageImportStream {
         stream: "s".into(),
@@ -818,6 +821,34 @@ async fn import_stream_like_ctr2_names_unpacks_and_runs() {
         assert_eq!(out, "imported\n");
     }
 
+    // Export it again (2.x's `ctr image export`: the client grants windows, the server
+    // sends Data): an OCI archive with Docker's manifest.json that ctr 1.6 imports with
+    // the same digest.
+    let exported = export_like_ctr2(&ch, "default", &name).await;
+    let file = d.dir.path().join("exported.tar");
+    std::fs::write(&file, &exported).unwrap();
+    let listing = Command::new("tar").arg("-tf").arg(&file).output().unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout).to_string();
+    for entry in [
+        "oci-layout",
+        "index.json",
+        "manifest.json",
+        &format!("blobs/sha256/{}", &digest[7..]),
+    ] {
+        assert!(
+            listing.lines().any(|l| l == entry),
+            "{entry} missing:\n{listing}"
+        );
+    }
+    d.ctr_ok(&["namespaces", "create", "exported"]);
+    d.ctr_ok(&["-n", "exported", "images", "import", file.to_str().unwrap()]);
+    assert_eq!(images(&d, "exported"), [(name.clone(), digest.clone())]);
+    // A missing image: NotFound, and the client's stream ends.
+    let e = export_result(&ch, "default", "example.com/missing:1")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
     // A truncated archive fails cleanly: no record, no lease.
     let cut = d.dir.path().join("cut.tar");
     let data = std::fs::read(&archive).unwrap();
@@ -829,4 +860,80 @@ async fn import_stream_like_ctr2_names_unpacks_and_runs() {
     assert!(images(&d, "cut").is_empty());
     let leases = d.ctr_ok(&["-n", "cut", "leases", "ls"]);
     assert_eq!(leases.lines().count(), 1, "{leases}");
+}
+
+/// `ctr image export` of containerd 2.x over the wire (its `ReceiveStream`: 64 KiB window
+/// updates, `Data` messages until the server closes the stream); returns the archive.
+async fn export_run(ch: &Channel, ns: &str, name: &str) -> (Result<(), tonic::Status>, Vec<u8>) {
+    let id = format!("export-{}", uuid::Uuid::new_v4());
+    let (tx, mut inbound) = open_stream(ch, ns, &id).await;
+    let received = tokio::spawn(async move {
+        const WINDOW: i32 = 64 << 10;
+        let mut window = 0i32;
+        let mut out = vec![];
+        loop {
+            if window < WINDOW {
+                if tx
+                    .send(any::pack(&tt::WindowUpdate { update: WINDOW }))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                window += WINDOW;
+            }
+            match inbound.message().await {
+                Ok(Some(m)) => {
+                    let d: tt::Data = any::unpack(&m).expect("a Data message");
+                    assert!(
+                        d.data.len() as i32 <= window,
+                        "the server overran the window"
+                    );
+                    window -= d.data.len() as i32;
+                    out.extend_from_slice(&d.data);
+                }
+                _ => break,
+            }
+        }
+        out
+    });
+    let source = tt::ImageStore {
+        name: name.into(),
+        ..Default::default()
+    };
+    let destination = tt::ImageExportStream {
+        stream: id,
+        platforms: vec![Platform {
+            os: "linux".into(),
+            architecture: "amd64".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let result = TransferClient::new(ch.clone())
+        .transfer(namespaced(
+            ns,
+            TransferRequest {
+                source: Some(any::pack(&source)),
+                destination: Some(any::pack(&destination)),
+                options: None,
+            },
+        ))
+        .await
+        .map(|_| ());
+    let data = tokio::time::timeout(Duration::from_secs(20), received)
+        .await
+        .expect("the server closes the export stream")
+        .unwrap();
+    (result, data)
+}
+
+async fn export_like_ctr2(ch: &Channel, ns: &str, name: &str) -> Vec<u8> {
+    let (result, data) = export_run(ch, ns, name).await;
+    result.expect("export through Transfer");
+    data
+}
+
+async fn export_result(ch: &Channel, ns: &str, name: &str) -> Result<(), tonic::Status> {
+    export_run(ch, ns, name).await.0
 }

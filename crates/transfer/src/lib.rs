@@ -14,6 +14,7 @@
 //! stops downloads and unpacking, removes the half-applied snapshot and the lease, and
 //! writes no image record.
 
+mod export;
 mod import;
 mod progress;
 mod pull;
@@ -116,6 +117,27 @@ pub struct ImportStream {
     pub media_type: String,
 }
 
+/// containerd's `ImageExportStream`: an archive written to the client.
+#[derive(Clone)]
+pub struct ExportStream {
+    /// Taken by the export (a stream is written once).
+    pub writer: Arc<std::sync::Mutex<Option<Box<dyn std::io::Write + Send>>>>,
+    /// Platforms of an index to export (empty: this machine's).
+    pub platforms: Vec<Platform>,
+    pub all_platforms: bool,
+    pub skip_compatibility_manifest: bool,
+    pub skip_non_distributable: bool,
+}
+
+impl std::fmt::Debug for ExportStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportStream")
+            .field("platforms", &self.platforms)
+            .field("all_platforms", &self.all_platforms)
+            .finish_non_exhaustive()
+    }
+}
+
 impl std::fmt::Debug for ImportStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ImportStream")
@@ -130,6 +152,7 @@ pub enum Object {
     Registry(Registry),
     ImageStore(ImageStore),
     ImportStream(ImportStream),
+    ExportStream(ExportStream),
     /// A type the adapter decoded but no transfer handles yet (its type URL), e.g. an
     /// OCI archive import or export stream.
     Other(String),
@@ -141,6 +164,7 @@ impl Object {
             Object::Registry(r) => format!("OCI Registry ({})", r.reference),
             Object::ImageStore(s) => format!("Local Image Store ({})", s.name),
             Object::ImportStream(_) => "Image import stream".into(),
+            Object::ExportStream(_) => "Image export stream".into(),
             Object::Other(t) => t.clone(),
         }
     }
@@ -212,8 +236,12 @@ impl LocalTransfer {
             (Object::ImportStream(src), Object::ImageStore(dst)) => {
                 import::import(self, ns, &src, &dst, &opts).await
             }
+            (Object::ImageStore(src), Object::ExportStream(dst)) => {
+                export::export(self, ns, &src, &dst, &opts).await?;
+                Ok(vec![])
+            }
             (s, d) => Err(Error::not_implemented(format!(
-                "transfer from {} to {} is not implemented by Berth yet (supported: registry → image store, image store → registry, import stream → image store)",
+                "transfer from {} to {} is not implemented by Berth yet (supported: registry → image store, image store → registry, import stream → image store, image store → export stream)",
                 s.describe(),
                 d.describe()
             ))),
