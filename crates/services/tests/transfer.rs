@@ -871,16 +871,17 @@ async fn export_run(ch: &Channel, ns: &str, name: &str) -> (Result<(), tonic::St
         const WINDOW: i32 = 64 << 10;
         let mut window = 0i32;
         let mut out = vec![];
+        let mut granting = true;
         loop {
-            if window < WINDOW {
-                if tx
-                    .send(any::pack(&tt::WindowUpdate { update: WINDOW }))
-                    .await
-                    .is_err()
-                {
-                    break;
+            // Once the server finished, our sending side is gone; what it sent is still
+            // to be read (2.x's ReceiveStream ignores that EOF too).
+            if granting && window < WINDOW {
+                let update = any::pack(&tt::WindowUpdate { update: WINDOW });
+                if tx.send(update).await.is_ok() {
+                    window += WINDOW;
+                } else {
+                    granting = false;
                 }
-                window += WINDOW;
             }
             match inbound.message().await {
                 Ok(Some(m)) => {
