@@ -6,10 +6,13 @@
 #       store and unpacks each layer as soon as it and its parent are there),
 #     - `ctr images pull --plain-http` against the reference containerd 1.6.20
 #       (../shared/tools/refd.sh),
-#   alternating berth / containerd in each run. Cold = each daemon starts from an empty
-#   root before every pull (no content, snapshots or metadata). After each pull the
-#   unpacked tree is checked with layers.verify.sh against layers.expected. Prints every
-#   run and the medians.
+#   one pull each per run, the order alternating between runs. Cold = each daemon starts
+#   from an empty root before every pull (no content, snapshots or metadata). Both
+#   roots are deleted together between runs, followed by `sync` and SETTLE seconds
+#   (default 30): unpacking right after a large deletion is several times slower on
+#   ext4 (inode allocation scans recently deleted inodes), so no pull may follow a
+#   deletion more closely than the other. After each pull the unpacked tree is checked
+#   with layers.verify.sh against layers.expected. Prints every run and the medians.
 #   Env: BERTH_FLAGS (extra `berth pull` flags, e.g. --local for the client-side
 #   pipeline), BERTHD / BERTH (default: cargo build --release), WORKDIR (private dir by
 #   default), REGISTRY_ADDR (default 127.0.0.1:5077; a registry started and filled with
@@ -39,13 +42,14 @@ IMAGE=localhost:$PORT/layers:latest
 OWN_REGISTRY=0
 if ! curl -fsS "http://$REGISTRY_ADDR/v2/layers/manifests/latest" -o /dev/null \
      -H 'Accept: application/vnd.oci.image.manifest.v1+json' 2>/dev/null; then
-  "$TOOLS/make-images.sh" >/dev/null
-  "$TOOLS/registry.sh" start >/dev/null
-  "$TOOLS/registry.sh" push >/dev/null
+  # (registry.sh reads IMAGES itself, as a list of image names)
+  env -u IMAGES "$TOOLS/make-images.sh" >/dev/null
+  env -u IMAGES "$TOOLS/registry.sh" start >/dev/null
+  env -u IMAGES "$TOOLS/registry.sh" push >/dev/null
   OWN_REGISTRY=1
 fi
 IMAGES=${IMAGES:-$WORKDIR/images}
-[[ -f $IMAGES/layers.verify.sh ]] || "$TOOLS/make-images.sh" >/dev/null
+[[ -f $IMAGES/layers.verify.sh ]] || env -u IMAGES "$TOOLS/make-images.sh" >/dev/null
 B=$WORKDIR/berth
 BPID=
 NS=pullbench
@@ -55,7 +59,7 @@ cleanup() {
   mountpoint -q "$MNT" 2>/dev/null && umount "$MNT" || true
   stop_berthd
   "$REFD" stop >/dev/null 2>&1 || true
-  [[ $OWN_REGISTRY == 1 ]] && "$TOOLS/registry.sh" stop >/dev/null 2>&1 || true
+  [[ $OWN_REGISTRY == 1 ]] && env -u IMAGES "$TOOLS/registry.sh" stop >/dev/null 2>&1 || true
   if [[ $OWN_WORKDIR == 1 ]]; then
     "$REFD" clean >/dev/null 2>&1 || true
     for m in $(awk -v d="$WORKDIR" '$5 ~ "^"d { print $5 }' /proc/self/mountinfo | sort -r); do umount -l "$m" || true; done
@@ -75,8 +79,13 @@ stop_berthd() {
   rm -rf --one-file-system "$B"
 }
 
+kill_berthd() {  # keeps the root (deleted between runs)
+  if [[ -n $BPID && -d /proc/$BPID ]]; then kill -TERM "$BPID" 2>/dev/null; wait "$BPID" 2>/dev/null || true; fi
+  BPID=
+}
+
 start_berthd() {  # from an empty root
-  stop_berthd
+  kill_berthd
   mkdir -p "$B"
   cat >"$B/config.toml" <<CFG
 version = 2
@@ -93,9 +102,15 @@ CFG
   cat "$B/log" >&2; return 1
 }
 
-start_refd() {  # from an empty root
-  "$REFD" clean >/dev/null 2>&1 || true
+start_refd() {  # on the root left by settle (empty)
   "$REFD" start >/dev/null
+}
+
+settle() {  # both roots gone, then let the file system forget the deletions
+  stop_berthd
+  "$REFD" clean >/dev/null 2>&1 || true
+  sync
+  sleep "${SETTLE:-30}"
 }
 
 verify() {  # address
@@ -114,7 +129,7 @@ berth_run() {
   "$BERTH" --address "$B/berthd.sock" --namespace "$NS" pull --quiet ${BERTH_FLAGS:-} --hosts-dir /nonexistent "$IMAGE" >/dev/null
   ms=$(ms_since "$t")
   echo "$ms $(verify "$B/berthd.sock")"
-  stop_berthd
+  kill_berthd
 }
 
 ctr_run() {
@@ -131,16 +146,17 @@ stats() { sort -n | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (
 
 b_all=() c_all=()
 for i in $(seq 1 "$RUNS"); do
-  b=$(berth_run); c=$(ctr_run)
+  settle
+  if (( i % 2 )); then b=$(berth_run); c=$(ctr_run); else c=$(ctr_run); b=$(berth_run); fi
   echo "run $i: berth pull $b | ctr images pull $c (ms, tree check)" >&2
   b_all+=("$b"); c_all+=("$c")
 done
 bm=$(printf '%s\n' "${b_all[@]}" | awk '{ print $1 }' | stats)
 cm=$(printf '%s\n' "${c_all[@]}" | awk '{ print $1 }' | stats)
 echo
-echo "Runs: $RUNS each, alternating; overlayfs; $(nproc) CPUs; load $(cut -d' ' -f1-3 /proc/loadavg); $(date -u +%Y-%m-%dT%H:%MZ)."
+echo "Runs: $RUNS each, order alternating, ${SETTLE:-30} s settle after deletions; overlayfs; $(nproc) CPUs; load $(cut -d' ' -f1-3 /proc/loadavg); $(date -u +%Y-%m-%dT%H:%MZ)."
 echo
 echo "| client → daemon | cold pull + unpack, ms: median (min–max) | every run | tree verified |"
 echo "|---|---|---|---|"
-echo "| \`berth pull${BERTH_FLAGS:+ $BERTH_FLAGS}\` → berthd | $bm | $(printf '%s\n' "${b_all[@]}" | awk '{ printf "%s ", $1 }') | $(printf '%s\n' "${b_all[@]}" | awk '{ print $2 }' | sort -u | tr '\n' ' ') |"
+echo "| \`berth pull${BERTH_FLAGS:+ $BERTH_FLAGS}\` → berthd$([[ -n ${BERTH_FLAGS:-} ]] || echo " (transfer service)") | $bm | $(printf '%s\n' "${b_all[@]}" | awk '{ printf "%s ", $1 }') | $(printf '%s\n' "${b_all[@]}" | awk '{ print $2 }' | sort -u | tr '\n' ' ') |"
 echo "| \`ctr images pull --plain-http\` → containerd 1.6.20 | $cm | $(printf '%s\n' "${c_all[@]}" | awk '{ printf "%s ", $1 }') | $(printf '%s\n' "${c_all[@]}" | awk '{ print $2 }' | sort -u | tr '\n' ' ') |"
