@@ -97,14 +97,15 @@ pub enum Command {
     },
     /// Pull an image from a registry into berthd.
     ///
-    /// The registry is contacted by this command itself (client side, like `ctr images
+    /// By default berthd pulls (its transfer service, as containerd 2.x's `ctr image
     /// pull`): it resolves the reference, picks the platform's manifest, downloads the
-    /// config and layers in parallel with their digests verified, streams them into
-    /// berthd's content store through the content API under a lease, unpacks each layer
-    /// through the snapshots and diff APIs as soon as it and its parent are there (while
-    /// later layers still download; --no-unpack skips this), then creates or updates the
-    /// image record. Registry configuration comes from hosts.toml files (--hosts-dir).
-    /// Daemon-side pulls (the transfer service) are not implemented yet.
+    /// config and layers in parallel with their digests verified into its content store
+    /// under a lease, unpacks each layer into the snapshotter as soon as it and its parent
+    /// are there (while later layers still download; --no-unpack skips this), then creates
+    /// or updates the image record. This command shows the daemon's progress and answers
+    /// its credential requests (--user or ~/.docker/config.json). Registry configuration
+    /// comes from hosts.toml files (--hosts-dir), read by berthd. With --local the same
+    /// pipeline runs client side, through the content, snapshots and diff APIs.
     Pull {
         /// Image reference; Docker-style short names are expanded (busybox →
         /// docker.io/library/busybox:latest)
@@ -139,6 +140,10 @@ pub enum Command {
         /// Print progress as JSON lines on stdout
         #[arg(long)]
         json: bool,
+        /// Pull client side (this process talks to the registry) instead of through
+        /// berthd's transfer service
+        #[arg(long)]
+        local: bool,
     },
     /// Push an image from berthd to a registry.
     ///
@@ -339,6 +344,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             no_unpack,
             quiet,
             json,
+            local,
         } => {
             let mode = if json {
                 progress::Mode::Json
@@ -347,6 +353,36 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             } else {
                 progress::Mode::Bars
             };
+            if !local {
+                let reference = Reference::parse_normalized(&reference)?;
+                let platform = match platform.as_deref() {
+                    Some(p) => Platform::parse(p)?,
+                    None => Platform::host(),
+                };
+                if max_concurrent_downloads != 3 {
+                    eprintln!(
+                        "berth: --max-concurrent-downloads applies to --local pulls (berthd uses its [plugins.\"io.containerd.transfer.v1.local\"] max_concurrent_downloads)"
+                    );
+                }
+                let client = Client::connect(&cli.address, &cli.namespace).await?;
+                let started = std::time::Instant::now();
+                let req = pull::daemon::Request {
+                    credentials: load_credentials(&reference, user.as_deref())?,
+                    reference: reference.clone(),
+                    platform,
+                    hosts_dir,
+                    plain_http,
+                    snapshotter: (!no_unpack).then_some(snapshotter),
+                };
+                let pulled = tokio::select! {
+                    r = pull::daemon::pull(&client, req, mode) => r?,
+                    _ = tokio::signal::ctrl_c() => {
+                        return Err(CliError(format!("pull {reference}: cancelled")));
+                    }
+                };
+                pull::daemon::finish(mode, &reference.to_string(), &pulled, started);
+                return Ok(());
+            }
             pull_cmd(
                 &cli.address,
                 &cli.namespace,
@@ -580,6 +616,21 @@ fn make_resolver(
     plain_http: bool,
     user: Option<&str>,
 ) -> Result<Resolver, CliError> {
+    let creds = load_credentials(reference, user)?;
+    Ok(Resolver::new(ResolverOptions {
+        credentials: Arc::new(creds),
+        ..ResolverOptions::with_hosts(HostOptions {
+            config_path: Some(hosts_dir.to_string()),
+            default_scheme: plain_http.then(|| "http".to_string()),
+        })
+    }))
+}
+
+/// Credentials from `--user` (for `reference`'s registry) over the Docker config's.
+fn load_credentials(
+    reference: &Reference,
+    user: Option<&str>,
+) -> Result<StaticCredentials, CliError> {
     let mut creds = StaticCredentials::from_default_docker_config().unwrap_or_else(|e| {
         eprintln!("berth: ignoring docker config: {e}");
         StaticCredentials::default()
@@ -595,11 +646,5 @@ fn make_resolver(
         };
         creds.insert(&reference.host, auth);
     }
-    Ok(Resolver::new(ResolverOptions {
-        credentials: Arc::new(creds),
-        ..ResolverOptions::with_hosts(HostOptions {
-            config_path: Some(hosts_dir.to_string()),
-            default_scheme: plain_http.then(|| "http".to_string()),
-        })
-    }))
+    Ok(creds)
 }

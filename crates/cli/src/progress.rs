@@ -31,6 +31,8 @@ fn state_name(s: &ProgressState) -> String {
         ProgressState::Exists => "exists".into(),
         ProgressState::Done => "done".into(),
         ProgressState::Failed(_) => "failed".into(),
+        ProgressState::Unpacking => "unpacking".into(),
+        ProgressState::Unpacked => "unpacked".into(),
     }
 }
 
@@ -115,12 +117,16 @@ pub async fn display(mut rx: UnboundedReceiver<ProgressEvent>, mode: Mode) {
                     );
                 }
                 states.insert(ev.digest.clone(), state);
-                if matches!(
-                    ev.state,
-                    ProgressState::Done | ProgressState::Exists | ProgressState::Failed(_)
-                ) {
+                if matches!(ev.state, ProgressState::Unpacked | ProgressState::Failed(_))
+                    || (matches!(ev.state, ProgressState::Done | ProgressState::Exists)
+                        && !matches!(ev.kind, BlobKind::Layer(_)))
+                {
                     bar.finish();
                 }
+            }
+            // Layers that were not unpacked (--no-unpack) end with the stream.
+            for bar in bars.values().filter(|b| !b.is_finished()) {
+                bar.finish();
             }
         }
     }

@@ -1,7 +1,9 @@
-//! `berth pull`, client side: the registry is contacted by this process (with
-//! berth-remotes, honouring `hosts.toml`), blobs are streamed into berthd's content store
-//! through the content API's `Write` stream under a lease, and the image record is
-//! created through the images API. Nothing is unpacked yet.
+//! `berth pull`. By default through berthd's transfer service ([`daemon`]). With
+//! `--local`, client side: the registry is contacted by this process (with berth-remotes,
+//! honouring `hosts.toml`), blobs are streamed into berthd's content store through the
+//! content API's `Write` stream under a lease ([`ContentSink`]), unpacked through the
+//! snapshots and diff APIs (`crate::unpack`), and the image record is created through the
+//! images API.
 
 use crate::client::{Client, status_message};
 use berth_api::services::content::v1::{
@@ -270,5 +272,256 @@ impl BlobWriter for ContentWriter {
         let r = self.flush().await;
         drop(self);
         r
+    }
+}
+
+/// `berth pull` through berthd's transfer service (the default): the daemon contacts the
+/// registry, writes the content and unpacks; this process opens a progress stream and an
+/// auth stream through the streaming service (as containerd 2.x's `ctr image pull`
+/// does), answers credential requests from `--user` / the Docker config, and shows the
+/// daemon's progress events. Dropping the call (Ctrl-C) makes the daemon cancel the pull.
+pub mod daemon {
+    use crate::client::Client;
+    use crate::progress;
+    use berth_api::any;
+    use berth_api::services::streaming::v1::StreamInit;
+    use berth_api::services::streaming::v1::streaming_client::StreamingClient;
+    use berth_api::services::transfer::v1::transfer_client::TransferClient;
+    use berth_api::services::transfer::v1::{TransferOptions, TransferRequest};
+    use berth_api::types::transfer as tt;
+    use berth_core::{Error, Result};
+    use berth_remotes::auth::{CredentialsProvider, StaticCredentials};
+    use berth_remotes::pull::{BlobKind, ProgressEvent, ProgressState};
+    use berth_remotes::{Platform, Reference};
+    use prost_types::Any;
+    use std::collections::HashMap;
+    use std::time::Instant;
+    use tokio::sync::mpsc;
+
+    /// What the daemon is asked to do.
+    pub struct Request {
+        pub reference: Reference,
+        pub platform: Platform,
+        pub hosts_dir: String,
+        pub plain_http: bool,
+        /// `None`: content only.
+        pub snapshotter: Option<String>,
+        pub credentials: StaticCredentials,
+    }
+
+    /// What the daemon reported about the pulled image.
+    #[derive(Debug, Default)]
+    pub struct Outcome {
+        pub target: Option<berth_api::types::Descriptor>,
+        pub manifest: Option<String>,
+        pub size: i64,
+    }
+
+    /// Opens a stream as containerd 2.x's client does: `StreamInit{id}`, then the ack.
+    async fn open_stream(
+        client: &Client,
+        id: &str,
+    ) -> Result<(mpsc::Sender<Any>, tonic::Streaming<Any>)> {
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(any::pack(&StreamInit { id: id.into() }))
+            .await
+            .map_err(|_| Error::unknown("stream closed"))?;
+        let mut inbound = StreamingClient::new(client.channel())
+            .stream(client.request(tokio_stream::wrappers::ReceiverStream::new(rx)))
+            .await
+            .map_err(|s| {
+                super::grpc_err(
+                    "open a stream (is berthd too old for daemon-side pulls? try --local)",
+                    s,
+                )
+            })?
+            .into_inner();
+        inbound
+            .message()
+            .await
+            .map_err(|s| super::grpc_err(&format!("stream {id}"), s))?
+            .ok_or_else(|| Error::unavailable(format!("stream {id}: closed before its ack")))?;
+        Ok((tx, inbound))
+    }
+
+    /// The blob kind of a ref key (`layer-sha256:…`); layers numbered by first sight
+    /// (the daemon announces them in order).
+    fn kind_of(name: &str, layers: &mut HashMap<String, usize>) -> Option<(BlobKind, String)> {
+        let (prefix, digest) = name.split_once('-')?;
+        let kind = match prefix {
+            "index" => BlobKind::Index,
+            "manifest" => BlobKind::Manifest,
+            "config" => BlobKind::Config,
+            "layer" => {
+                let n = layers.len();
+                BlobKind::Layer(*layers.entry(digest.to_string()).or_insert(n))
+            }
+            _ => return None,
+        };
+        Some((kind, digest.to_string()))
+    }
+
+    fn state_of(event: &str) -> Option<ProgressState> {
+        Some(match event {
+            "waiting" => ProgressState::Waiting,
+            "downloading" => ProgressState::Downloading,
+            "complete" => ProgressState::Done,
+            "already exists" => ProgressState::Exists,
+            "extracting" => ProgressState::Unpacking,
+            "extracted" => ProgressState::Unpacked,
+            _ => return None,
+        })
+    }
+
+    pub async fn pull(client: &Client, req: Request, mode: progress::Mode) -> Result<Outcome> {
+        let reference = req.reference.to_string();
+        let progress_id = format!("progress-{}", uuid::Uuid::new_v4());
+        let auth_id = format!("creds-{}", uuid::Uuid::new_v4());
+        let (_keep_progress_open, mut progress_in) = open_stream(client, &progress_id).await?;
+        let (auth_tx, mut auth_in) = open_stream(client, &auth_id).await?;
+        let creds = req.credentials;
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = auth_in.message().await {
+                let Some(ask) = any::unpack::<tt::AuthRequest>(&m) else {
+                    continue;
+                };
+                let resp = match creds.credentials(&ask.host) {
+                    Some(c) if !c.identity_token.is_empty() => tt::AuthResponse {
+                        auth_type: tt::AuthType::Refresh as i32,
+                        secret: c.identity_token,
+                        ..Default::default()
+                    },
+                    Some(c) => tt::AuthResponse {
+                        auth_type: tt::AuthType::Credentials as i32,
+                        username: c.username,
+                        secret: c.password,
+                        ..Default::default()
+                    },
+                    None => tt::AuthResponse {
+                        auth_type: tt::AuthType::Refresh as i32,
+                        ..Default::default()
+                    },
+                };
+                if auth_tx.send(any::pack(&resp)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let (etx, erx) = mpsc::unbounded_channel();
+        let display = tokio::spawn(progress::display(erx, mode));
+        let collector = tokio::spawn(async move {
+            let mut outcome = Outcome::default();
+            let mut layers = HashMap::new();
+            let mut sizes: HashMap<String, i64> = HashMap::new();
+            while let Ok(Some(m)) = progress_in.message().await {
+                let Some(p) = any::unpack::<tt::Progress>(&m) else {
+                    continue;
+                };
+                if p.event == "saved" {
+                    outcome.target = p.desc.clone();
+                    continue;
+                }
+                let (Some((kind, digest)), Some(state)) =
+                    (kind_of(&p.name, &mut layers), state_of(&p.event))
+                else {
+                    continue;
+                };
+                match kind {
+                    BlobKind::Manifest => outcome.manifest = Some(digest.clone()),
+                    BlobKind::Config | BlobKind::Layer(_) => {
+                        sizes.insert(digest.clone(), p.total);
+                    }
+                    BlobKind::Index => {}
+                }
+                let _ = etx.send(ProgressEvent {
+                    digest,
+                    media_type: p.desc.map(|d| d.media_type).unwrap_or_default(),
+                    kind,
+                    state,
+                    offset: p.progress.max(0) as u64,
+                    total: p.total.max(0) as u64,
+                });
+            }
+            outcome.size = sizes.values().sum();
+            outcome
+        });
+
+        let platform = berth_api::types::Platform {
+            os: req.platform.os.clone(),
+            architecture: req.platform.architecture.clone(),
+            variant: req.platform.variant.clone(),
+            ..Default::default()
+        };
+        let source = tt::OciRegistry {
+            reference: reference.clone(),
+            resolver: Some(tt::RegistryResolver {
+                auth_stream: auth_id,
+                host_dir: req.hosts_dir,
+                default_scheme: if req.plain_http {
+                    "http".into()
+                } else {
+                    String::new()
+                },
+                ..Default::default()
+            }),
+        };
+        let destination = tt::ImageStore {
+            name: reference.clone(),
+            platforms: vec![platform.clone()],
+            all_metadata: true,
+            unpacks: req
+                .snapshotter
+                .map(|s| {
+                    vec![tt::UnpackConfiguration {
+                        platform: Some(platform),
+                        snapshotter: s,
+                    }]
+                })
+                .unwrap_or_default(),
+            ..Default::default()
+        };
+        let result = TransferClient::new(client.channel())
+            .transfer(client.request(TransferRequest {
+                source: Some(any::pack(&source)),
+                destination: Some(any::pack(&destination)),
+                options: Some(TransferOptions {
+                    progress_stream: progress_id,
+                }),
+            }))
+            .await;
+        // The daemon closes the progress stream once its last event is out.
+        let outcome = collector
+            .await
+            .map_err(|e| Error::unknown(format!("progress task: {e}")))?;
+        let _ = display.await;
+        result.map_err(|s| super::grpc_err(&format!("pull {reference}"), s))?;
+        Ok(outcome)
+    }
+
+    /// The closing line(s) of a successful pull.
+    pub fn finish(mode: progress::Mode, name: &str, outcome: &Outcome, started: Instant) {
+        let digest = outcome
+            .target
+            .as_ref()
+            .map(|d| d.digest.clone())
+            .unwrap_or_default();
+        let secs = started.elapsed().as_secs_f64();
+        match mode {
+            progress::Mode::Quiet => println!("{name}"),
+            progress::Mode::Json => println!(
+                "{}",
+                serde_json::json!({
+                    "status": "done", "name": name, "digest": digest,
+                    "manifest": outcome.manifest, "size": outcome.size, "seconds": secs,
+                })
+            ),
+            progress::Mode::Bars => {
+                println!(
+                    "{name}: pulled {} in {secs:.1}s",
+                    crate::table::human_size(outcome.size.max(0) as u64)
+                );
+                println!("digest: {digest}");
+            }
+        }
     }
 }

@@ -48,9 +48,10 @@ fn help_and_completions() {
     let o = berth(&["pull", "--help"]);
     let (out, _) = text(&o);
     assert!(
-        out.contains("client side")
+        out.contains("transfer service")
             && out.contains("--no-unpack")
-            && out.contains("not implemented yet"),
+            && out.contains("--local")
+            && out.contains("client side"),
         "pull help must say what it does:\n{out}"
     );
     for shell in ["bash", "zsh", "fish"] {
@@ -251,7 +252,14 @@ fn version_info_images_pull_rmi_against_berthd() {
         &layer0[..layer0.len() / 2],
         layer0.len(),
     );
-    let o = run(&["pull", "--json", "--hosts-dir", "/nonexistent", &image]);
+    let o = run(&[
+        "pull",
+        "--local",
+        "--json",
+        "--hosts-dir",
+        "/nonexistent",
+        &image,
+    ]);
     let (out, err) = text(&o);
     assert!(
         o.status.success(),
@@ -286,7 +294,14 @@ fn version_info_images_pull_rmi_against_berthd() {
     assert!(listing.contains(&digest), "{listing}");
 
     // A second pull finds everything.
-    let o = run(&["pull", "--json", "--hosts-dir", "/nonexistent", &image]);
+    let o = run(&[
+        "pull",
+        "--local",
+        "--json",
+        "--hosts-dir",
+        "/nonexistent",
+        &image,
+    ]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert!(out.contains("\"state\":\"exists\""), "{out}");
@@ -354,4 +369,81 @@ fn write_partial_ingest(socket: &Path, r#ref: &str, data: &[u8], total: usize) {
         drop(tx);
         while responses.next().await.is_some() {}
     });
+}
+
+#[test]
+fn pull_goes_through_the_daemons_transfer_service() {
+    let Some(d) = daemon_or_skip() else { return };
+    let sock = d.socket.display().to_string();
+    let run = |args: &[&str]| {
+        let mut a = vec!["--address", sock.as_str()];
+        a.extend_from_slice(args);
+        berth(&a)
+    };
+    let reg = Registry::start();
+    let host = format!("127.0.0.1:{}", reg.port);
+    let digest = push_test_image(&host, "daemon/app:v1");
+    let image = format!("{host}/daemon/app:v1");
+
+    let o = run(&["pull", "--json", "--hosts-dir", "/nonexistent", &image]);
+    let (out, err) = text(&o);
+    assert!(
+        o.status.success(),
+        "pull failed: {err}\n{out}\ndaemon log:\n{}",
+        berth_testkit::tail(&d.log(), 40)
+    );
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last["status"], "done");
+    assert_eq!(last["digest"], digest.as_str());
+    assert_eq!(last["manifest"], digest.as_str());
+    // Per-layer progress from the daemon: downloaded, then unpacked, in order.
+    for layer in ["layer 0", "layer 1"] {
+        let states: Vec<String> = out
+            .lines()
+            .filter(|l| l.contains(&format!("\"kind\":\"{layer}\"")))
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["state"].to_string())
+            .collect();
+        let pos = |s: &str| states.iter().position(|x| x == &format!("\"{s}\""));
+        assert!(
+            pos("done").unwrap() < pos("unpacked").unwrap(),
+            "{layer}: {states:?}"
+        );
+    }
+    // The image is in berthd and unpacked by berthd (no client-side lease or ingest).
+    let listed = d.ctr_ok(&["images", "ls"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(&image) && l.contains(&digest)),
+        "{listed}"
+    );
+    let snaps = d.ctr_ok(&["snapshots", "--snapshotter", "overlayfs", "ls"]);
+    assert_eq!(
+        snaps.lines().filter(|l| l.contains("Committed")).count(),
+        2,
+        "{snaps}"
+    );
+    // The daemon's lease is gone with the pull.
+    let leases = d.ctr_ok(&["leases", "ls"]);
+    assert_eq!(leases.lines().count(), 1, "{leases}");
+
+    // Again: everything exists; --quiet prints the name only.
+    let o = run(&["pull", "--quiet", "--hosts-dir", "/nonexistent", &image]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(out, format!("{image}\n"));
+    let o = run(&["pull", "--json", "--hosts-dir", "/nonexistent", &image]);
+    assert!(
+        text(&o).0.contains("\"state\":\"exists\""),
+        "{}",
+        text(&o).0
+    );
+
+    // A missing image: the daemon's NotFound, no record.
+    let missing = format!("{host}/daemon/none:v1");
+    let o = run(&["pull", "--hosts-dir", "/nonexistent", &missing]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("not found"), "{err}");
+    assert!(!d.ctr_ok(&["images", "ls", "-q"]).contains(&missing));
 }

@@ -100,6 +100,11 @@ pub enum ProgressState {
     Exists,
     Done,
     Failed(String),
+    /// Being applied onto its parent's snapshot (reported by a [`LayerHook`] owner, e.g.
+    /// the daemon's transfer service; the pipeline itself never sends it).
+    Unpacking,
+    /// Applied and committed as a snapshot (same).
+    Unpacked,
 }
 
 /// One progress report of one blob.
@@ -211,6 +216,18 @@ pub async fn pull(
         )));
     }
     let m = manifest::parse_manifest(&manifest_body, &what)?;
+    // Announced now, written last (see the module docs): progress consumers learn which
+    // manifest the config and layers belong to.
+    for (d, _, kind) in &manifests {
+        emit(opts, d, kind, ProgressState::Waiting, 0);
+    }
+    emit(
+        opts,
+        &manifest_desc,
+        &BlobKind::Manifest,
+        ProgressState::Waiting,
+        0,
+    );
     let config = m.config().clone();
     emit(
         opts,

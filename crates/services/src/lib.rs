@@ -17,7 +17,9 @@ pub mod namespaces;
 pub mod proxy;
 pub mod restart;
 pub mod snapshots;
+pub mod streaming;
 pub mod tasks;
+pub mod transfer;
 pub mod version;
 
 /// Applies the daemon's message size limits to a generated tonic server.
@@ -56,6 +58,10 @@ pub fn registrations() -> Vec<berth_plugin::Registration> {
         containers::registration(),
         tasks::registration(),
         restart::registration(),
+        streaming::manager_registration(),
+        streaming::registration(),
+        transfer::local_registration(),
+        transfer::registration(),
     ]
 }
 

@@ -1,0 +1,330 @@
+//! Daemon-side image transfers: the logic behind containerd 2.x's transfer service
+//! (`io.containerd.transfer.v1.local`), free of gRPC so CRI and tests can call it too.
+//!
+//! A transfer goes from a source object to a destination object:
+//!
+//! | source → destination | what happens |
+//! |---|---|
+//! | [`Registry`] → [`ImageStore`] | pull: [`berth_remotes::pull::pull`] into the namespaced content store under a lease, each layer applied onto its parent's snapshot as soon as both are there ([`berth_diff::unpack::Unpacker`] as the pipeline's layer hook), image record written last |
+//! | [`ImageStore`] → [`Registry`] | push: the image's blobs read from the content store, uploaded children first, the tag last |
+//! | anything else (OCI archive import/export streams, tagging) | `NotImplemented`, which the gRPC adapter turns into containerd's `Unimplemented` |
+//!
+//! Progress is reported as containerd's `transfer.Progress` events (same event names,
+//! ref-key names and parents), through a callback; a cancelled [`TransferOptions::cancel`]
+//! stops downloads and unpacking, removes the half-applied snapshot and the lease, and
+//! writes no image record.
+
+mod export;
+mod import;
+mod progress;
+mod pull;
+mod push;
+
+pub use progress::{Progress, ProgressFn, ref_key};
+
+use berth_core::content::{ContentStore, Descriptor};
+use berth_core::diff::Applier;
+use berth_core::labels::Labels;
+use berth_core::{Error, Result};
+use berth_metadata::MetadataStore;
+use berth_metadata::images::Image;
+use berth_metadata::snapshots::Snapshotters;
+use berth_remotes::Platform;
+use berth_remotes::hosts::AuthConfig;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+pub use tokio_util::sync::CancellationToken;
+
+/// `[plugins."io.containerd.transfer.v1.local"]` (the keys of containerd 2.x Berth uses).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TransferConfig {
+    /// Layers downloaded at the same time by one pull.
+    pub max_concurrent_downloads: usize,
+    /// Blobs uploaded at the same time by one push.
+    pub max_concurrent_uploaded_layers: usize,
+    /// Directories of `<host>/hosts.toml` used when a request names none (`:`-separated).
+    pub config_path: String,
+    /// Snapshotter of an unpack request that names none (containerd's default).
+    pub snapshotter: String,
+}
+
+impl Default for TransferConfig {
+    fn default() -> Self {
+        TransferConfig {
+            max_concurrent_downloads: 3,
+            max_concurrent_uploaded_layers: 3,
+            config_path: String::new(),
+            snapshotter: "overlayfs".into(),
+        }
+    }
+}
+
+/// containerd's `OCIRegistry`: a reference and how to reach its registry.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    pub reference: String,
+    /// `hosts.toml` directories (`:`-separated); empty means the service's default.
+    pub host_dir: String,
+    /// Scheme for hosts without configuration (`http` for `--plain-http`).
+    pub default_scheme: String,
+    /// Headers sent with every registry request.
+    pub headers: Vec<(String, String)>,
+    /// Credentials for the reference's host (obtained by the adapter, e.g. from the
+    /// client's auth stream).
+    pub credentials: Option<AuthConfig>,
+}
+
+/// One unpack of containerd's `ImageStore.unpacks`.
+#[derive(Debug, Clone, Default)]
+pub struct Unpack {
+    /// `None`: any platform.
+    pub platform: Option<Platform>,
+    /// Empty: [`TransferConfig::snapshotter`].
+    pub snapshotter: String,
+}
+
+/// One of containerd's `ImageStore.extra_references`.
+#[derive(Debug, Clone, Default)]
+pub struct ImageReference {
+    pub name: String,
+    /// `name` is a prefix for names taken from an archive's annotations.
+    pub is_prefix: bool,
+    /// Names outside the prefix may be used.
+    pub allow_overwrite: bool,
+    /// Also (or, without a name, only) record `name@digest`.
+    pub add_digest: bool,
+    pub skip_named_digest: bool,
+}
+
+/// containerd's `ImageStore`: the local image store as source or destination.
+#[derive(Debug, Clone, Default)]
+pub struct ImageStore {
+    pub name: String,
+    pub labels: Labels,
+    /// Platforms to pull (the first one is pulled; empty: this machine's).
+    pub platforms: Vec<Platform>,
+    pub unpacks: Vec<Unpack>,
+    pub extra_references: Vec<ImageReference>,
+}
+
+/// containerd's `ImageImportStream`: an archive read from the client.
+#[derive(Clone)]
+pub struct ImportStream {
+    /// Taken by the import (a stream is read once).
+    pub reader: Arc<std::sync::Mutex<Option<Box<dyn std::io::Read + Send>>>>,
+    /// Empty: detect the compression from the first bytes.
+    pub media_type: String,
+}
+
+/// containerd's `ImageExportStream`: an archive written to the client.
+#[derive(Clone)]
+pub struct ExportStream {
+    /// Taken by the export (a stream is written once).
+    pub writer: Arc<std::sync::Mutex<Option<Box<dyn std::io::Write + Send>>>>,
+    /// Platforms of an index to export (empty: this machine's).
+    pub platforms: Vec<Platform>,
+    pub all_platforms: bool,
+    pub skip_compatibility_manifest: bool,
+    pub skip_non_distributable: bool,
+}
+
+impl std::fmt::Debug for ExportStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportStream")
+            .field("platforms", &self.platforms)
+            .field("all_platforms", &self.all_platforms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for ImportStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImportStream")
+            .field("media_type", &self.media_type)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A transfer's source or destination.
+#[derive(Debug, Clone)]
+pub enum Object {
+    Registry(Registry),
+    ImageStore(ImageStore),
+    ImportStream(ImportStream),
+    ExportStream(ExportStream),
+    /// A type the adapter decoded but no transfer handles yet (its type URL), e.g. an
+    /// OCI archive import or export stream.
+    Other(String),
+}
+
+impl Object {
+    fn describe(&self) -> String {
+        match self {
+            Object::Registry(r) => format!("OCI Registry ({})", r.reference),
+            Object::ImageStore(s) => format!("Local Image Store ({})", s.name),
+            Object::ImportStream(_) => "Image import stream".into(),
+            Object::ExportStream(_) => "Image export stream".into(),
+            Object::Other(t) => t.clone(),
+        }
+    }
+}
+
+/// Options of one transfer.
+#[derive(Clone, Default)]
+pub struct TransferOptions {
+    pub progress: Option<ProgressFn>,
+    /// Cancelled when the client goes away.
+    pub cancel: CancellationToken,
+}
+
+/// An image record a transfer wrote.
+#[derive(Debug, Clone)]
+pub struct StoredImage {
+    pub image: Image,
+    /// `false`: an existing record was updated.
+    pub created: bool,
+}
+
+/// The local transferrer: owns nothing but handles to the daemon's stores.
+pub struct LocalTransfer {
+    pub(crate) md: Arc<MetadataStore>,
+    pub(crate) content: Arc<dyn ContentStore>,
+    pub(crate) snapshotters: Snapshotters,
+    pub(crate) applier: Arc<dyn Applier>,
+    pub(crate) config: TransferConfig,
+}
+
+impl LocalTransfer {
+    pub fn new(
+        md: Arc<MetadataStore>,
+        content: Arc<dyn ContentStore>,
+        snapshotters: Snapshotters,
+        applier: Arc<dyn Applier>,
+        config: TransferConfig,
+    ) -> LocalTransfer {
+        LocalTransfer {
+            md,
+            content,
+            snapshotters,
+            applier,
+            config,
+        }
+    }
+
+    pub fn config(&self) -> &TransferConfig {
+        &self.config
+    }
+
+    /// Runs one transfer in namespace `ns`. Returns the image records written (a push
+    /// writes none).
+    pub async fn transfer(
+        &self,
+        ns: &str,
+        source: Object,
+        destination: Object,
+        opts: TransferOptions,
+    ) -> Result<Vec<StoredImage>> {
+        match (source, destination) {
+            (Object::Registry(src), Object::ImageStore(dst)) => {
+                pull::pull(self, ns, &src, &dst, &opts).await
+            }
+            (Object::ImageStore(src), Object::Registry(dst)) => {
+                push::push(self, ns, &src, &dst, &opts).await?;
+                Ok(vec![])
+            }
+            (Object::ImportStream(src), Object::ImageStore(dst)) => {
+                import::import(self, ns, &src, &dst, &opts).await
+            }
+            (Object::ImageStore(src), Object::ExportStream(dst)) => {
+                export::export(self, ns, &src, &dst, &opts).await?;
+                Ok(vec![])
+            }
+            (s, d) => Err(Error::not_implemented(format!(
+                "transfer from {} to {} is not implemented by Berth yet (supported: registry → image store, image store → registry, import stream → image store, image store → export stream)",
+                s.describe(),
+                d.describe()
+            ))),
+        }
+    }
+
+    /// Resolver for a registry object: its hosts directory (or the service's), default
+    /// scheme, headers and credentials.
+    pub(crate) fn resolver(
+        &self,
+        reg: &Registry,
+        reference: &berth_remotes::Reference,
+    ) -> berth_remotes::Resolver {
+        use berth_remotes::auth::StaticCredentials;
+        use berth_remotes::hosts::HostOptions;
+        let host_dir = if reg.host_dir.is_empty() {
+            self.config.config_path.clone()
+        } else {
+            reg.host_dir.clone()
+        };
+        let host_opts = HostOptions {
+            config_path: (!host_dir.is_empty()).then_some(host_dir),
+            default_scheme: (!reg.default_scheme.is_empty()).then(|| reg.default_scheme.clone()),
+        };
+        let mut creds = StaticCredentials::default();
+        if let Some(c) = &reg.credentials {
+            creds.insert(&reference.host, c.clone());
+        }
+        let mut opts = berth_remotes::ResolverOptions::with_hosts(host_opts);
+        if !reg.headers.is_empty() {
+            let base = opts.hosts.clone();
+            let headers = reg.headers.clone();
+            opts.hosts = Arc::new(move |h: &str| {
+                let mut hosts = base(h)?;
+                for host in &mut hosts {
+                    host.headers.extend(headers.iter().cloned());
+                }
+                Ok(hosts)
+            });
+        }
+        opts.credentials = Arc::new(creds);
+        berth_remotes::Resolver::new(opts)
+    }
+}
+
+/// `oci_spec` descriptor → the core one (annotations kept).
+pub(crate) fn core_desc(d: &oci_spec::image::Descriptor) -> Descriptor {
+    berth_remotes::manifest::to_core_descriptor(d)
+}
+
+/// RFC 3339 in UTC, the form of containerd's `containerd.io/gc.expire` label.
+pub(crate) fn rfc3339(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_is_utc_civil_time() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        assert_eq!(rfc3339(t), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+    }
+}
