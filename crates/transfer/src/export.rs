@@ -9,19 +9,13 @@
 //! unless skipped, Docker's `manifest.json` for the exported single-platform manifests.
 
 use crate::progress::Progress;
-use crate::{ExportStream, ImageStore, LocalTransfer, TransferOptions, core_desc};
+use crate::{ExportStream, ImageStore, LocalTransfer, TransferOptions, blocking, core_desc};
 use berth_core::content::{Descriptor, Digest, Scope};
 use berth_core::{Error, Result};
 use berth_metadata::images::Image;
 use berth_remotes::{Platform, manifest};
 use std::collections::HashSet;
 use std::io::Write;
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::unknown(format!("blocking task: {e}")))?
-}
 
 fn read_small(t: &LocalTransfer, scope: &Scope, d: &Descriptor) -> Result<Vec<u8>> {
     if d.size < 0 || d.size as u64 > manifest::MAX_MANIFEST_SIZE {

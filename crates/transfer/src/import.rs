@@ -15,7 +15,7 @@ use crate::progress::Progress;
 use crate::pull::{diff_ids, unpack_for};
 use crate::{
     ImageReference, ImageStore, ImportStream, LocalTransfer, StoredImage, TransferOptions,
-    core_desc,
+    blocking, core_desc, report_saved, under_temporary_lease,
 };
 use berth_core::content::{Descriptor, Digest, Info, Scope, WriterOpts};
 use berth_core::error::ErrorKind;
@@ -27,18 +27,11 @@ use berth_metadata::images::Image;
 use berth_remotes::{Platform, manifest};
 use std::io::Read;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-const LEASE_EXPIRY: Duration = Duration::from_secs(24 * 3600);
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 /// Largest `index.json` accepted.
 const MAX_INDEX: u64 = 4 << 20;
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::unknown(format!("blocking task: {e}")))?
-}
 
 /// Writes one blob of known digest into the store (already present: skipped).
 fn write_blob(
@@ -358,33 +351,14 @@ pub(crate) async fn import(
         .unwrap()
         .take()
         .ok_or_else(|| Error::failed_precondition("the import stream was already read"))?;
-    let lease_id = format!("transfer-{}", uuid::Uuid::new_v4());
-    let mut lease_labels = Labels::new();
-    lease_labels.insert(
-        GC_EXPIRE.into(),
-        crate::rfc3339(SystemTime::now() + LEASE_EXPIRY),
-    );
-    {
-        let (md, ns, id) = (t.md.clone(), ns.to_string(), lease_id.clone());
-        blocking(move || md.create_lease(&ns, Some(&id), &lease_labels)).await?;
-    }
-    let result = tokio::select! {
-        r = import_leased(t, ns, reader, &src.media_type, dst, opts, &lease_id) => r,
-        _ = opts.cancel.cancelled() => Err(Error::new(ErrorKind::Canceled, "import")),
-    };
-    let (md, n, id) = (t.md.clone(), ns.to_string(), lease_id.clone());
-    if let Err(e) = blocking(move || md.delete_lease(&n, &id)).await {
-        tracing::warn!(lease = %lease_id, error = %e, "deleting the import's lease");
-    }
-    let stored = result?;
-    for s in &stored {
-        send(Progress {
-            event: "saved".into(),
-            name: s.image.name.clone(),
-            desc: Some(s.image.target.clone()),
-            ..Default::default()
-        });
-    }
+    let stored = under_temporary_lease(t, ns, "import", |lease_id| async move {
+        tokio::select! {
+            r = import_leased(t, ns, reader, &src.media_type, dst, opts, &lease_id) => r,
+            _ = opts.cancel.cancelled() => Err(Error::new(ErrorKind::Canceled, "import")),
+        }
+    })
+    .await?;
+    report_saved(send, &stored);
     send(Progress {
         event: "Completed import".into(),
         ..Default::default()

@@ -287,6 +287,62 @@ impl LocalTransfer {
     }
 }
 
+/// Runs store work on the blocking pool (redb transactions, file I/O).
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::unknown(format!("blocking task: {e}")))?
+}
+
+/// How long a transfer's lease outlives a daemon that died during the transfer: the
+/// collector takes what it held once it expires.
+const LEASE_EXPIRY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Runs `work` (given the lease ID) under a fresh lease of the namespace, so nothing it
+/// writes is collected before the image record refers to it; the lease is deleted when
+/// `work` ends, whatever its outcome (`what` names the transfer in the warning if that
+/// fails).
+pub(crate) async fn under_temporary_lease<T, Fut>(
+    t: &LocalTransfer,
+    ns: &str,
+    what: &str,
+    work: impl FnOnce(String) -> Fut,
+) -> Result<T>
+where
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let lease_id = format!("transfer-{}", uuid::Uuid::new_v4());
+    let mut lease_labels = Labels::new();
+    lease_labels.insert(
+        berth_core::labels::GC_EXPIRE.into(),
+        rfc3339(std::time::SystemTime::now() + LEASE_EXPIRY),
+    );
+    {
+        let (md, ns, id) = (t.md.clone(), ns.to_string(), lease_id.clone());
+        blocking(move || md.create_lease(&ns, Some(&id), &lease_labels)).await?;
+    }
+    let result = work(lease_id.clone()).await;
+    let (md, n, id) = (t.md.clone(), ns.to_string(), lease_id.clone());
+    if let Err(e) = blocking(move || md.delete_lease(&n, &id)).await {
+        tracing::warn!(lease = %lease_id, error = %e, "deleting the {what}'s lease");
+    }
+    result
+}
+
+/// containerd's `saved` progress event for each stored image.
+pub(crate) fn report_saved(send: impl Fn(Progress), stored: &[StoredImage]) {
+    for s in stored {
+        send(Progress {
+            event: "saved".into(),
+            name: s.image.name.clone(),
+            desc: Some(s.image.target.clone()),
+            ..Default::default()
+        });
+    }
+}
+
 /// `oci_spec` descriptor → the core one (annotations kept).
 pub(crate) fn core_desc(d: &oci_spec::image::Descriptor) -> Descriptor {
     berth_remotes::manifest::to_core_descriptor(d)

@@ -14,10 +14,13 @@
 //!    a visible record implies content and snapshots are complete.
 
 use crate::progress::{Progress, Translator};
-use crate::{ImageStore, LocalTransfer, Registry, StoredImage, TransferOptions, core_desc};
+use crate::{
+    ImageStore, LocalTransfer, Registry, StoredImage, TransferOptions, blocking, core_desc,
+    report_saved, under_temporary_lease,
+};
 use berth_core::content::{Info, Scope};
 use berth_core::error::ErrorKind;
-use berth_core::labels::{GC_EXPIRE, Labels};
+use berth_core::labels::Labels;
 use berth_core::snapshot::Snapshotter;
 use berth_core::{Error, Result};
 use berth_diff::unpack::Unpacker;
@@ -29,16 +32,8 @@ use berth_remotes::store_sink::ContentStoreSink;
 use berth_remotes::{Platform, Reference};
 use oci_spec::image::Descriptor as OciDescriptor;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 use tokio::sync::mpsc::UnboundedSender;
-
-const LEASE_EXPIRY: Duration = Duration::from_secs(24 * 3600);
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::unknown(format!("blocking task: {e}")))?
-}
 
 /// The image configuration's `rootfs.diff_ids`.
 pub(crate) fn diff_ids(config: &[u8]) -> Result<Vec<String>> {
@@ -164,33 +159,14 @@ pub(crate) async fn pull(
         .unwrap_or_else(Platform::host);
     let resolver = t.resolver(src, &reference);
 
-    let lease_id = format!("transfer-{}", uuid::Uuid::new_v4());
-    let mut lease_labels = Labels::new();
-    lease_labels.insert(
-        GC_EXPIRE.into(),
-        crate::rfc3339(SystemTime::now() + LEASE_EXPIRY),
-    );
-    {
-        let (md, ns, id) = (t.md.clone(), ns.to_string(), lease_id.clone());
-        blocking(move || md.create_lease(&ns, Some(&id), &lease_labels)).await?;
-    }
-    let result = pull_leased(
-        t, ns, src, dst, opts, &reference, &resolver, &platform, &lease_id,
-    )
-    .await;
-    let (md, n, id) = (t.md.clone(), ns.to_string(), lease_id.clone());
-    if let Err(e) = blocking(move || md.delete_lease(&n, &id)).await {
-        tracing::warn!(lease = %lease_id, error = %e, "deleting the pull's lease");
-    }
-    let stored = result?;
-    for s in &stored {
-        send(Progress {
-            event: "saved".into(),
-            name: s.image.name.clone(),
-            desc: Some(s.image.target.clone()),
-            ..Default::default()
-        });
-    }
+    let stored = under_temporary_lease(t, ns, "pull", |lease_id| async move {
+        pull_leased(
+            t, ns, src, dst, opts, &reference, &resolver, &platform, &lease_id,
+        )
+        .await
+    })
+    .await?;
+    report_saved(send, &stored);
     send(Progress {
         event: format!("Completed pull from {source}"),
         ..Default::default()

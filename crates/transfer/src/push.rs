@@ -7,7 +7,7 @@
 //! (ref-key names as containerd's pusher), `pushed` for the top.
 
 use crate::progress::{Progress, ref_key};
-use crate::{ImageStore, LocalTransfer, Registry, TransferOptions};
+use crate::{ImageStore, LocalTransfer, Registry, TransferOptions, blocking};
 use berth_core::content::{Descriptor, Digest, ReaderAt, Scope};
 use berth_core::error::ErrorKind;
 use berth_core::{Error, Result};
@@ -16,12 +16,6 @@ use berth_remotes::{Reference, manifest};
 use futures::StreamExt;
 use oci_spec::image::Descriptor as OciDescriptor;
 use std::sync::Arc;
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::unknown(format!("blocking task: {e}")))?
-}
 
 fn oci(d: &Descriptor) -> Result<OciDescriptor> {
     let digest = oci_spec::image::Digest::try_from(d.digest.as_str())
