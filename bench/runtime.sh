@@ -95,12 +95,10 @@ state = "$B/state"
 [plugins."io.containerd.internal.v1.opt"]
   path = "$B/opt"
 CFG
-# Both daemons start with their executable out of the page cache, as bench/startup.sh
-# does (a just-copied binary is wholly cached, and the kernel's fault-around then maps
-# far more of it than a start from disk would).
+# Both daemons start with their executables out of the page cache, as in startup.sh.
+. "$HERE/page-cache.sh"
 for exe in "$B/bin/berthd" "$B/bin/containerd-shim-berth-v2" "$(command -v "${CONTAINERD_BIN:-containerd}")"; do
-  sync "$exe" 2>/dev/null || sync
-  dd if="$exe" iflag=nocache count=0 status=none 2>/dev/null || true
+  evict_from_page_cache "$exe"
 done
 "$B/bin/berthd" --config "$B/config.toml" >"$B/log" 2>&1 </dev/null &
 BPID=$!

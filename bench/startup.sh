@@ -22,14 +22,8 @@ if [[ -z ${BERTHD:-} ]]; then
 fi
 [[ -x $BERTHD ]] || { echo "berthd not found at $BERTHD" >&2; exit 1; }
 
-# Each daemon starts with its executable out of the page cache, as after a reboot or a
-# package upgrade's first start: the kernel maps the 64 KiB around each faulted code
-# page only from pages already cached, so a binary that was just written (a fresh
-# build) shows far more of itself resident than one read from disk on demand.
-evict_from_page_cache() {
-  sync "$1" 2>/dev/null || sync
-  dd if="$1" iflag=nocache count=0 status=none 2>/dev/null || true
-}
+# Each daemon starts with its executable out of the page cache.
+. "$HERE/page-cache.sh"
 
 OWN_WORKDIR=0
 if [[ -z ${WORKDIR:-} ]]; then
