@@ -7,12 +7,20 @@
 #     - `ctr images pull --plain-http` against the reference containerd 1.6.20
 #       (../shared/tools/refd.sh),
 #   one pull each per run, the order alternating between runs. Cold = each daemon starts
-#   from an empty root before every pull (no content, snapshots or metadata). Both
-#   roots are deleted together between runs, followed by `sync` and SETTLE seconds
-#   (default 30): unpacking right after a large deletion is several times slower on
-#   ext4 (inode allocation scans recently deleted inodes), so no pull may follow a
-#   deletion more closely than the other. After each pull the unpacked tree is checked
-#   with layers.verify.sh against layers.expected. Prints every run and the medians.
+#   from an empty root before every pull (no content, snapshots or metadata).
+#   Where the roots live (FS):
+#     fresh (default)  before every run each daemon gets a newly made ext4 file system
+#                      (a loop-mounted image file on the same disk, FS_SIZE, default 3G,
+#                      made like the host's: no journal), as on a new node. Deleting
+#                      the previous run's trees on the shared file system made the
+#                      next pull wait on ext4's inode allocator, which on a journal-less
+#                      ext4 skips recently deleted inodes one by one; that cost
+#                      depended on the order of the pulls, not on the daemons.
+#     host             the roots are directories on WORKDIR's file system, deleted
+#                      together between runs, then `sync` and SETTLE seconds (default
+#                      30), so no pull follows a deletion more closely than the other.
+#   After each pull the unpacked tree is checked with layers.verify.sh against
+#   layers.expected. Prints every run and the medians.
 #   Env: BERTH_FLAGS (extra `berth pull` flags, e.g. --local for the client-side
 #   pipeline), BERTHD / BERTH (default: cargo build --release), WORKDIR (private dir by
 #   default), REGISTRY_ADDR (default 127.0.0.1:5077; a registry started and filled with
@@ -51,6 +59,9 @@ fi
 IMAGES=${IMAGES:-$WORKDIR/images}
 [[ -f $IMAGES/layers.verify.sh ]] || env -u IMAGES "$TOOLS/make-images.sh" >/dev/null
 B=$WORKDIR/berth
+R=$WORKDIR/ref
+FS=${FS:-fresh}
+[[ $FS == fresh || $FS == host ]] || { echo "FS must be fresh or host" >&2; exit 2; }
 BPID=
 NS=pullbench
 MNT=$WORKDIR/mnt
@@ -59,6 +70,7 @@ cleanup() {
   mountpoint -q "$MNT" 2>/dev/null && umount "$MNT" || true
   stop_berthd
   "$REFD" stop >/dev/null 2>&1 || true
+  drop_fresh_fs
   [[ $OWN_REGISTRY == 1 ]] && env -u IMAGES "$TOOLS/registry.sh" stop >/dev/null 2>&1 || true
   if [[ $OWN_WORKDIR == 1 ]]; then
     "$REFD" clean >/dev/null 2>&1 || true
@@ -75,8 +87,28 @@ ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
 stop_berthd() {
   if [[ -n $BPID && -d /proc/$BPID ]]; then kill -TERM "$BPID" 2>/dev/null; wait "$BPID" 2>/dev/null || true; fi
   BPID=
-  for m in $(awk -v d="$B" '$5 ~ "^"d { print $5 }' /proc/self/mountinfo | sort -r); do umount -l "$m" || true; done
-  rm -rf --one-file-system "$B"
+  for m in $(awk -v d="$B/" 'index($5, d) == 1 { print $5 }' /proc/self/mountinfo | sort -r); do umount -l "$m" || true; done
+  if mountpoint -q "$B"; then rm -rf --one-file-system "${B:?}"/*; else rm -rf --one-file-system "$B"; fi
+}
+
+drop_fresh_fs() {  # unmount and delete both daemons' file systems (FS=fresh)
+  local d
+  for d in "$B" "$R"; do
+    if mountpoint -q "$d"; then umount "$d" || umount -l "$d"; fi
+  done
+  rm -f "$WORKDIR/berth.ext4" "$WORKDIR/ref.ext4"
+}
+
+make_fresh_fs() {  # a new ext4 for each daemon's root, made like the host's (no journal)
+  local d img
+  drop_fresh_fs
+  for d in "$B" "$R"; do
+    img=$WORKDIR/$(basename "$d").ext4
+    truncate -s "${FS_SIZE:-3G}" "$img"
+    mkfs.ext4 -q -F -O ^has_journal "$img"
+    mkdir -p "$d"
+    mount -o loop "$img" "$d"
+  done
 }
 
 kill_berthd() {  # keeps the root (deleted between runs)
@@ -106,11 +138,18 @@ start_refd() {  # on the root left by settle (empty)
   "$REFD" start >/dev/null
 }
 
-settle() {  # both roots gone, then let the file system forget the deletions
+settle() {  # both roots gone (FS=host: then let the file system forget the deletions)
   stop_berthd
-  "$REFD" clean >/dev/null 2>&1 || true
-  sync
-  sleep "${SETTLE:-30}"
+  if [[ $FS == fresh ]]; then
+    "$REFD" stop >/dev/null 2>&1 || true
+    make_fresh_fs
+    sync
+    sleep "${SETTLE:-5}"
+  else
+    "$REFD" clean >/dev/null 2>&1 || true
+    sync
+    sleep "${SETTLE:-30}"
+  fi
 }
 
 verify() {  # address
@@ -154,7 +193,7 @@ done
 bm=$(printf '%s\n' "${b_all[@]}" | awk '{ print $1 }' | stats)
 cm=$(printf '%s\n' "${c_all[@]}" | awk '{ print $1 }' | stats)
 echo
-echo "Runs: $RUNS each, order alternating, ${SETTLE:-30} s settle after deletions; overlayfs; $(nproc) CPUs; load $(cut -d' ' -f1-3 /proc/loadavg); $(date -u +%Y-%m-%dT%H:%MZ)."
+echo "Runs: $RUNS each, order alternating, roots on $([[ $FS == fresh ]] && echo "a fresh ext4 per daemon and run" || echo "the host file system, ${SETTLE:-30} s settle after deletions"); overlayfs; $(nproc) CPUs; load $(cut -d' ' -f1-3 /proc/loadavg); $(date -u +%Y-%m-%dT%H:%MZ)."
 echo
 echo "| client → daemon | cold pull + unpack, ms: median (min–max) | every run | tree verified |"
 echo "|---|---|---|---|"
