@@ -6,6 +6,7 @@
 
 pub mod blocking;
 pub mod btrfs;
+pub mod devmapper;
 pub mod fsutil;
 pub mod mount;
 pub mod native;

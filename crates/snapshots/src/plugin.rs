@@ -1,6 +1,7 @@
 //! Plugin registrations of the snapshotters (`io.containerd.snapshotter.v1.*`).
 
 use crate::btrfs::{Btrfs, BtrfsConfig};
+use crate::devmapper::{self, DevmapperConfig};
 use crate::native::{Native, NativeConfig};
 use crate::overlay::{Overlay, OverlayConfig};
 use berth_core::snapshot::Snapshotter;
@@ -68,5 +69,17 @@ pub fn registrations() -> Vec<Registration> {
             Ok(Arc::new(instance) as Instance)
         })
         .with_config::<BtrfsConfig>(),
+        Registration::new(
+            types::SNAPSHOT,
+            "devmapper",
+            |ctx: InitContext| async move {
+                let config: DevmapperConfig = ctx.config()?;
+                Err::<Instance, _>(devmapper::unavailable(
+                    &config,
+                    std::path::Path::new("/dev/mapper/control"),
+                ))
+            },
+        )
+        .with_config::<DevmapperConfig>(),
     ]
 }

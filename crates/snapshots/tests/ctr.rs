@@ -313,3 +313,36 @@ fn ctr_events_and_garbage_collection() {
     }
     assert_eq!(left, 0, "snapshot directories removed");
 }
+
+/// A containerd configuration with a devmapper section loads unchanged. There is no
+/// devmapper snapshotter in Berth (and no device-mapper driver in this machine's kernel),
+/// so `ctr plugins ls` shows the plugin skipped without a pool, failed with one — and
+/// the others still load.
+#[test]
+fn devmapper_configuration_is_accepted_and_reported() {
+    if !is_root() {
+        return;
+    }
+    let status_of = |d: &Daemon| {
+        let plugins = d.ctr_ok(&["plugins", "ls"]);
+        plugins
+            .lines()
+            .find(|l| l.contains("io.containerd.snapshotter.v1") && l.contains(" devmapper "))
+            .map(|l| l.split_whitespace().last().unwrap_or_default().to_string())
+            .unwrap_or_else(|| panic!("no devmapper plugin in:\n{plugins}"))
+    };
+    let d = Daemon::start();
+    assert_eq!(status_of(&d), "skip");
+    drop(d);
+    let d = Daemon::start_with_config(
+        "[plugins.\"io.containerd.snapshotter.v1.devmapper\"]\n  pool_name = \"berth-pool\"\n  base_image_size = \"8GB\"\n",
+    );
+    assert_eq!(status_of(&d), "error");
+    let plugins = d.ctr_ok(&["plugins", "ls"]);
+    assert!(
+        plugins
+            .lines()
+            .any(|l| l.contains(" overlayfs ") && l.trim_end().ends_with(" ok")),
+        "{plugins}"
+    );
+}
