@@ -2,9 +2,12 @@
 //! `docker-registry` on 127.0.0.1, driven by a tonic client shaped exactly like
 //! containerd 2.x's `ctr image pull` (2.x's ctr is not available here): a progress stream
 //! and an auth stream opened through Streaming with `StreamInit`, then
-//! `Transfer(OCIRegistry → ImageStore, options.progress_stream)`. Results are checked with
-//! the stock `ctr` 1.6 (`images ls`, `snapshots ls`, `run --rm`) and against what
-//! `ctr images pull --plain-http` produces from the same registry.
+//! `Transfer(OCIRegistry → ImageStore, options.progress_stream)` (and 2.x's `ctr image
+//! import` / `export` over byte streams). Results are checked with the stock `ctr` 1.6
+//! (`images ls`, `snapshots ls`, `content ls`, `run --rm`) and against what its own
+//! client-side `images pull --plain-http` / `images import` produce from the same
+//! registry or archive. Registries (open or behind htpasswd), skopeo pushes, Docker
+//! archives and the two-platform image come from `berth_testkit::registry`.
 
 use berth_api::any;
 use berth_api::services::streaming::v1::StreamInit;
