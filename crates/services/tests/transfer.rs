@@ -1069,6 +1069,72 @@ async fn docker_archive_import_matches_ctr_import_and_runs() {
         assert_eq!(out, "from docker\n");
     }
 
+    // An untagged image whose layer is named through a legacy layer directory's symlink
+    // (`<id>/layer.tar -> ../<digest>.tar`, as older `docker save` writes): the same
+    // manifest, listed without a name, so only a digest reference names it.
+    let unpacked = d.dir.path().join("unpacked-docker");
+    std::fs::create_dir_all(&unpacked).unwrap();
+    assert!(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&unpacked)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let link = tar_list(&archive)
+        .into_iter()
+        .find(|e| e.ends_with("/layer.tar"))
+        .expect("a legacy layer directory");
+    let mut mj: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(unpacked.join("manifest.json")).unwrap()).unwrap();
+    mj[0]["Layers"] = serde_json::json!([link]);
+    mj[0]["RepoTags"] = serde_json::Value::Null;
+    std::fs::write(
+        unpacked.join("manifest.json"),
+        serde_json::to_vec(&mj).unwrap(),
+    )
+    .unwrap();
+    let legacy = d.dir.path().join("legacy.docker.tar");
+    assert!(
+        Command::new("tar")
+            .arg("-cf")
+            .arg(&legacy)
+            .arg("-C")
+            .arg(&unpacked)
+            .arg(".")
+            .status()
+            .unwrap()
+            .success()
+    );
+    d.ctr_ok(&["namespaces", "create", "legacy"]);
+    let digests = tt::ImageStore {
+        extra_references: vec![tt::ImageReference {
+            name: "import-2026-11-27".into(),
+            is_prefix: true,
+            allow_overwrite: true,
+            add_digest: true,
+            skip_named_digest: true,
+        }],
+        ..Default::default()
+    };
+    let (r, _) = import_with(&ch, "legacy", &legacy, digests, false).await;
+    r.expect("legacy import");
+    // The digest prefix names the manifest and (containerd's non-annotation branch) the
+    // index made for the archive.
+    let legacy_images = images(&d, "legacy");
+    assert_eq!(legacy_images.len(), 2, "{legacy_images:?}");
+    assert!(legacy_images.contains(&(
+        format!("import-2026-11-27@{}", ours[0].1),
+        ours[0].1.clone()
+    )));
+    let (_, made) = legacy_images.iter().find(|(_, t)| *t != ours[0].1).unwrap();
+    let made = blob_json(&d, "legacy", made);
+    assert_eq!(made["manifests"][0]["digest"], ours[0].1.as_str());
+    assert!(made["manifests"][0].get("annotations").is_none(), "{made}");
+
     // --compress-blobs: the uncompressed layer is gzipped and remembered; a later plain
     // import of the same archive reuses the compressed layer (containerd's
     // `containerd.io/uncompressed` lookup), so both give the same manifest.
@@ -1730,4 +1796,70 @@ async fn credentials_are_asked_for_the_host_that_challenges() {
     let p = pull_with(&ch, "denied", &reference, store(), &host_dir, &wrong).await;
     assert!(p.result.is_err());
     assert!(images(&d, "denied").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_services_unpack_configuration_decides_what_is_unpacked() {
+    if !have("skopeo") || !have("umoci") {
+        eprintln!("SKIP: skopeo, umoci or docker-registry missing (scripts/install-deps)");
+        return;
+    }
+    let multi = berth_testkit::registry::multi_platform();
+    let reg = Registry::start();
+    reg.push_oci_archive(&multi.archive, "multi/app:1");
+    let reference = format!("{}/multi/app:1", reg.host());
+    // containerd's keys: only native on linux/amd64, and platforms checked whole.
+    let config = format!(
+        "{}[plugins.\"io.containerd.transfer.v1.local\"]\n  check_platform_supported = true\n\n[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  platform = \"linux/amd64\"\n  snapshotter = \"native\"\n",
+        berth_testkit::NO_STARTUP_GC
+    );
+    let d = Daemon::start_with_config(&config);
+    let ch = channel(d.socket.clone()).await;
+    let committed_in = |ns: &str, snapshotter: &str| {
+        d.ctr_ok(&["-n", ns, "snapshots", "--snapshotter", snapshotter, "ls"])
+            .lines()
+            .filter(|l| l.contains("Committed"))
+            .count()
+    };
+    let store = |snapshotter: &str| tt::ImageStore {
+        name: reference.clone(),
+        unpacks: vec![tt::UnpackConfiguration {
+            platform: Some(amd64()),
+            snapshotter: snapshotter.into(),
+        }],
+        ..Default::default()
+    };
+    // overlayfs is not offered: the image is pulled, nothing unpacked.
+    let p = pull_with(
+        &ch,
+        "default",
+        &reference,
+        store("overlayfs"),
+        "",
+        &Answers::new(),
+    )
+    .await;
+    assert!(
+        p.result.is_ok(),
+        "{:?}\n{}",
+        p.result,
+        berth_testkit::tail(&d.log(), 30)
+    );
+    assert_eq!(committed_in("default", "overlayfs"), 0);
+    assert_eq!(committed_in("default", "native"), 0);
+    assert!(!p.progress.iter().any(|e| e.event == "extracted"));
+    // No snapshotter asked: the offered one; both platforms pulled, only amd64 unpacked
+    // (check_platform_supported).
+    d.ctr_ok(&["namespaces", "create", "native"]);
+    let p = pull_with(&ch, "native", &reference, store(""), "", &Answers::new()).await;
+    assert!(p.result.is_ok(), "{:?}", p.result);
+    assert_eq!(committed_in("native", "native"), 1);
+    assert_eq!(committed_in("native", "overlayfs"), 0);
+    let (_, _, arm_layers) = &multi.arm64;
+    assert!(content(&d, "native").contains(&arm_layers[0]));
+    assert!(
+        !p.progress
+            .iter()
+            .any(|e| e.event == "extracted" && e.name == format!("layer-{}", arm_layers[0]))
+    );
 }

@@ -4,7 +4,7 @@
 //! config's platform against the supported platform: only its OS unless
 //! `check_platform_supported`).
 
-use crate::{ImageStore, LocalTransfer};
+use crate::{ImageStore, LocalTransfer, TransferConfig, Unpack};
 use berth_core::labels::Labels;
 use berth_core::snapshot::Snapshotter;
 use berth_core::{Error, Result};
@@ -35,10 +35,21 @@ impl UnpackTarget {
 /// The supported unpacks the destination's `unpacks` select (containerd's
 /// `getSupportedPlatform` for each, unsupported ones skipped with a warning).
 pub(crate) fn targets(t: &LocalTransfer, dst: &ImageStore) -> Vec<UnpackTarget> {
-    let os_only = !t.config.check_platform_supported;
-    let host = Platform::host();
+    select(&t.config, &Platform::host(), &dst.unpacks, &|name| {
+        t.snapshotters.get(name).is_ok()
+    })
+}
+
+/// [`targets`] for a configuration, this machine's platform and the snapshotters loaded.
+pub(crate) fn select(
+    config: &TransferConfig,
+    host: &Platform,
+    unpacks: &[Unpack],
+    loaded: &dyn Fn(&str) -> bool,
+) -> Vec<UnpackTarget> {
+    let os_only = !config.check_platform_supported;
     let mut out: Vec<UnpackTarget> = vec![];
-    for u in &dst.unpacks {
+    for u in unpacks {
         // Berth: an unpack without a platform means this machine's.
         let wanted = u.platform.clone().unwrap_or_else(|| host.clone());
         let supported_matches = |p: &Platform| {
@@ -48,12 +59,12 @@ pub(crate) fn targets(t: &LocalTransfer, dst: &ImageStore) -> Vec<UnpackTarget> 
                 p.match_rank(&wanted).is_some()
             }
         };
-        let chosen = match &t.config.unpack_config {
+        let chosen = match &config.unpack_config {
             // Berth's default: this machine's platform with any loaded snapshotter.
-            None => supported_matches(&host).then(|| UnpackTarget {
+            None => supported_matches(host).then(|| UnpackTarget {
                 platform: host.clone(),
                 snapshotter: if u.snapshotter.is_empty() {
-                    t.config.snapshotter.clone()
+                    config.snapshotter.clone()
                 } else {
                     u.snapshotter.clone()
                 },
@@ -63,6 +74,7 @@ pub(crate) fn targets(t: &LocalTransfer, dst: &ImageStore) -> Vec<UnpackTarget> 
                 let mut chosen: Option<UnpackTarget> = None;
                 for sp in list {
                     let Ok(p) = Platform::parse(&sp.platform) else {
+                        tracing::warn!(platform = %sp.platform, "unpack_config: not a platform");
                         continue;
                     };
                     if !supported_matches(&p) {
@@ -78,7 +90,8 @@ pub(crate) fn targets(t: &LocalTransfer, dst: &ImageStore) -> Vec<UnpackTarget> 
                         break;
                     }
                     if u.snapshotter.is_empty() {
-                        if sp.snapshotter == t.config.snapshotter {
+                        // The default snapshotter is the best match; else the first.
+                        if sp.snapshotter == config.snapshotter {
                             chosen = Some(target);
                             break;
                         }
@@ -91,13 +104,11 @@ pub(crate) fn targets(t: &LocalTransfer, dst: &ImageStore) -> Vec<UnpackTarget> 
             }
         };
         match chosen {
-            Some(c) => {
-                if t.snapshotters.get(&c.snapshotter).is_err() {
-                    tracing::warn!(snapshotter = %c.snapshotter, "unpack configuration not supported (no such snapshotter), skipping");
-                    continue;
-                }
-                out.push(c);
-            }
+            Some(c) if loaded(&c.snapshotter) => out.push(c),
+            Some(c) => tracing::warn!(
+                snapshotter = %c.snapshotter,
+                "unpack configuration not supported (no such snapshotter), skipping"
+            ),
             None => tracing::warn!(
                 platform = %wanted,
                 snapshotter = %u.snapshotter,
@@ -172,4 +183,139 @@ pub(crate) fn snapshot_label(snapshotter: &str, top: &str) -> (String, Labels) {
     let mut labels = Labels::new();
     labels.insert(key.clone(), top.to_string());
     (key, labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::UnpackPlatformConfig;
+
+    fn p(s: &str) -> Platform {
+        Platform::parse(s).unwrap()
+    }
+
+    fn unpack(platform: &str, snapshotter: &str) -> Unpack {
+        Unpack {
+            platform: (!platform.is_empty()).then(|| p(platform)),
+            snapshotter: snapshotter.into(),
+        }
+    }
+
+    fn chosen(config: &TransferConfig, unpacks: &[Unpack]) -> Vec<(String, String, bool)> {
+        let loaded = |n: &str| ["overlayfs", "native"].contains(&n);
+        select(config, &p("linux/amd64"), unpacks, &loaded)
+            .into_iter()
+            .map(|t| (t.platform.to_string(), t.snapshotter, t.os_only))
+            .collect()
+    }
+
+    #[test]
+    fn supported_unpacks_as_containerd() {
+        let default = TransferConfig::default();
+        // Berth's default: this machine's platform, any loaded snapshotter, the default
+        // one for an empty request; matched by OS only.
+        assert_eq!(
+            chosen(&default, &[unpack("linux/arm64", ""), unpack("", "native")]),
+            [
+                ("linux/amd64".into(), "overlayfs".into(), true),
+                ("linux/amd64".into(), "native".into(), true)
+            ]
+        );
+        assert!(chosen(&default, &[unpack("windows/amd64", "")]).is_empty());
+        assert!(chosen(&default, &[unpack("linux/amd64", "zfs")]).is_empty());
+        // check_platform_supported: the architecture must match too.
+        let strict = TransferConfig {
+            check_platform_supported: true,
+            ..Default::default()
+        };
+        assert!(chosen(&strict, &[unpack("linux/arm64", "")]).is_empty());
+        assert_eq!(chosen(&strict, &[unpack("linux/amd64", "")]).len(), 1);
+        // An explicit unpack_config: only its pairs.
+        let configured = TransferConfig {
+            unpack_config: Some(vec![
+                UnpackPlatformConfig {
+                    platform: "linux/amd64".into(),
+                    snapshotter: "native".into(),
+                },
+                UnpackPlatformConfig {
+                    platform: "linux/amd64".into(),
+                    snapshotter: "overlayfs".into(),
+                },
+            ]),
+            ..Default::default()
+        };
+        assert_eq!(
+            chosen(&configured, &[unpack("linux/amd64", "")]),
+            [("linux/amd64".into(), "overlayfs".into(), true)]
+        );
+        assert_eq!(
+            chosen(&configured, &[unpack("linux/amd64", "native")]),
+            [("linux/amd64".into(), "native".into(), true)]
+        );
+        assert!(chosen(&configured, &[unpack("linux/amd64", "btrfs")]).is_empty());
+        let only_native = TransferConfig {
+            unpack_config: Some(vec![UnpackPlatformConfig {
+                platform: "linux/amd64".into(),
+                snapshotter: "native".into(),
+            }]),
+            ..Default::default()
+        };
+        // An empty request takes the first match when the default is not offered.
+        assert_eq!(
+            chosen(&only_native, &[unpack("linux/amd64", "")]),
+            [("linux/amd64".into(), "native".into(), true)]
+        );
+    }
+
+    #[test]
+    fn images_match_the_supported_platform() {
+        let os_only = UnpackTarget {
+            platform: p("linux/amd64"),
+            snapshotter: "overlayfs".into(),
+            os_only: true,
+        };
+        let strict = UnpackTarget {
+            os_only: false,
+            ..os_only.clone()
+        };
+        let config = |arch: &str, rootfs: &str| {
+            format!(
+                r#"{{"os":"linux","architecture":"{arch}","rootfs":{{"type":"{rootfs}","diff_ids":[]}}}}"#
+            )
+        };
+        let layer = ["application/vnd.oci.image.layer.v1.tar+gzip"];
+        let arm = config("arm64", "layers");
+        assert!(
+            target_for(std::slice::from_ref(&os_only), arm.as_bytes(), &layer)
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            target_for(std::slice::from_ref(&strict), arm.as_bytes(), &layer)
+                .unwrap()
+                .is_none()
+        );
+        // Not layers (an attestation manifest) or another rootfs type: not unpacked.
+        let amd = config("amd64", "layers");
+        assert!(
+            target_for(
+                std::slice::from_ref(&strict),
+                amd.as_bytes(),
+                &["application/vnd.in-toto+json"]
+            )
+            .unwrap()
+            .is_none()
+        );
+        let other = config("amd64", "other");
+        assert!(
+            target_for(std::slice::from_ref(&strict), other.as_bytes(), &layer)
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            target_for(std::slice::from_ref(&strict), amd.as_bytes(), &layer)
+                .unwrap()
+                .is_some()
+        );
+    }
 }
