@@ -208,8 +208,7 @@ pub enum Object {
     ImageStore(ImageStore),
     ImportStream(ImportStream),
     ExportStream(ExportStream),
-    /// A type the adapter decoded but no transfer handles yet (its type URL), e.g. an
-    /// OCI archive import or export stream.
+    /// A type no transfer handles (its type URL).
     Other(String),
 }
 
