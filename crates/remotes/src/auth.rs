@@ -104,8 +104,17 @@ pub fn parse_www_authenticate(header: &str) -> Vec<Challenge> {
 }
 
 /// Where credentials come from; called with the host that sent the challenge.
+#[async_trait::async_trait]
 pub trait CredentialsProvider: Send + Sync {
     fn credentials(&self, host: &str) -> Option<AuthConfig>;
+
+    /// What the resolver calls when `host` challenges a request (only then, and only
+    /// for that host): by default [`CredentialsProvider::credentials`]. A provider that
+    /// has to ask someone (berthd asks the client's auth stream, as containerd's
+    /// transfer service does) overrides this.
+    async fn credentials_for(&self, host: &str) -> Option<AuthConfig> {
+        self.credentials(host)
+    }
 }
 
 /// A fixed map from registry host to credential. `docker.io`, `index.docker.io` and

@@ -493,7 +493,12 @@ impl Resolver {
                     let Some(challenge) = header_str(&resp, "www-authenticate") else {
                         return Ok(resp);
                     };
-                    let creds = self.inner.opts.credentials.credentials(&host.host);
+                    let creds = self
+                        .inner
+                        .opts
+                        .credentials
+                        .credentials_for(&host.host)
+                        .await;
                     if self
                         .inner
                         .auth

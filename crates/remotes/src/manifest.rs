@@ -146,6 +146,77 @@ pub fn select_platform(index: &ImageIndex, want: &Platform, what: &str) -> Resul
     })
 }
 
+/// Which manifests of an index a walk takes: containerd 2.x's image store filter
+/// (`ImageStore.platforms`, `all_metadata`, `manifest_limit`; its `ImageFilter`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ManifestFilter {
+    /// Platforms taken whole, in order of preference; empty: every platform.
+    pub platforms: Vec<Platform>,
+    /// The other platforms' manifests are taken too, for their metadata only (manifest
+    /// and config, no layers): containerd's `FilterManifestByPlatformHandler`.
+    pub all_metadata: bool,
+    /// At most this many manifests of each index, preferred platforms first (0: no
+    /// limit): containerd's `LimitManifests`.
+    pub manifest_limit: usize,
+}
+
+impl ManifestFilter {
+    /// Whether a manifest of platform `p` is taken whole (no platform: always, as
+    /// containerd's platform filters let such entries through).
+    pub fn matches(&self, p: Option<&Platform>) -> bool {
+        match p {
+            None => true,
+            Some(p) => {
+                self.platforms.is_empty()
+                    || self.platforms.iter().any(|w| w.match_rank(p).is_some())
+            }
+        }
+    }
+
+    /// containerd's `platforms.Ordered(...).Less` as a sort key: the first wanted
+    /// platform an entry matches; entries matching none after those, entries without a
+    /// platform last.
+    fn preference(&self, p: Option<&Platform>) -> usize {
+        match p {
+            None => usize::MAX,
+            Some(p) => self
+                .platforms
+                .iter()
+                .position(|w| w.match_rank(p).is_some())
+                .unwrap_or(self.platforms.len()),
+        }
+    }
+
+    /// The entries of an index the walk continues with, each with whether it is taken
+    /// whole (`true`) or for its metadata only, in the order containerd walks them.
+    pub fn select(&self, manifests: &[Descriptor], what: &str) -> Result<Vec<(Descriptor, bool)>> {
+        let mut out: Vec<(Descriptor, bool)> = vec![];
+        for m in manifests {
+            let p = descriptor_platform(m);
+            if self.matches(p.as_ref()) {
+                out.push((m.clone(), true));
+            } else if self.all_metadata {
+                out.push((m.clone(), false));
+            }
+        }
+        if self.manifest_limit > 0 {
+            if !self.platforms.is_empty() {
+                out.sort_by_key(|(m, _)| self.preference(descriptor_platform(m).as_ref()));
+            } else {
+                // `platforms.All` orders nothing; entries without a platform still last.
+                out.sort_by_key(|(m, _)| descriptor_platform(m).is_none());
+            }
+            if out.is_empty() {
+                return Err(Error::not_found(format!(
+                    "{what}: no match for platform in manifest"
+                )));
+            }
+            out.truncate(self.manifest_limit);
+        }
+        Ok(out)
+    }
+}
+
 /// Our digest type from an oci-spec descriptor.
 pub fn descriptor_digest(d: &Descriptor) -> Result<Digest> {
     Digest::parse(d.digest().as_ref())
@@ -247,5 +318,92 @@ mod tests {
         let e = select_platform(&idx, &Platform::parse("linux/s390x").unwrap(), "t").unwrap_err();
         assert!(e.is(ErrorKind::NotFound));
         assert!(e.to_string().contains("linux/arm/v7"), "{e}");
+    }
+
+    #[test]
+    fn manifest_filter_as_containerds_image_store() {
+        let e = |d: char, p: Option<&str>| {
+            let platform = p
+                .map(|p| {
+                    let (os, arch) = p.split_once('/').unwrap();
+                    format!(r#","platform":{{"os":"{os}","architecture":"{arch}"}}"#)
+                })
+                .unwrap_or_default();
+            format!(
+                r#"{{"mediaType":"{OCI_MANIFEST}","digest":"sha256:{}","size":1{platform}}}"#,
+                d.to_string().repeat(64)
+            )
+        };
+        let idx = format!(
+            r#"{{"schemaVersion":2,"manifests":[{},{},{},{}]}}"#,
+            e('a', Some("linux/amd64")),
+            e('b', Some("linux/arm64")),
+            e('c', None),
+            e('d', Some("linux/s390x")),
+        );
+        let idx = parse_index(idx.as_bytes(), "t").unwrap();
+        let pick = |f: &ManifestFilter| -> Vec<(char, bool)> {
+            f.select(idx.manifests(), "t")
+                .unwrap()
+                .iter()
+                .map(|(d, whole)| (d.digest().to_string().chars().nth(7).unwrap(), *whole))
+                .collect()
+        };
+        let amd = Platform::parse("linux/amd64").unwrap();
+        let arm = Platform::parse("linux/arm64").unwrap();
+        // Every platform.
+        let all = ManifestFilter::default();
+        assert_eq!(
+            pick(&all),
+            [('a', true), ('b', true), ('c', true), ('d', true)]
+        );
+        // One platform: entries without a platform pass.
+        let one = ManifestFilter {
+            platforms: vec![amd.clone()],
+            ..Default::default()
+        };
+        assert_eq!(pick(&one), [('a', true), ('c', true)]);
+        // all_metadata: the others for their metadata.
+        let meta = ManifestFilter {
+            all_metadata: true,
+            ..one.clone()
+        };
+        assert_eq!(
+            pick(&meta),
+            [('a', true), ('b', false), ('c', true), ('d', false)]
+        );
+        // A limit: preferred platforms first, entries without a platform last.
+        let limited = ManifestFilter {
+            platforms: vec![arm.clone(), amd.clone()],
+            manifest_limit: 2,
+            ..Default::default()
+        };
+        assert_eq!(pick(&limited), [('b', true), ('a', true)]);
+        let limited_meta = ManifestFilter {
+            platforms: vec![arm],
+            all_metadata: true,
+            manifest_limit: 3,
+        };
+        assert_eq!(
+            pick(&limited_meta),
+            [('b', true), ('a', false), ('d', false)]
+        );
+        // Nothing left under a limit: NotFound.
+        let none = ManifestFilter {
+            platforms: vec![Platform::parse("linux/ppc64le").unwrap()],
+            manifest_limit: 1,
+            ..Default::default()
+        };
+        let only_platformed = parse_index(
+            format!(
+                r#"{{"schemaVersion":2,"manifests":[{}]}}"#,
+                e('a', Some("linux/amd64"))
+            )
+            .as_bytes(),
+            "t",
+        )
+        .unwrap();
+        let err = none.select(only_platformed.manifests(), "t").unwrap_err();
+        assert!(err.is(ErrorKind::NotFound), "{err}");
     }
 }

@@ -26,7 +26,7 @@
 //! kept for resume).
 
 use crate::client::Resolver;
-use crate::manifest::{self, descriptor_digest};
+use crate::manifest::{self, ManifestFilter, descriptor_digest};
 use crate::platform::Platform;
 use crate::reference::Reference;
 use crate::verify::Verifier;
@@ -146,7 +146,14 @@ pub struct PullOptions {
     pub progress: Option<UnboundedSender<ProgressEvent>>,
     pub cancel: CancellationToken,
     pub layer_hook: Option<Arc<dyn LayerHook>>,
+    /// Called with each index or manifest and the children the pull takes from it
+    /// (manifests of an index; config and layers of a manifest), before any progress
+    /// event of those children: progress consumers learn every blob's parent.
+    pub on_children: Option<ChildrenFn>,
 }
+
+/// See [`PullOptions::on_children`].
+pub type ChildrenFn = Arc<dyn Fn(&Descriptor, &[Descriptor]) + Send + Sync>;
 
 impl Default for PullOptions {
     fn default() -> Self {
@@ -157,6 +164,7 @@ impl Default for PullOptions {
             progress: None,
             cancel: CancellationToken::new(),
             layer_hook: None,
+            on_children: None,
         }
     }
 }
@@ -174,13 +182,190 @@ fn emit(opts: &PullOptions, desc: &Descriptor, kind: &BlobKind, state: ProgressS
     }
 }
 
-/// Pulls `reference` into `sink`. See the module docs for the guarantees.
+/// Pulls `reference` into `sink`: the manifest that best serves `opts.platform` (an
+/// index's entries without a platform and attestation manifests are never chosen; none
+/// matching is `NotFound`, naming the platforms the index has). See the module docs for
+/// the guarantees.
 pub async fn pull(
     resolver: &Resolver,
     reference: &Reference,
     sink: &dyn BlobSink,
     opts: &PullOptions,
 ) -> Result<ImageInfo> {
+    let mut pulled = pull_selected(resolver, reference, sink, opts, Selection::Best).await?;
+    Ok(pulled.images.remove(0))
+}
+
+/// What [`pull_filtered`] pulled.
+#[derive(Debug, Clone)]
+pub struct Pulled {
+    /// What the reference resolved to (an index or a manifest).
+    pub target: Descriptor,
+    /// The manifests pulled whole (config and layers), in the filter's order of
+    /// preference (the best first).
+    pub images: Vec<ImageInfo>,
+    /// The manifests of which only the manifest and the config were pulled (the other
+    /// platforms of an `all_metadata` pull).
+    pub metadata_only: Vec<Descriptor>,
+}
+
+/// Pulls `reference` into `sink` as containerd 2.x's transfer service does for an image
+/// store with `filter`: every manifest of an index the filter takes (nested indexes
+/// walked the same way), whole or for its metadata only. The layer hook is called for
+/// each image pulled whole, in layer order per image; a layer several images share is
+/// downloaded once. Manifests are written last: metadata-only ones, then the images
+/// pulled whole (the preferred last), then indexes (inner first).
+pub async fn pull_filtered(
+    resolver: &Resolver,
+    reference: &Reference,
+    sink: &dyn BlobSink,
+    opts: &PullOptions,
+    filter: &ManifestFilter,
+) -> Result<Pulled> {
+    pull_selected(resolver, reference, sink, opts, Selection::Filter(filter)).await
+}
+
+#[derive(Clone, Copy)]
+enum Selection<'a> {
+    /// [`pull`]: one manifest, the best for `opts.platform`.
+    Best,
+    Filter(&'a ManifestFilter),
+}
+
+/// A manifest found by the walk.
+struct Found {
+    desc: Descriptor,
+    body: Vec<u8>,
+    whole: bool,
+}
+
+/// Indexes nested deeper than this are refused.
+const MAX_INDEX_DEPTH: usize = 8;
+
+/// Walks `index` (already fetched): fetches the manifests and nested indexes `sel`
+/// takes, announcing each, and reports parents to `opts.on_children`.
+#[allow(clippy::too_many_arguments)]
+async fn walk_index(
+    resolver: &Resolver,
+    reference: &Reference,
+    opts: &PullOptions,
+    sel: Selection<'_>,
+    index_desc: &Descriptor,
+    body: &[u8],
+    depth: usize,
+    indexes: &mut Vec<(Descriptor, Vec<u8>)>,
+    found: &mut Vec<Found>,
+) -> Result<()> {
+    let what = reference.to_string();
+    if depth > MAX_INDEX_DEPTH {
+        return Err(Error::invalid_argument(format!(
+            "{what}: indexes nested too deeply"
+        )));
+    }
+    let index = manifest::parse_index(body, &what)?;
+    let taken: Vec<(Descriptor, bool)> = match sel {
+        Selection::Best => vec![(
+            manifest::select_platform(&index, &opts.platform, &what)?,
+            true,
+        )],
+        Selection::Filter(f) => f
+            .select(index.manifests(), &what)?
+            .into_iter()
+            .filter(|(d, _)| {
+                manifest::is_manifest(d.media_type().as_ref())
+                    || manifest::is_index(d.media_type().as_ref())
+            })
+            .collect(),
+    };
+    if let Some(cb) = &opts.on_children {
+        let children: Vec<Descriptor> = taken.iter().map(|(d, _)| d.clone()).collect();
+        cb(index_desc, &children);
+    }
+    for (d, whole) in taken {
+        let body = resolver.fetch_manifest(reference, &d).await?;
+        let mt = manifest::detect_media_type(&body, Some(d.media_type().as_ref()), &what)?;
+        if manifest::is_index(&mt) {
+            emit(opts, &d, &BlobKind::Index, ProgressState::Waiting, 0);
+            Box::pin(walk_index(
+                resolver,
+                reference,
+                opts,
+                sel,
+                &d,
+                &body,
+                depth + 1,
+                indexes,
+                found,
+            ))
+            .await?;
+            indexes.push((d, body));
+        } else if manifest::is_manifest(&mt) {
+            emit(opts, &d, &BlobKind::Manifest, ProgressState::Waiting, 0);
+            found.push(Found {
+                desc: d,
+                body,
+                whole,
+            });
+        } else {
+            return Err(Error::invalid_argument(format!(
+                "{what}: expected an image manifest, got {mt}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Fetches a manifest's config (verified, bounded) into the sink; returns its bytes.
+async fn fetch_config(
+    resolver: &Resolver,
+    reference: &Reference,
+    sink: &dyn BlobSink,
+    opts: &PullOptions,
+    config: &Descriptor,
+) -> Result<Vec<u8>> {
+    emit(
+        opts,
+        config,
+        &BlobKind::Config,
+        ProgressState::Downloading,
+        0,
+    );
+    let body = resolver
+        .fetch_verified(reference, config, MAX_CONFIG_SIZE)
+        .await?;
+    match sink.open(config).await? {
+        Some(mut w) => {
+            if w.offset() > 0 {
+                w.truncate().await?;
+            }
+            w.write(Bytes::from(body.clone())).await?;
+            w.commit(config).await?;
+            emit(
+                opts,
+                config,
+                &BlobKind::Config,
+                ProgressState::Done,
+                config.size(),
+            );
+        }
+        None => emit(
+            opts,
+            config,
+            &BlobKind::Config,
+            ProgressState::Exists,
+            config.size(),
+        ),
+    }
+    Ok(body)
+}
+
+async fn pull_selected(
+    resolver: &Resolver,
+    reference: &Reference,
+    sink: &dyn BlobSink,
+    opts: &PullOptions,
+    sel: Selection<'_>,
+) -> Result<Pulled> {
     let cancelled = || Error::new(ErrorKind::Canceled, format!("pull {reference}"));
     let resolved = tokio::select! {
         r = resolver.resolve(reference) => r?,
@@ -195,108 +380,95 @@ pub async fn pull(
     } else {
         manifest::detect_media_type(&top, None, &what)?
     };
-    let mut manifests: Vec<(Descriptor, Vec<u8>, BlobKind)> = vec![];
-    let (manifest_desc, manifest_body) = if manifest::is_index(&top_mt) {
-        let index = manifest::parse_index(&top, &what)?;
-        let chosen = manifest::select_platform(&index, &opts.platform, &what)?;
-        let body = resolver.fetch_manifest(reference, &chosen).await?;
-        manifests.push((target.clone(), top, BlobKind::Index));
-        (chosen, body)
+    // Indexes in write order (inner first, the top last) and the manifests found.
+    let mut indexes: Vec<(Descriptor, Vec<u8>)> = vec![];
+    let mut found: Vec<Found> = vec![];
+    if manifest::is_index(&top_mt) {
+        // Announced now, written last (see the module docs): progress consumers learn
+        // which manifest the config and layers belong to, the top first.
+        emit(opts, &target, &BlobKind::Index, ProgressState::Waiting, 0);
+        let walked = tokio::select! {
+            r = walk_index(resolver, reference, opts, sel, &target, &top, 0, &mut indexes, &mut found) => r,
+            _ = opts.cancel.cancelled() => return Err(cancelled()),
+        };
+        walked?;
+        indexes.push((target.clone(), top));
+    } else if manifest::is_manifest(&top_mt) {
+        emit(
+            opts,
+            &target,
+            &BlobKind::Manifest,
+            ProgressState::Waiting,
+            0,
+        );
+        found.push(Found {
+            desc: target.clone(),
+            body: top,
+            whole: true,
+        });
     } else {
-        (target.clone(), top)
-    };
-    let mt = manifest::detect_media_type(
-        &manifest_body,
-        Some(manifest_desc.media_type().as_ref()),
-        &what,
-    )?;
-    if !manifest::is_manifest(&mt) {
         return Err(Error::invalid_argument(format!(
-            "{what}: expected an image manifest, got {mt}"
+            "{what}: expected an image manifest, got {top_mt}"
         )));
     }
-    let m = manifest::parse_manifest(&manifest_body, &what)?;
-    // Announced now, written last (see the module docs): progress consumers learn which
-    // manifest the config and layers belong to.
-    for (d, _, kind) in &manifests {
-        emit(opts, d, kind, ProgressState::Waiting, 0);
-    }
-    emit(
-        opts,
-        &manifest_desc,
-        &BlobKind::Manifest,
-        ProgressState::Waiting,
-        0,
-    );
-    let config = m.config().clone();
-    emit(
-        opts,
-        &config,
-        &BlobKind::Config,
-        ProgressState::Downloading,
-        0,
-    );
-    let config_body = resolver
-        .fetch_verified(reference, &config, MAX_CONFIG_SIZE)
-        .await?;
-    match sink.open(&config).await? {
-        Some(mut w) => {
-            if w.offset() > 0 {
-                w.truncate().await?;
-            }
-            w.write(Bytes::from(config_body.clone())).await?;
-            w.commit(&config).await?;
-            emit(
-                opts,
-                &config,
-                &BlobKind::Config,
-                ProgressState::Done,
-                config.size(),
-            );
+
+    // Configs first (a layer hook needs the diff IDs from the start), then the layers of
+    // the images pulled whole.
+    let mut images: Vec<ImageInfo> = vec![];
+    let mut metadata_only: Vec<Descriptor> = vec![];
+    for f in &found {
+        let m = manifest::parse_manifest(&f.body, &what)?;
+        let config = m.config().clone();
+        let layers: Vec<Descriptor> = if f.whole { m.layers().clone() } else { vec![] };
+        if let Some(cb) = &opts.on_children {
+            let mut children = vec![config.clone()];
+            children.extend(layers.iter().cloned());
+            cb(&f.desc, &children);
         }
-        None => emit(
-            opts,
-            &config,
-            &BlobKind::Config,
-            ProgressState::Exists,
-            config.size(),
-        ),
-    }
-    let image = ImageInfo {
-        name: reference.to_string(),
-        target: target.clone(),
-        manifest: manifest_desc.clone(),
-        config,
-        config_body,
-        layers: m.layers().clone(),
-    };
-    manifests.insert(0, (manifest_desc, manifest_body, BlobKind::Manifest));
-    for d in std::iter::once(&image.config).chain(image.layers.iter()) {
-        descriptor_digest(d).map_err(|e| e.context(&what))?;
+        for d in std::iter::once(&config).chain(layers.iter()) {
+            descriptor_digest(d).map_err(|e| e.context(&what))?;
+        }
+        let config_body = tokio::select! {
+            r = fetch_config(resolver, reference, sink, opts, &config) => r?,
+            _ = opts.cancel.cancelled() => return Err(cancelled()),
+        };
+        if f.whole {
+            images.push(ImageInfo {
+                name: what.clone(),
+                target: target.clone(),
+                manifest: f.desc.clone(),
+                config,
+                config_body,
+                layers,
+            });
+        } else {
+            metadata_only.push(f.desc.clone());
+        }
     }
 
+    // One download per distinct layer; each image's hook chain waits for its layers.
     let mut blobs: Vec<(Descriptor, BlobKind)> = vec![];
-    blobs.extend(
-        image
-            .layers
-            .iter()
-            .cloned()
-            .enumerate()
-            .map(|(i, d)| (d, BlobKind::Layer(i))),
-    );
+    let mut done_rx: std::collections::HashMap<String, tokio::sync::watch::Receiver<bool>> =
+        std::collections::HashMap::new();
+    let mut done_tx: Vec<Option<tokio::sync::watch::Sender<bool>>> = vec![];
+    for image in &images {
+        for (i, l) in image.layers.iter().enumerate() {
+            let key = l.digest().to_string();
+            if done_rx.contains_key(&key) {
+                continue;
+            }
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            done_rx.insert(key, rx);
+            done_tx.push(Some(tx));
+            blobs.push((l.clone(), BlobKind::Layer(i)));
+        }
+    }
     for (d, k) in &blobs {
         emit(opts, d, k, ProgressState::Waiting, 0);
     }
     let sem = Arc::new(tokio::sync::Semaphore::new(
         opts.max_concurrent_downloads.max(1),
     ));
-    let mut senders = vec![];
-    let mut receivers = vec![];
-    for _ in &image.layers {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        senders.push(Some(tx));
-        receivers.push(rx);
-    }
     // Every download ends by itself (closing its writer) when `stop` fires: on the
     // caller's cancellation, or on the first failure of a download or of the hook.
     let stop = opts.cancel.child_token();
@@ -305,58 +477,67 @@ pub async fn pull(
         ..opts.clone()
     };
     let inner = &inner;
-    let downloads = futures::future::join_all(blobs.into_iter().map(|(d, kind)| {
-        let sem = sem.clone();
-        let stop = stop.clone();
-        let tx = match kind {
-            BlobKind::Layer(i) => senders[i].take(),
-            _ => None,
-        };
-        async move {
-            let permit = tokio::select! {
-                p = sem.acquire() => p.map_err(|_| Error::unknown("semaphore closed"))?,
-                _ = stop.cancelled() => return Err(cancelled()),
-            };
-            let r = fetch_into(resolver, reference, &d, &kind, sink, inner).await;
-            drop(permit);
-            match r {
-                Ok(()) => {
-                    if let Some(tx) = tx {
-                        let _ = tx.send(());
+    let downloads = futures::future::join_all(blobs.into_iter().zip(done_tx.iter_mut()).map(
+        |((d, kind), tx)| {
+            let sem = sem.clone();
+            let stop = stop.clone();
+            let tx = tx.take();
+            async move {
+                let permit = tokio::select! {
+                    p = sem.acquire() => p.map_err(|_| Error::unknown("semaphore closed"))?,
+                    _ = stop.cancelled() => return Err(cancelled()),
+                };
+                let r = fetch_into(resolver, reference, &d, &kind, sink, inner).await;
+                drop(permit);
+                match r {
+                    Ok(()) => {
+                        if let Some(tx) = tx {
+                            let _ = tx.send(true);
+                        }
+                        Ok(())
                     }
-                    Ok(())
-                }
-                Err(e) => {
-                    stop.cancel();
-                    Err(e)
+                    Err(e) => {
+                        stop.cancel();
+                        Err(e)
+                    }
                 }
             }
+        },
+    ));
+    let hook_stop = stop.clone();
+    let images_ref = &images;
+    let done_ref = &done_rx;
+    let notifiers = futures::future::join_all(images_ref.iter().map(|image| {
+        let hook_stop = hook_stop.clone();
+        async move {
+            for (i, layer) in image.layers.iter().enumerate() {
+                let mut rx = done_ref[&layer.digest().to_string()].clone();
+                let ready = tokio::select! {
+                    r = rx.wait_for(|done| *done) => r.is_ok(),
+                    _ = hook_stop.cancelled() => false,
+                };
+                if !ready {
+                    // That download failed (its error ends the pull) or the pull stops.
+                    return Ok(());
+                }
+                if let Some(h) = &opts.layer_hook {
+                    let r = tokio::select! {
+                        r = h.layer_ready(i, layer, image) => r,
+                        _ = hook_stop.cancelled() => return Ok(()),
+                    };
+                    if let Err(e) = r {
+                        hook_stop.cancel();
+                        return Err(e);
+                    }
+                }
+            }
+            Ok::<(), Error>(())
         }
     }));
-    let image_ref = &image;
-    let hook_stop = stop.clone();
-    let notifier = async move {
-        for (i, rx) in receivers.into_iter().enumerate() {
-            if rx.await.is_err() {
-                // That download failed: its error ends the pull.
-                return Ok(());
-            }
-            if let Some(h) = &opts.layer_hook {
-                let r = tokio::select! {
-                    r = h.layer_ready(i, &image_ref.layers[i], image_ref) => r,
-                    _ = hook_stop.cancelled() => return Ok(()),
-                };
-                if let Err(e) = r {
-                    hook_stop.cancel();
-                    return Err(e);
-                }
-            }
-        }
-        Ok::<(), Error>(())
-    };
-    let (results, hooked) = futures::future::join(downloads, notifier).await;
+    let (results, hooked) = futures::future::join(downloads, notifiers).await;
+    drop(done_tx);
     let mut errors: Vec<Error> = results.into_iter().filter_map(|r| r.err()).collect();
-    if let Err(e) = hooked {
+    for e in hooked.into_iter().filter_map(|r| r.err()).rev() {
         errors.insert(0, e);
     }
     if !errors.is_empty() {
@@ -375,7 +556,17 @@ pub async fn pull(
     if opts.cancel.is_cancelled() {
         return Err(cancelled());
     }
-    for (d, body, kind) in manifests {
+    // Children before parents: metadata-only manifests, the images pulled whole (the
+    // preferred last), then the indexes.
+    let mut writes: Vec<(Descriptor, Vec<u8>, BlobKind)> = vec![];
+    let (meta, whole): (Vec<Found>, Vec<Found>) = found.into_iter().partition(|f| !f.whole);
+    for f in meta.into_iter().chain(whole.into_iter().rev()) {
+        writes.push((f.desc, f.body, BlobKind::Manifest));
+    }
+    for (d, body) in indexes {
+        writes.push((d, body, BlobKind::Index));
+    }
+    for (d, body, kind) in writes {
         if let Some(mut w) = sink.open(&d).await? {
             if w.offset() > 0 {
                 w.truncate().await?;
@@ -385,7 +576,14 @@ pub async fn pull(
         }
         emit(opts, &d, &kind, ProgressState::Done, d.size());
     }
-    Ok(image)
+    if images.is_empty() && matches!(sel, Selection::Best) {
+        return Err(Error::not_found(format!("{what}: no image manifest")));
+    }
+    Ok(Pulled {
+        target,
+        images,
+        metadata_only,
+    })
 }
 
 /// Downloads one blob into the sink, resuming where the sink left off, verifying size and

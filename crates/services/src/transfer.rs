@@ -3,9 +3,11 @@
 //! walking differ) and `io.containerd.grpc.v1.transfer`, the adapter: it decodes the
 //! source and destination `Any`s as containerd 2.x's type registry does
 //! (`containerd.types.transfer.OCIRegistry`, `.ImageStore`, …), sends progress on the
-//! client's progress stream as `containerd.types.transfer.Progress`, answers with
-//! containerd's `Unimplemented` for pairs no transferrer handles, and cancels the
-//! transfer when the client goes away.
+//! client's progress stream as `containerd.types.transfer.Progress`, asks the client's
+//! auth stream for the credentials of a host when that host challenges (containerd's
+//! `credCallback`: `AuthRequest{host, reference}`; a `HEADER` answer gives nothing, as in
+//! containerd), answers with containerd's `Unimplemented` for pairs no transferrer
+//! handles, and cancels the transfer when the client goes away.
 
 use crate::streaming::{ManagedStream, StreamManager};
 use crate::{namespace, status};
@@ -20,6 +22,7 @@ use berth_metadata::MetadataStore;
 use berth_metadata::snapshots::Snapshotters;
 use berth_plugin::{GrpcService, InitContext, Instance, Registration, grpc_instance, types};
 use berth_remotes::Platform;
+use berth_remotes::auth::CredentialsProvider;
 use berth_remotes::hosts::AuthConfig;
 use berth_transfer::{
     ExportStream, ImageReference, ImageStore, ImportStream, LocalTransfer, Object, Progress,
@@ -62,51 +65,79 @@ fn progress_to_api(p: Progress) -> tt::Progress {
     }
 }
 
-/// Asks the client's auth stream for the credentials of `host`, as containerd's
-/// `credCallback` does (Berth asks once, before the pull, for the reference's host).
-async fn credentials(
-    stream: &ManagedStream,
-    host: &str,
-    reference: &str,
-) -> Result<(Option<AuthConfig>, Option<String>)> {
-    stream
-        .send(any::pack(&tt::AuthRequest {
-            host: host.to_string(),
-            reference: reference.to_string(),
-            wwwauthenticate: vec![],
-        }))
-        .await?;
-    let reply = tokio::time::timeout(AUTH_TIMEOUT, stream.recv())
-        .await
-        .map_err(|_| Error::unavailable(format!("no answer on the auth stream for {host}")))?
-        .ok_or_else(|| {
-            Error::unavailable(format!("auth stream closed before answering for {host}"))
+/// Credentials from the client's auth stream, as containerd's `credCallback`: asked with
+/// the host that challenged, only when it challenges (so never for a registry that does
+/// not ask, and for a mirror under the mirror's name), one question at a time; each
+/// host's answer is kept for the rest of the transfer.
+struct StreamCredentials {
+    stream: Arc<ManagedStream>,
+    reference: String,
+    asking: tokio::sync::Mutex<std::collections::HashMap<String, Option<AuthConfig>>>,
+}
+
+impl StreamCredentials {
+    async fn ask(&self, host: &str) -> Result<Option<AuthConfig>> {
+        self.stream
+            .send(any::pack(&tt::AuthRequest {
+                host: host.to_string(),
+                reference: self.reference.clone(),
+                wwwauthenticate: vec![],
+            }))
+            .await?;
+        let reply = tokio::time::timeout(AUTH_TIMEOUT, self.stream.recv())
+            .await
+            .map_err(|_| Error::unavailable(format!("no answer on the auth stream for {host}")))?
+            .ok_or_else(|| {
+                Error::unavailable(format!("auth stream closed before answering for {host}"))
+            })?;
+        let resp: tt::AuthResponse = any::unpack(&reply).ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "auth stream answered with {}, expected containerd.types.transfer.AuthResponse",
+                reply.type_url
+            ))
         })?;
-    let resp: tt::AuthResponse = any::unpack(&reply).ok_or_else(|| {
-        Error::invalid_argument(format!(
-            "auth stream answered with {}, expected containerd.types.transfer.AuthResponse",
-            reply.type_url
-        ))
-    })?;
-    Ok(match tt::AuthType::try_from(resp.auth_type) {
-        Ok(tt::AuthType::Credentials) if !resp.username.is_empty() => (
-            Some(AuthConfig {
+        // containerd's resolver takes a username and a secret from the callback: a
+        // refresh token has no username, and a `HEADER` answer gives neither.
+        Ok(match tt::AuthType::try_from(resp.auth_type) {
+            Ok(tt::AuthType::Credentials) if !resp.username.is_empty() => Some(AuthConfig {
                 username: resp.username,
                 password: resp.secret,
                 identity_token: String::new(),
             }),
-            None,
-        ),
-        Ok(tt::AuthType::Refresh) if !resp.secret.is_empty() => (
-            Some(AuthConfig {
+            Ok(tt::AuthType::Refresh) if !resp.secret.is_empty() => Some(AuthConfig {
                 identity_token: resp.secret,
                 ..Default::default()
             }),
-            None,
-        ),
-        Ok(tt::AuthType::Header) if !resp.secret.is_empty() => (None, Some(resp.secret)),
-        _ => (None, None),
-    })
+            _ => None,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl CredentialsProvider for StreamCredentials {
+    fn credentials(&self, host: &str) -> Option<AuthConfig> {
+        // Only what was already asked (the resolver calls `credentials_for`).
+        self.asking
+            .try_lock()
+            .ok()
+            .and_then(|m| m.get(host).cloned().flatten())
+    }
+
+    async fn credentials_for(&self, host: &str) -> Option<AuthConfig> {
+        let mut asked = self.asking.lock().await;
+        if let Some(c) = asked.get(host) {
+            return c.clone();
+        }
+        let c = match self.ask(host).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(host, error = %e, "no credentials from the auth stream");
+                None
+            }
+        };
+        asked.insert(host.to_string(), c.clone());
+        c
+    }
 }
 
 /// Closes a stream when dropped.
@@ -292,19 +323,11 @@ impl TransferService {
                     .streams
                     .get(ns, &resolver.auth_stream)
                     .map_err(status)?;
-                // Only a parsable reference has a host to ask about; a bad one fails
-                // later with the transfer's own error.
-                if let Ok(reference) = berth_remotes::Reference::parse(&r.reference) {
-                    match credentials(&stream, &reference.host, &r.reference).await {
-                        Ok((creds, header)) => {
-                            reg.credentials = creds;
-                            if let Some(h) = header {
-                                reg.headers.push(("Authorization".into(), h));
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "no credentials from the auth stream"),
-                    }
-                }
+                reg.credentials = Some(Arc::new(StreamCredentials {
+                    stream,
+                    reference: r.reference.clone(),
+                    asking: Default::default(),
+                }));
             }
             return Ok(Object::Registry(reg));
         }
@@ -314,6 +337,8 @@ impl TransferService {
                 name: s.name,
                 labels: s.labels.into_iter().collect(),
                 platforms: s.platforms.iter().map(platform).collect(),
+                all_metadata: s.all_metadata,
+                manifest_limit: s.manifest_limit as usize,
                 unpacks: s
                     .unpacks
                     .into_iter()
@@ -357,17 +382,12 @@ impl TransferService {
         if name == any::type_url::<tt::ImageImportStream>() {
             let s: tt::ImageImportStream = any::unpack(a).ok_or_else(|| bad("import stream"))?;
             let stream = self.streams.get(ns, &s.stream).map_err(status)?;
-            if s.force_compress {
-                // Only an import with compression asked for is refused, not every import.
-                return Err(Status::unimplemented(
-                    "ImageImportStream.force_compress is not implemented by Berth",
-                ));
-            }
             return Ok(Object::ImportStream(ImportStream {
                 reader: Arc::new(std::sync::Mutex::new(Some(Box::new(receive_stream(
                     stream,
                 ))))),
                 media_type: s.media_type,
+                force_compress: s.force_compress,
             }));
         }
         Ok(Object::Other(a.type_url.clone()))

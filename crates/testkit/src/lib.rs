@@ -3,9 +3,12 @@
 //! [`Daemon`] starts the real `berthd` on a private root, state and socket (nothing under
 //! `/var/lib/berth` or `/run/berth`), drives it with the stock `ctr` from Debian's
 //! containerd package, and on drop stops it by PID and removes every mount and directory
-//! it made. [`fixtures`] builds the project's own OCI test images once per target dir.
+//! it made. [`fixtures`] builds the project's own OCI test images once per target dir;
+//! [`registry`] runs a private `docker-registry` (open or behind htpasswd), pushes
+//! archives to it with skopeo and builds a two-platform image from the fixtures.
 
 pub mod refd;
+pub mod registry;
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;

@@ -1,164 +1,36 @@
-//! OCI archive stream → image store: containerd 2.x's `importStream`.
+//! Archive stream → image store: containerd 2.x's `importStream`.
 //!
-//! The archive (an OCI image layout as a tar, gzip/zstd-compressed when the stream's media
-//! type is empty and the bytes say so) is read once, in order: every `blobs/<alg>/<hex>`
-//! entry goes straight into the content store under the import's lease, its digest
-//! checked by the store on commit; `index.json` is kept and written as a blob last. Then
-//! manifests and indexes get containerd's `gc.ref.content.*` labels, the manifests the
-//! destination asks to unpack are unpacked (chain IDs as a pull's), and the image records
-//! are named as containerd's image store names them (the index by the store's name,
-//! each manifest by its `io.containerd.image.name` / `org.opencontainers.image.ref.name`
-//! annotation through the store's prefix references). Docker `docker save` archives
-//! (`manifest.json` without `index.json`) are not supported yet: `NotImplemented`.
+//! Under a lease, the archive (gzip/zstd-compressed when the stream's media type is
+//! empty and the bytes say so) is read once, in order, into the content store
+//! ([`crate::archive`]: an OCI image layout, or a Docker `docker save` archive turned
+//! into manifests and an index). Then the index is walked as containerd's image store
+//! filter walks it (`platforms`, `all_metadata`, `manifest_limit`): each index and
+//! manifest walked gets containerd's `gc.ref.content.*` labels, so what the walk skips
+//! is collected once the lease is gone. The manifests taken whole whose config platform
+//! matches a supported unpack the destination asked for are unpacked (chain IDs as a
+//! pull's), then the records are written as containerd's image store names them
+//! ([`crate::names`]): the index by the store's name and plain references, each
+//! manifest listed in the index by its annotations through the prefix references.
 
+use crate::archive::{self, ReadArchive};
 use crate::progress::Progress;
-use crate::pull::{diff_ids, unpack_for};
+use crate::pull::{diff_ids, filter_of};
 use crate::{
-    ImageReference, ImageStore, ImportStream, LocalTransfer, StoredImage, TransferOptions,
-    blocking, core_desc, report_saved, under_temporary_lease,
+    ImageStore, ImportStream, LocalTransfer, StoredImage, TransferOptions, blocking, core_desc,
+    report_saved, under_temporary_lease, unpack,
 };
-use berth_core::content::{Descriptor, Digest, Info, Scope, WriterOpts};
+use berth_core::content::{Descriptor, Digest, Info, Scope};
 use berth_core::error::ErrorKind;
-use berth_core::labels::{GC_EXPIRE, Labels};
-use berth_core::snapshot::Snapshotter;
+use berth_core::labels::Labels;
 use berth_core::{Error, Result};
 use berth_diff::unpack::Unpacker;
-use berth_metadata::images::Image;
-use berth_remotes::{Platform, manifest};
+use berth_remotes::manifest::{self, ManifestFilter};
 use std::io::Read;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-/// Largest `index.json` accepted.
-const MAX_INDEX: u64 = 4 << 20;
-
-/// Writes one blob of known digest into the store (already present: skipped).
-fn write_blob(
-    t: &LocalTransfer,
-    scope: &Scope,
-    digest: &Digest,
-    size: u64,
-    data: &mut dyn Read,
-    labels: Labels,
-) -> Result<()> {
-    let opened = t.content.writer(
-        scope,
-        WriterOpts {
-            r#ref: format!("import-{digest}"),
-            total: size as i64,
-            expected: Some(digest.clone()),
-        },
-    );
-    let mut w = match opened {
-        Ok(w) => w,
-        Err(e) if e.is(ErrorKind::AlreadyExists) => {
-            std::io::copy(data, &mut std::io::sink())?;
-            return Ok(());
-        }
-        Err(e) => return Err(e),
-    };
-    if w.status()?.offset > 0 {
-        w.truncate(0)?;
-    }
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = data.read(&mut buf).map_err(|e| {
-            Error::invalid_argument(format!("reading {digest} from the archive: {e}"))
-        })?;
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-        w.write(&buf[..n])?;
-    }
-    if total != size {
-        // A truncated archive: the partial blob is of no use to a later import.
-        let r#ref = format!("import-{digest}");
-        drop(w);
-        let _ = t.content.abort(scope, &r#ref);
-        return Err(Error::invalid_argument(format!(
-            "the archive is truncated: blob {digest} has {total} of {size} bytes"
-        )));
-    }
-    match w.commit(size as i64, Some(digest), labels) {
-        Err(e) if e.is(ErrorKind::AlreadyExists) => Ok(()),
-        r => r.map_err(|e| e.context(format!("archive blob {digest}"))),
-    }
-}
-
-/// Reads the archive into the store; returns the `index.json` blob's descriptor.
-fn read_archive(
-    t: &LocalTransfer,
-    scope: &Scope,
-    reader: Box<dyn Read + Send>,
-    media_type: &str,
-) -> Result<Descriptor> {
-    let reader: Box<dyn Read + Send> = if media_type.is_empty() {
-        berth_diff::compression::decompress(reader, None)?
-    } else {
-        reader
-    };
-    let mut archive = tar::Archive::new(reader);
-    let mut index: Option<Vec<u8>> = None;
-    let mut docker = false;
-    let bad = |e: std::io::Error| Error::invalid_argument(format!("reading the archive: {e}"));
-    for entry in archive.entries().map_err(bad)? {
-        let mut entry = entry.map_err(bad)?;
-        if !entry.header().entry_type().is_file() {
-            continue;
-        }
-        let path = entry.path().map_err(bad)?.to_string_lossy().to_string();
-        let path = path.trim_start_matches("./").to_string();
-        let size = entry.size();
-        match path.as_str() {
-            "index.json" => {
-                if size > MAX_INDEX {
-                    return Err(Error::invalid_argument(format!(
-                        "index.json of {size} bytes is larger than {MAX_INDEX}"
-                    )));
-                }
-                let mut body = Vec::with_capacity(size as usize);
-                entry.read_to_end(&mut body).map_err(bad)?;
-                index = Some(body);
-            }
-            "manifest.json" => docker = true,
-            p => {
-                let Some(rest) = p.strip_prefix("blobs/") else {
-                    continue;
-                };
-                let Some((alg, hex)) = rest.split_once('/') else {
-                    continue;
-                };
-                let digest = Digest::parse(&format!("{alg}:{hex}"))
-                    .map_err(|e| e.context(format!("archive entry {p}")))?;
-                write_blob(t, scope, &digest, size, &mut entry, Labels::new())?;
-            }
-        }
-    }
-    let Some(body) = index else {
-        return Err(if docker {
-            Error::not_implemented(
-                "importing Docker archives (manifest.json without index.json) is not implemented by Berth's transfer service yet; use an OCI archive",
-            )
-        } else {
-            Error::invalid_argument("the archive has no index.json (not an OCI image layout)")
-        });
-    };
-    let desc = manifest::descriptor_for(OCI_INDEX, &body);
-    let digest = Digest::parse(desc.digest().as_ref())?;
-    let labels = manifest::gc_labels(OCI_INDEX, &body).into_iter().collect();
-    write_blob(
-        t,
-        scope,
-        &digest,
-        body.len() as u64,
-        &mut body.as_slice(),
-        labels,
-    )?;
-    Ok(core_desc(&desc))
-}
+/// Largest image configuration read.
+const MAX_CONFIG: u64 = 16 << 20;
 
 fn read_small(t: &LocalTransfer, scope: &Scope, d: &Descriptor) -> Result<Vec<u8>> {
     if d.size < 0 || d.size as u64 > manifest::MAX_MANIFEST_SIZE {
@@ -168,165 +40,77 @@ fn read_small(t: &LocalTransfer, scope: &Scope, d: &Descriptor) -> Result<Vec<u8
         )));
     }
     let digest = Digest::parse(&d.digest)?;
-    let r = t
-        .content
-        .reader_at(scope, &digest)
+    let body = archive::read_blob(t, scope, &digest, manifest::MAX_MANIFEST_SIZE)
         .map_err(|e| e.context(format!("{} is referenced but not in the archive", d.digest)))?;
-    let mut buf = vec![0u8; d.size as usize];
-    let mut off = 0;
-    while off < buf.len() {
-        let n = r.read_at(&mut buf[off..], off as i64)?;
-        if n == 0 {
-            return Err(Error::invalid_argument(format!("{}: short blob", d.digest)));
-        }
-        off += n;
+    if body.len() as i64 != d.size {
+        return Err(Error::invalid_argument(format!(
+            "{}: {} bytes, the index says {}",
+            d.digest,
+            body.len(),
+            d.size
+        )));
     }
-    Ok(buf)
+    Ok(body)
 }
 
-/// Labels every manifest and index under `d` with its children (for the collector);
-/// returns the image manifests found, with their platforms when the index says.
-fn label_tree(
+/// Sets containerd's `gc.ref.content.*` labels of a manifest or index.
+fn label(t: &LocalTransfer, scope: &Scope, d: &Descriptor, body: &[u8]) -> Result<()> {
+    let labels: Labels = manifest::gc_labels(&d.media_type, body)
+        .into_iter()
+        .collect();
+    if labels.is_empty() {
+        return Ok(());
+    }
+    let paths: Vec<String> = labels.keys().map(|k| format!("labels.{k}")).collect();
+    let info = Info {
+        digest: Digest::parse(&d.digest)?,
+        size: 0,
+        created_at: SystemTime::UNIX_EPOCH,
+        updated_at: SystemTime::UNIX_EPOCH,
+        labels,
+    };
+    t.content.update(scope, info, &paths)?;
+    Ok(())
+}
+
+/// An image manifest the walk took whole.
+struct Whole {
+    desc: Descriptor,
+    body: Vec<u8>,
+}
+
+/// containerd's walk of the imported index through the image store's filter: labels
+/// what it visits, collects the manifests taken whole.
+fn walk(
     t: &LocalTransfer,
     scope: &Scope,
+    filter: &ManifestFilter,
     d: &Descriptor,
+    whole: bool,
     depth: usize,
-    out: &mut Vec<(Descriptor, Vec<u8>, Option<Platform>)>,
-    platform: Option<Platform>,
+    out: &mut Vec<Whole>,
 ) -> Result<()> {
     if depth > 8 {
         return Err(Error::invalid_argument("indexes nested too deeply"));
     }
-    if !manifest::is_manifest_like(&d.media_type) {
-        return Ok(());
-    }
-    let body = read_small(t, scope, d)?;
-    let labels: Labels = manifest::gc_labels(&d.media_type, &body)
-        .into_iter()
-        .collect();
-    if !labels.is_empty() {
-        let paths: Vec<String> = labels.keys().map(|k| format!("labels.{k}")).collect();
-        let info = Info {
-            digest: Digest::parse(&d.digest)?,
-            size: 0,
-            created_at: SystemTime::UNIX_EPOCH,
-            updated_at: SystemTime::UNIX_EPOCH,
-            labels,
-        };
-        t.content.update(scope, info, &paths)?;
-    }
     if manifest::is_index(&d.media_type) {
+        let body = read_small(t, scope, d)?;
+        label(t, scope, d, &body)?;
         let index = manifest::parse_index(&body, &d.digest)?;
-        for m in index.manifests() {
-            let p = manifest::descriptor_platform(m);
-            label_tree(t, scope, &core_desc(m), depth + 1, out, p)?;
+        for (m, whole) in filter.select(index.manifests(), &d.digest)? {
+            walk(t, scope, filter, &core_desc(&m), whole, depth + 1, out)?;
         }
     } else if manifest::is_manifest(&d.media_type) {
-        out.push((d.clone(), body, platform));
+        let body = read_small(t, scope, d)?;
+        label(t, scope, d, &body)?;
+        if whole {
+            out.push(Whole {
+                desc: d.clone(),
+                body,
+            });
+        }
     }
     Ok(())
-}
-
-/// containerd's `refTranslator`: a tag-only name gets `prefix:`; a full reference is
-/// kept, or (with `check_prefix`) dropped unless it is under `prefix`.
-fn translate(prefix: &str, check_prefix: bool, name: &str) -> String {
-    if prefix.is_empty() {
-        return String::new();
-    }
-    if name.contains(['/', ':', '@']) {
-        let under = name
-            .strip_prefix(prefix)
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', ':', '@']));
-        if check_prefix && !under {
-            return String::new();
-        }
-        return name.to_string();
-    }
-    format!("{prefix}:{name}")
-}
-
-/// containerd's `imageName`: `io.containerd.image.name` (kept only if the translation
-/// leaves it unchanged), else `org.opencontainers.image.ref.name` translated.
-fn image_name(
-    annotations: &std::collections::HashMap<String, String>,
-    r: &ImageReference,
-) -> String {
-    let tr = |n: &str| translate(&r.name, !r.allow_overwrite, n);
-    if let Some(name) = annotations
-        .get("io.containerd.image.name")
-        .filter(|n| !n.is_empty())
-    {
-        return if tr(name) == *name {
-            name.clone()
-        } else {
-            String::new()
-        };
-    }
-    annotations
-        .get("org.opencontainers.image.ref.name")
-        .filter(|n| !n.is_empty())
-        .map(|n| tr(n))
-        .unwrap_or_default()
-}
-
-/// The records containerd's image store writes for an import: `(name, target, labels)`.
-fn names(
-    dst: &ImageStore,
-    index: &Descriptor,
-    index_body: &[u8],
-) -> Result<Vec<(String, Descriptor, Labels)>> {
-    let extra_labels = || {
-        let mut l = dst.labels.clone();
-        if !dst.name.is_empty() {
-            l.insert("containerd.io/gc.bref.image".into(), dst.name.clone());
-            l.insert(GC_EXPIRE.into(), crate::rfc3339(SystemTime::now()));
-        }
-        l
-    };
-    let mut out = vec![];
-    // The index itself: the store's name and its plain extra references.
-    if !dst.name.is_empty() {
-        out.push((dst.name.clone(), index.clone(), dst.labels.clone()));
-    }
-    for r in &dst.extra_references {
-        if r.is_prefix && !r.add_digest {
-            continue;
-        }
-        let name = if r.add_digest {
-            format!("{}@{}", r.name, index.digest)
-        } else {
-            r.name.clone()
-        };
-        out.push((name, index.clone(), extra_labels()));
-    }
-    // Each manifest of the index, named from its annotations through prefix references.
-    let parsed = manifest::parse_index(index_body, "index.json")?;
-    for m in parsed.manifests() {
-        let target = core_desc(m);
-        let annotations = m.annotations().clone().unwrap_or_default();
-        for r in dst.extra_references.iter().filter(|r| r.is_prefix) {
-            let name = image_name(&annotations, r);
-            if name.is_empty() {
-                if r.add_digest {
-                    out.push((
-                        format!("{}@{}", r.name, target.digest),
-                        target.clone(),
-                        extra_labels(),
-                    ));
-                }
-                continue;
-            }
-            out.push((name, target.clone(), extra_labels()));
-            if r.add_digest && !r.skip_named_digest {
-                out.push((
-                    format!("{}@{}", r.name, target.digest),
-                    target.clone(),
-                    extra_labels(),
-                ));
-            }
-        }
-    }
-    Ok(out)
 }
 
 pub(crate) async fn import(
@@ -353,12 +137,14 @@ pub(crate) async fn import(
         .ok_or_else(|| Error::failed_precondition("the import stream was already read"))?;
     let stored = under_temporary_lease(t, ns, "import", |lease_id| async move {
         tokio::select! {
-            r = import_leased(t, ns, reader, &src.media_type, dst, opts, &lease_id) => r,
+            r = import_leased(t, ns, reader, src, dst, opts, &lease_id) => r,
             _ = opts.cancel.cancelled() => Err(Error::new(ErrorKind::Canceled, "import")),
         }
     })
     .await?;
-    report_saved(send, &stored);
+    for s in &stored {
+        report_saved(send, std::slice::from_ref(s));
+    }
     send(Progress {
         event: "Completed import".into(),
         ..Default::default()
@@ -370,75 +156,55 @@ async fn import_leased(
     t: &LocalTransfer,
     ns: &str,
     reader: Box<dyn Read + Send>,
-    media_type: &str,
+    src: &ImportStream,
     dst: &ImageStore,
     opts: &TransferOptions,
     lease_id: &str,
 ) -> Result<Vec<StoredImage>> {
     let scope = Scope::new(ns).with_lease(Some(lease_id.to_string()));
-    let this = LocalTransfer {
+    let this = Arc::new(LocalTransfer {
         md: t.md.clone(),
         content: t.content.clone(),
         snapshotters: t.snapshotters.clone(),
         applier: t.applier.clone(),
         config: t.config.clone(),
-    };
-    let this = Arc::new(this);
-    let (th, sc, mt) = (this.clone(), scope.clone(), media_type.to_string());
-    let (index, manifests, index_body) = blocking(move || {
-        let index = read_archive(&th, &sc, reader, &mt)?;
-        let mut manifests = vec![];
-        label_tree(&th, &sc, &index, 0, &mut manifests, None)?;
-        let body = read_small(&th, &sc, &index)?;
-        Ok((index, manifests, body))
+    });
+    let (th, sc, mt, force) = (
+        this.clone(),
+        scope.clone(),
+        src.media_type.clone(),
+        src.force_compress,
+    );
+    let filter = filter_of(dst);
+    let f = filter.clone();
+    let (read, wholes) = blocking(move || {
+        let read = archive::read(&th, &sc, reader, &mt, force)?;
+        let mut wholes = vec![];
+        walk(&th, &sc, &f, &read.index, true, 0, &mut wholes)?;
+        Ok((read, wholes))
     })
     .await?;
+    let ReadArchive { index, index_body } = read;
 
-    // Unpack the manifests the destination asks for.
-    for (desc, body, platform) in &manifests {
-        let m = manifest::parse_manifest(body, &desc.digest)?;
+    // Unpack the manifests taken whole that a supported unpack matches.
+    let targets = unpack::targets(t, dst);
+    for w in wholes.iter().filter(|_| !targets.is_empty()) {
+        let m = manifest::parse_manifest(&w.body, &w.desc.digest)?;
         let config = core_desc(m.config());
         let config_body = {
-            let (th, sc, c) = (this.clone(), scope.clone(), config.clone());
-            blocking(move || read_small(&th, &sc, &c)).await?
+            let (th, sc, c) = (this.clone(), scope.clone(), Digest::parse(&config.digest)?);
+            blocking(move || archive::read_blob(&th, &sc, &c, MAX_CONFIG)).await?
         };
-        let platform = match platform {
-            Some(p) => p.clone(),
-            None => {
-                let v: serde_json::Value = serde_json::from_slice(&config_body).unwrap_or_default();
-                let s = |k: &str| {
-                    v.get(k)
-                        .and_then(|x| x.as_str())
-                        .unwrap_or_default()
-                        .to_string()
-                };
-                Platform::new(&s("os"), &s("architecture"), &s("variant"))
-            }
-        };
-        if !dst.platforms.is_empty()
-            && !dst
-                .platforms
-                .iter()
-                .any(|p| p.match_rank(&platform).is_some())
-        {
-            continue;
-        }
-        let Some(sn_name) = unpack_for(t, dst, &platform) else {
+        let types: Vec<&str> = m.layers().iter().map(|l| l.media_type().as_ref()).collect();
+        let Some(target) = unpack::target_for(&targets, &config_body, &types)? else {
             continue;
         };
-        let db = match t.snapshotters.get(&sn_name) {
-            Ok(db) => db,
-            Err(e) => {
-                tracing::warn!(snapshotter = %sn_name, error = %e, "unpack configuration not supported, skipping");
-                continue;
-            }
-        };
-        let sn: Arc<dyn Snapshotter> = Arc::new(db.namespaced(ns, Some(lease_id.to_string())));
+        let sn = unpack::snapshotter(t, ns, &target.snapshotter, lease_id)?;
         let diffs = diff_ids(&config_body)?;
         if diffs.len() != m.layers().len() {
             return Err(Error::invalid_argument(format!(
                 "{}: the image config has {} diff IDs for {} layers",
-                desc.digest,
+                w.desc.digest,
                 diffs.len(),
                 m.layers().len()
             )));
@@ -451,7 +217,7 @@ async fn import_leased(
                     f(Progress {
                         event: event.into(),
                         name: crate::ref_key(&l),
-                        parents: vec![crate::ref_key(desc)],
+                        parents: vec![crate::ref_key(&w.desc)],
                         progress: l.size,
                         total: l.size,
                         desc: Some(l.clone()),
@@ -463,9 +229,7 @@ async fn import_leased(
             report("extracted");
         }
         if let Some(top) = u.top() {
-            let key = format!("containerd.io/gc.ref.snapshot.{sn_name}");
-            let mut labels = Labels::new();
-            labels.insert(key.clone(), top.to_string());
+            let (key, labels) = unpack::snapshot_label(&target.snapshotter, top);
             let info = Info {
                 digest: Digest::parse(&config.digest)?,
                 size: 0,
@@ -478,72 +242,20 @@ async fn import_leased(
         }
     }
 
-    let records = names(dst, &index, &index_body)?;
-    let (md, n) = (t.md.clone(), ns.to_string());
-    blocking(move || {
-        let now = SystemTime::now();
-        let mut stored = vec![];
-        for (name, target, labels) in records {
-            let record = Image {
-                name,
-                labels,
-                target,
-                created_at: now,
-                updated_at: now,
-            };
-            stored.push(match md.create_image(&n, &record) {
-                Ok(image) => StoredImage {
-                    image,
-                    created: true,
-                },
-                Err(e) if e.is(ErrorKind::AlreadyExists) => StoredImage {
-                    image: md.update_image(&n, &record, &[])?,
-                    created: false,
-                },
-                Err(e) => return Err(e),
-            });
-        }
-        Ok(stored)
-    })
-    .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn r(name: &str, overwrite: bool) -> ImageReference {
-        ImageReference {
-            name: name.into(),
-            is_prefix: true,
-            allow_overwrite: overwrite,
-            ..Default::default()
+    // The index under the store's names, then every manifest it lists under the names
+    // its annotations give (whatever the platform filter took).
+    let mut stored = vec![];
+    let listed = manifest::parse_index(&index_body, "index.json")?;
+    let descs = std::iter::once((index, false))
+        .chain(listed.manifests().iter().map(|m| (core_desc(m), true)));
+    for (desc, from_annotation) in descs {
+        match crate::names::store(t, ns, dst, &desc, from_annotation).await {
+            Ok(s) => stored.extend(s),
+            Err(e) if e.is(ErrorKind::NotFound) => {
+                tracing::info!(digest = %desc.digest, "no image name for it");
+            }
+            Err(e) => return Err(e),
         }
     }
-
-    #[test]
-    fn names_follow_containerds_ref_translation() {
-        assert_eq!(translate("import-x", false, "latest"), "import-x:latest");
-        assert_eq!(translate("import-x", false, "a.io/b:1"), "a.io/b:1");
-        assert_eq!(translate("a.io/b", true, "a.io/b:1"), "a.io/b:1");
-        assert_eq!(translate("a.io/b", true, "a.io/bc:1"), "");
-        assert_eq!(translate("", false, "latest"), "");
-        let mut a = std::collections::HashMap::new();
-        a.insert(
-            "org.opencontainers.image.ref.name".to_string(),
-            "latest".to_string(),
-        );
-        a.insert(
-            "io.containerd.image.name".to_string(),
-            "import.local/busybox:latest".to_string(),
-        );
-        assert_eq!(
-            image_name(&a, &r("import-2026", true)),
-            "import.local/busybox:latest"
-        );
-        // Without overwrite, a full name outside the prefix is not used.
-        assert_eq!(image_name(&a, &r("other.io/x", false)), "");
-        a.remove("io.containerd.image.name");
-        assert_eq!(image_name(&a, &r("base", true)), "base:latest");
-    }
+    Ok(stored)
 }

@@ -5,20 +5,38 @@
 //!
 //! | source → destination | what happens |
 //! |---|---|
-//! | [`Registry`] → [`ImageStore`] | pull: [`berth_remotes::pull::pull`] into the namespaced content store under a lease, each layer applied onto its parent's snapshot as soon as both are there ([`berth_diff::unpack::Unpacker`] as the pipeline's layer hook), image record written last |
+//! | [`Registry`] → [`ImageStore`] | pull (module `pull`): [`berth_remotes::pull::pull_filtered`] into the namespaced content store under a lease, walking the image through the store's platform filter (`platforms`, `all_metadata`, `manifest_limit`); each image a supported unpack matches has each layer applied onto its parent's snapshot as soon as both are there; image records last |
 //! | [`ImageStore`] → [`Registry`] | push: the image's blobs read from the content store, uploaded children first, the tag last |
-//! | anything else (OCI archive import/export streams, tagging) | `NotImplemented`, which the gRPC adapter turns into containerd's `Unimplemented` |
+//! | [`ImportStream`] → [`ImageStore`] | import: an OCI image layout or a Docker `docker save` archive (module `archive`: Docker manifests and an index made as containerd makes them, `force_compress` gzips uncompressed layers), read once into the content store under a lease, walked through the same filter (what it skips is collected), matching images unpacked |
+//! | [`ImageStore`] → [`ExportStream`] | export: an OCI image layout tar as containerd's `archive.Export` writes it (`platforms` or this machine's, `all_platforms`, Docker's `manifest.json` unless `skip_compatibility_manifest`, `skip_non_distributable`) |
+//! | anything else (tagging, image store → image store, …) | `NotImplemented`, which the gRPC adapter turns into containerd's `Unimplemented` |
+//!
+//! Image records are named as containerd's image store names them (module `names`:
+//! the store's name and labels, extra references with `is_prefix`, `add_digest`,
+//! `allow_overwrite`, `skip_named_digest`, the `io.containerd.image.name` /
+//! `org.opencontainers.image.ref.name` annotations of an imported index). Which images
+//! are unpacked, and into which snapshotter, is containerd's choice
+//! (module `unpack`: each requested unpack against the supported ones, each
+//! image's config platform against the supported platform, by OS only unless
+//! `check_platform_supported`).
+//!
+//! Registry credentials are asked from a [`CredentialsProvider`] with the host that
+//! challenges, when it challenges (a mirror from `hosts.toml` under its own name), and
+//! sent to that host only.
 //!
 //! Progress is reported as containerd's `transfer.Progress` events (same event names,
 //! ref-key names and parents), through a callback; a cancelled [`TransferOptions::cancel`]
 //! stops downloads and unpacking, removes the half-applied snapshot and the lease, and
 //! writes no image record.
 
+mod archive;
 mod export;
 mod import;
+mod names;
 mod progress;
 mod pull;
 mod push;
+mod unpack;
 
 pub use progress::{Progress, ProgressFn, ref_key};
 
@@ -30,7 +48,7 @@ use berth_metadata::MetadataStore;
 use berth_metadata::images::Image;
 use berth_metadata::snapshots::Snapshotters;
 use berth_remotes::Platform;
-use berth_remotes::hosts::AuthConfig;
+use berth_remotes::auth::CredentialsProvider;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 pub use tokio_util::sync::CancellationToken;
@@ -47,6 +65,22 @@ pub struct TransferConfig {
     pub config_path: String,
     /// Snapshotter of an unpack request that names none (containerd's default).
     pub snapshotter: String,
+    /// containerd's `check_platform_supported`: an unpack platform must match the
+    /// supported platform exactly (architecture and variant too), not only its OS.
+    pub check_platform_supported: bool,
+    /// containerd's `[[unpack_config]]`: the platform and snapshotter pairs an unpack
+    /// request may ask for. Unset: this machine's platform with any snapshotter Berth
+    /// has loaded (containerd's default allows only its default snapshotter and erofs).
+    pub unpack_config: Option<Vec<UnpackPlatformConfig>>,
+}
+
+/// One `[[plugins."io.containerd.transfer.v1.local".unpack_config]]` entry.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UnpackPlatformConfig {
+    /// `os[/arch[/variant]]`.
+    pub platform: String,
+    pub snapshotter: String,
 }
 
 impl Default for TransferConfig {
@@ -56,12 +90,14 @@ impl Default for TransferConfig {
             max_concurrent_uploaded_layers: 3,
             config_path: String::new(),
             snapshotter: "overlayfs".into(),
+            check_platform_supported: false,
+            unpack_config: None,
         }
     }
 }
 
 /// containerd's `OCIRegistry`: a reference and how to reach its registry.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Registry {
     pub reference: String,
     /// `hosts.toml` directories (`:`-separated); empty means the service's default.
@@ -70,15 +106,27 @@ pub struct Registry {
     pub default_scheme: String,
     /// Headers sent with every registry request.
     pub headers: Vec<(String, String)>,
-    /// Credentials for the reference's host (obtained by the adapter, e.g. from the
-    /// client's auth stream).
-    pub credentials: Option<AuthConfig>,
+    /// Where credentials come from: asked with the host that challenged (the
+    /// reference's host or a mirror from `hosts.toml`) when it challenges, as
+    /// containerd's resolver asks its credentials callback. `None`: anonymous.
+    pub credentials: Option<Arc<dyn CredentialsProvider>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("reference", &self.reference)
+            .field("host_dir", &self.host_dir)
+            .field("default_scheme", &self.default_scheme)
+            .field("credentials", &self.credentials.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// One unpack of containerd's `ImageStore.unpacks`.
 #[derive(Debug, Clone, Default)]
 pub struct Unpack {
-    /// `None`: any platform.
+    /// `None`: this machine's platform (containerd skips an unpack without a platform).
     pub platform: Option<Platform>,
     /// Empty: [`TransferConfig::snapshotter`].
     pub snapshotter: String,
@@ -102,8 +150,13 @@ pub struct ImageReference {
 pub struct ImageStore {
     pub name: String,
     pub labels: Labels,
-    /// Platforms to pull (the first one is pulled; empty: this machine's).
+    /// Platforms whose manifests a pull or import takes whole, in order of preference
+    /// (empty: every platform, as containerd).
     pub platforms: Vec<Platform>,
+    /// The other platforms' manifests and configs too (no layers).
+    pub all_metadata: bool,
+    /// At most this many manifests per index, preferred platforms first (0: no limit).
+    pub manifest_limit: usize,
     pub unpacks: Vec<Unpack>,
     pub extra_references: Vec<ImageReference>,
 }
@@ -115,6 +168,8 @@ pub struct ImportStream {
     pub reader: Arc<std::sync::Mutex<Option<Box<dyn std::io::Read + Send>>>>,
     /// Empty: detect the compression from the first bytes.
     pub media_type: String,
+    /// Docker archives: gzip the uncompressed layers (containerd's `--compress-blobs`).
+    pub force_compress: bool,
 }
 
 /// containerd's `ImageExportStream`: an archive written to the client.
@@ -153,8 +208,7 @@ pub enum Object {
     ImageStore(ImageStore),
     ImportStream(ImportStream),
     ExportStream(ExportStream),
-    /// A type the adapter decoded but no transfer handles yet (its type URL), e.g. an
-    /// OCI archive import or export stream.
+    /// A type no transfer handles (its type URL).
     Other(String),
 }
 
@@ -249,12 +303,8 @@ impl LocalTransfer {
     }
 
     /// Resolver for a registry object: its hosts directory (or the service's), default
-    /// scheme, headers and credentials.
-    pub(crate) fn resolver(
-        &self,
-        reg: &Registry,
-        reference: &berth_remotes::Reference,
-    ) -> berth_remotes::Resolver {
+    /// scheme, headers and credentials provider (asked per challenging host).
+    pub(crate) fn resolver(&self, reg: &Registry) -> berth_remotes::Resolver {
         use berth_remotes::auth::StaticCredentials;
         use berth_remotes::hosts::HostOptions;
         let host_dir = if reg.host_dir.is_empty() {
@@ -266,10 +316,6 @@ impl LocalTransfer {
             config_path: (!host_dir.is_empty()).then_some(host_dir),
             default_scheme: (!reg.default_scheme.is_empty()).then(|| reg.default_scheme.clone()),
         };
-        let mut creds = StaticCredentials::default();
-        if let Some(c) = &reg.credentials {
-            creds.insert(&reference.host, c.clone());
-        }
         let mut opts = berth_remotes::ResolverOptions::with_hosts(host_opts);
         if !reg.headers.is_empty() {
             let base = opts.hosts.clone();
@@ -282,7 +328,10 @@ impl LocalTransfer {
                 Ok(hosts)
             });
         }
-        opts.credentials = Arc::new(creds);
+        opts.credentials = match &reg.credentials {
+            Some(c) => c.clone(),
+            None => Arc::new(StaticCredentials::default()),
+        };
         berth_remotes::Resolver::new(opts)
     }
 }

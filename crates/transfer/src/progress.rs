@@ -7,7 +7,7 @@
 use berth_core::content::Descriptor;
 use berth_remotes::pull::{BlobKind, ProgressEvent, ProgressState};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// One progress event (containerd's `transfer.Progress`).
@@ -55,12 +55,16 @@ fn kind_key(kind: &BlobKind, digest: &str) -> String {
 /// How often a blob's `downloading` event is repeated at most (containerd: every 300 ms).
 const DOWNLOAD_INTERVAL: Duration = Duration::from_millis(200);
 
+/// Each blob's parent ref key, by digest (filled from the pipeline's `on_children`).
+pub(crate) type Parents = Arc<Mutex<HashMap<String, String>>>;
+
 /// Turns the pull pipeline's events into containerd's.
 pub(crate) struct Translator {
     sink: ProgressFn,
     root: String,
     index: Option<String>,
     manifest: Option<String>,
+    parents: Option<Parents>,
     last: HashMap<String, (String, Instant)>,
 }
 
@@ -71,11 +75,25 @@ impl Translator {
             root: root.to_string(),
             index: None,
             manifest: None,
+            parents: None,
             last: HashMap::new(),
         }
     }
 
-    fn parents(&self, kind: &BlobKind) -> Vec<String> {
+    /// Parents looked up by digest first (a pull of several manifests).
+    pub(crate) fn with_parents(mut self, parents: Parents) -> Translator {
+        self.parents = Some(parents);
+        self
+    }
+
+    fn parents(&self, kind: &BlobKind, digest: &str) -> Vec<String> {
+        if let Some(p) = self
+            .parents
+            .as_ref()
+            .and_then(|m| m.lock().unwrap().get(digest).cloned())
+        {
+            return vec![p];
+        }
         let p = match kind {
             BlobKind::Index => None,
             BlobKind::Manifest => self.index.clone(),
@@ -111,7 +129,7 @@ impl Translator {
             return;
         }
         self.last.insert(name.clone(), (event.to_string(), now));
-        let parents = self.parents(&ev.kind);
+        let parents = self.parents(&ev.kind, &ev.digest);
         (self.sink)(Progress {
             event: event.to_string(),
             name,
@@ -131,7 +149,6 @@ impl Translator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
 
     fn ev(kind: BlobKind, digest: &str, state: ProgressState, offset: u64) -> ProgressEvent {
         ProgressEvent {

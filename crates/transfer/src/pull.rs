@@ -5,15 +5,21 @@
 //!    snapshot this pull creates, so the collector cannot take them before the image
 //!    record refers to them; it is deleted at the end whatever happens (a cancelled or
 //!    failed pull leaves nothing the collector would keep).
-//! 2. [`berth_remotes::pull::pull`] downloads config and layers in parallel into the
-//!    namespaced content store ([`ContentStoreSink`]); each layer, once it and its parent
-//!    are there, is applied by [`Unpacker`] (on the blocking pool) while later layers
-//!    still download.
-//! 3. The config gets `containerd.io/gc.ref.snapshot.<snapshotter>` → the top chain ID
-//!    (what containerd's unpacker does), then the image record is created or updated:
-//!    a visible record implies content and snapshots are complete.
+//! 2. [`berth_remotes::pull::pull_filtered`] walks the image as containerd's image store
+//!    filter does (`platforms`: the manifests taken whole, every platform when empty;
+//!    `all_metadata`: the others' manifests and configs too; `manifest_limit`: at most
+//!    that many per index, preferred platforms first) and downloads configs and layers
+//!    in parallel into the namespaced content store ([`ContentStoreSink`]). Each image
+//!    whose config platform matches a supported unpack the destination asked for
+//!    ([`crate::unpack`]) has each layer applied by [`Unpacker`] as soon as it and its
+//!    parent are there, while later layers still download.
+//! 3. Each unpacked image's config gets `containerd.io/gc.ref.snapshot.<snapshotter>` →
+//!    its top chain ID (what containerd's unpacker does), then the image records are
+//!    created or updated ([`crate::names`]): a visible record implies content and
+//!    snapshots are complete.
 
-use crate::progress::{Progress, Translator};
+use crate::progress::{Parents, Progress, Translator, ref_key};
+use crate::unpack::{self, UnpackTarget};
 use crate::{
     ImageStore, LocalTransfer, Registry, StoredImage, TransferOptions, blocking, core_desc,
     report_saved, under_temporary_lease,
@@ -24,14 +30,15 @@ use berth_core::labels::Labels;
 use berth_core::snapshot::Snapshotter;
 use berth_core::{Error, Result};
 use berth_diff::unpack::Unpacker;
-use berth_metadata::images::Image;
+use berth_remotes::manifest::ManifestFilter;
 use berth_remotes::pull::{
-    BlobKind, ImageInfo, LayerHook, ProgressEvent, ProgressState, PullOptions,
+    BlobKind, ChildrenFn, ImageInfo, LayerHook, ProgressEvent, ProgressState, PullOptions,
 };
 use berth_remotes::store_sink::ContentStoreSink;
 use berth_remotes::{Platform, Reference};
 use oci_spec::image::Descriptor as OciDescriptor;
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -49,39 +56,59 @@ pub(crate) fn diff_ids(config: &[u8]) -> Result<Vec<String>> {
         .unwrap_or_default())
 }
 
-/// The layer hook: builds the [`Unpacker`] from the config on the first layer, then
-/// applies each layer in order, reporting `extracting` / `extracted`.
+/// One image's unpack: its unpacker and snapshotter name (`None`: not unpacked).
+type ImageUnpack = Option<(Arc<Unpacker>, String)>;
+
+/// The layer hook: decides on an image's first layer whether (and into which
+/// snapshotter) it is unpacked, then applies its layers in order, reporting
+/// `extracting` / `extracted`.
 struct UnpackHook {
-    snapshotter: Arc<dyn Snapshotter>,
+    targets: Vec<UnpackTarget>,
+    snapshotters: HashMap<String, Arc<dyn Snapshotter>>,
     applier: Arc<dyn berth_core::diff::Applier>,
     scope: Scope,
-    unpacker: OnceLock<Unpacker>,
+    /// By manifest digest.
+    unpacks: Mutex<HashMap<String, ImageUnpack>>,
     progress: UnboundedSender<ProgressEvent>,
 }
 
 impl UnpackHook {
-    fn unpacker(&self, image: &ImageInfo) -> Result<&Unpacker> {
-        if let Some(u) = self.unpacker.get() {
-            return Ok(u);
+    fn unpack_of(&self, image: &ImageInfo) -> Result<ImageUnpack> {
+        let key = image.manifest.digest().to_string();
+        if let Some(u) = self.unpacks.lock().unwrap().get(&key) {
+            return Ok(u.clone());
         }
-        let diffs = diff_ids(&image.config_body)?;
-        if diffs.len() != image.layers.len() {
-            return Err(Error::invalid_argument(format!(
-                "{}: the image config has {} diff IDs for {} layers",
-                image.name,
-                diffs.len(),
-                image.layers.len()
-            )));
-        }
-        let u = Unpacker::new(
-            self.snapshotter.clone(),
-            self.applier.clone(),
-            self.scope.clone(),
-            diffs,
-            Labels::new(),
-        );
-        // Layer hooks are called one at a time, so nobody else set it meanwhile.
-        Ok(self.unpacker.get_or_init(|| u))
+        let types: Vec<&str> = image
+            .layers
+            .iter()
+            .map(|l| l.media_type().as_ref())
+            .collect();
+        let chosen = match unpack::target_for(&self.targets, &image.config_body, &types)? {
+            None => None,
+            Some(target) => {
+                let diffs = diff_ids(&image.config_body)?;
+                if diffs.len() != image.layers.len() {
+                    return Err(Error::invalid_argument(format!(
+                        "{}: the image config has {} diff IDs for {} layers",
+                        image.manifest.digest(),
+                        diffs.len(),
+                        image.layers.len()
+                    )));
+                }
+                let sn = self.snapshotters[&target.snapshotter].clone();
+                let u = Unpacker::new(
+                    sn,
+                    self.applier.clone(),
+                    self.scope.clone(),
+                    diffs,
+                    Labels::new(),
+                );
+                Some((Arc::new(u), target.snapshotter.clone()))
+            }
+        };
+        // Layer hooks of one image are called one at a time: nobody set it meanwhile.
+        self.unpacks.lock().unwrap().insert(key, chosen.clone());
+        Ok(chosen)
     }
 
     fn report(&self, index: usize, layer: &OciDescriptor, state: ProgressState) {
@@ -104,7 +131,9 @@ impl LayerHook for UnpackHook {
         layer: &OciDescriptor,
         image: &ImageInfo,
     ) -> Result<()> {
-        let u = self.unpacker(image)?;
+        let Some((u, _)) = self.unpack_of(image)? else {
+            return Ok(());
+        };
         self.report(index, layer, ProgressState::Unpacking);
         u.layer(index, &core_desc(layer)).await?;
         self.report(index, layer, ProgressState::Unpacked);
@@ -112,21 +141,13 @@ impl LayerHook for UnpackHook {
     }
 }
 
-/// The unpack the destination asks for on `platform`: (snapshotter name).
-pub(crate) fn unpack_for(
-    t: &LocalTransfer,
-    dst: &ImageStore,
-    platform: &Platform,
-) -> Option<String> {
-    let u = dst.unpacks.iter().find(|u| match &u.platform {
-        None => true,
-        Some(p) => p.match_rank(platform).is_some() || platform.match_rank(p).is_some(),
-    })?;
-    Some(if u.snapshotter.is_empty() {
-        t.config.snapshotter.clone()
-    } else {
-        u.snapshotter.clone()
-    })
+/// containerd's image store filter of a destination.
+pub(crate) fn filter_of(dst: &ImageStore) -> ManifestFilter {
+    ManifestFilter {
+        platforms: dst.platforms.clone(),
+        all_metadata: dst.all_metadata,
+        manifest_limit: dst.manifest_limit,
+    }
 }
 
 pub(crate) async fn pull(
@@ -148,22 +169,14 @@ pub(crate) async fn pull(
     });
     let reference = Reference::parse(&src.reference)
         .map_err(|e| e.context(format!("reference {:?}", src.reference)))?;
-    if dst.name.is_empty() {
+    if !crate::names::names_target(dst) {
         // containerd finds this out after downloading; nothing would keep the content.
         return Err(Error::not_found("no image name found"));
     }
-    let platform = dst
-        .platforms
-        .first()
-        .cloned()
-        .unwrap_or_else(Platform::host);
-    let resolver = t.resolver(src, &reference);
+    let resolver = t.resolver(src);
 
     let stored = under_temporary_lease(t, ns, "pull", |lease_id| async move {
-        pull_leased(
-            t, ns, src, dst, opts, &reference, &resolver, &platform, &lease_id,
-        )
-        .await
+        pull_leased(t, ns, src, dst, opts, &reference, &resolver, &lease_id).await
     })
     .await?;
     report_saved(send, &stored);
@@ -183,7 +196,6 @@ async fn pull_leased(
     opts: &TransferOptions,
     reference: &Reference,
     resolver: &berth_remotes::Resolver,
-    platform: &Platform,
     lease_id: &str,
 ) -> Result<Vec<StoredImage>> {
     let scope = Scope::new(ns).with_lease(Some(lease_id.to_string()));
@@ -193,12 +205,15 @@ async fn pull_leased(
         reference.repository.clone(),
     );
 
+    // Each blob's parent, learnt from the pipeline before the blob's first event.
+    let parents: Parents = Arc::new(Mutex::new(HashMap::new()));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ProgressEvent>();
     let forward = opts.progress.clone().map(|f| {
         let root = src.reference.clone();
         let source = format!("OCI Registry ({})", src.reference);
+        let parents = parents.clone();
         tokio::spawn(async move {
-            let mut tr = Translator::new(f.clone(), &root);
+            let mut tr = Translator::new(f.clone(), &root).with_parents(parents);
             let mut started = false;
             while let Some(ev) = rx.recv().await {
                 if !started && matches!(ev.kind, BlobKind::Index | BlobKind::Manifest) {
@@ -225,60 +240,92 @@ async fn pull_leased(
         })
     });
 
-    let snapshotter = match unpack_for(t, dst, platform) {
-        None => None,
-        Some(name) => match t.snapshotters.get(&name) {
-            Ok(db) => Some((
-                name,
-                Arc::new(db.namespaced(ns, Some(lease_id.to_string()))) as Arc<dyn Snapshotter>,
-            )),
-            Err(e) => {
-                // containerd skips an unpack configuration it does not support.
-                tracing::warn!(snapshotter = %name, error = %e, "unpack configuration not supported, skipping");
-                None
+    let targets = unpack::targets(t, dst);
+    let hook = if targets.is_empty() {
+        None
+    } else {
+        let mut snapshotters = HashMap::new();
+        for target in &targets {
+            if !snapshotters.contains_key(&target.snapshotter) {
+                let sn = unpack::snapshotter(t, ns, &target.snapshotter, lease_id)?;
+                snapshotters.insert(target.snapshotter.clone(), sn);
             }
-        },
-    };
-    let hook = snapshotter.as_ref().map(|(_, s)| {
-        Arc::new(UnpackHook {
-            snapshotter: s.clone(),
+        }
+        Some(Arc::new(UnpackHook {
+            targets,
+            snapshotters,
             applier: t.applier.clone(),
             scope: scope.clone(),
-            unpacker: OnceLock::new(),
+            unpacks: Mutex::new(HashMap::new()),
             progress: tx.clone(),
+        }))
+    };
+    let on_children: ChildrenFn = {
+        let parents = parents.clone();
+        Arc::new(move |parent: &OciDescriptor, children: &[OciDescriptor]| {
+            let key = ref_key(&core_desc(parent));
+            let mut p = parents.lock().unwrap();
+            for c in children {
+                p.entry(c.digest().to_string())
+                    .or_insert_with(|| key.clone());
+            }
         })
-    });
+    };
+    let filter = filter_of(dst);
     let popts = PullOptions {
-        platform: platform.clone(),
+        platform: dst
+            .platforms
+            .first()
+            .cloned()
+            .unwrap_or_else(Platform::host),
         max_concurrent_downloads: t.config.max_concurrent_downloads.max(1),
         progress: Some(tx),
         cancel: opts.cancel.child_token(),
         layer_hook: hook.clone().map(|h| h as Arc<dyn LayerHook>),
+        on_children: Some(on_children),
         ..Default::default()
     };
-    let pulled = berth_remotes::pull::pull(resolver, reference, &sink, &popts).await;
+    let pulled =
+        berth_remotes::pull::pull_filtered(resolver, reference, &sink, &popts, &filter).await;
     drop(popts);
-    let top = hook
-        .as_ref()
-        .and_then(|h| h.unpacker.get())
-        .and_then(|u| u.top().map(str::to_string));
+    let unpacked: Vec<(String, String, String)> = match (&hook, &pulled) {
+        (Some(h), Ok(p)) => {
+            let unpacks = h.unpacks.lock().unwrap();
+            p.images
+                .iter()
+                .filter_map(|i| {
+                    let (u, sn) = unpacks.get(&i.manifest.digest().to_string())?.as_ref()?;
+                    let top = u.top()?.to_string();
+                    Some((i.config.digest().to_string(), sn.clone(), top))
+                })
+                .collect()
+        }
+        _ => vec![],
+    };
     // The hook holds the last progress sender: without it the forwarder drains and ends.
     drop(hook);
     if let Some(f) = forward {
         let _ = f.await;
     }
-    let image = pulled?;
+    let pulled = pulled?;
     if opts.cancel.is_cancelled() {
         return Err(Error::new(ErrorKind::Canceled, format!("pull {reference}")));
     }
+    if pulled.images.is_empty() && !filter.platforms.is_empty() {
+        // containerd would store an image none of whose content is there for these
+        // platforms; Berth says so instead.
+        let wanted: Vec<String> = filter.platforms.iter().map(|p| p.to_string()).collect();
+        return Err(Error::not_found(format!(
+            "{reference}: no manifest for platform {} in the image",
+            wanted.join(", ")
+        )));
+    }
 
-    if let (Some((name, _)), Some(top)) = (&snapshotter, top) {
-        let key = format!("containerd.io/gc.ref.snapshot.{name}");
-        let digest = berth_core::content::Digest::parse(image.config.digest().as_ref())?;
-        let (content, scope, k) = (t.content.clone(), scope.clone(), key.clone());
+    for (config, sn, top) in unpacked {
+        let digest = berth_core::content::Digest::parse(&config)?;
+        let (content, scope) = (t.content.clone(), scope.clone());
         blocking(move || {
-            let mut labels = Labels::new();
-            labels.insert(k.clone(), top);
+            let (key, labels) = unpack::snapshot_label(&sn, &top);
             let info = Info {
                 digest,
                 size: 0,
@@ -286,37 +333,15 @@ async fn pull_leased(
                 updated_at: SystemTime::UNIX_EPOCH,
                 labels,
             };
-            content.update(&scope, info, &[format!("labels.{k}")])
+            content.update(&scope, info, &[format!("labels.{key}")])
         })
         .await
         .map_err(|e| e.context("labelling the image config with its snapshots"))?;
     }
 
-    let now = SystemTime::now();
-    let record = Image {
-        name: dst.name.clone(),
-        labels: dst.labels.clone(),
-        target: core_desc(&image.target),
-        created_at: now,
-        updated_at: now,
-    };
-    let (md, n) = (t.md.clone(), ns.to_string());
-    let stored = blocking(move || match md.create_image(&n, &record) {
-        Ok(image) => Ok(StoredImage {
-            image,
-            created: true,
-        }),
-        // containerd's image store: an existing name is updated (target and labels).
-        Err(e) if e.is(ErrorKind::AlreadyExists) => {
-            md.update_image(&n, &record, &[]).map(|image| StoredImage {
-                image,
-                created: false,
-            })
-        }
-        Err(e) => Err(e),
-    })
-    .await?;
-    Ok(vec![stored])
+    let target = core_desc(&pulled.target);
+    let stored = crate::names::store(t, ns, dst, &target, false).await?;
+    Ok(stored)
 }
 
 #[cfg(test)]

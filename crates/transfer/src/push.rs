@@ -73,7 +73,7 @@ pub(crate) async fn push(
     let image = blocking(move || md.get_image(&n, &name)).await?;
     let target = Reference::parse(&dst.reference)
         .map_err(|e| e.context(format!("reference {:?}", dst.reference)))?;
-    let resolver = t.resolver(dst, &target);
+    let resolver = t.resolver(dst);
     let scope = Scope::new(ns);
     let top = oci(&image.target)?;
     let body = read_manifest(t, &scope, &top).await?;
