@@ -862,7 +862,7 @@ impl Writer for ProxyWriter {
             let reply = self.send(capi::WriteContentRequest {
                 action: capi::WriteAction::Write as i32,
                 offset,
-                data: chunk.to_vec(),
+                data: bytes::Bytes::copy_from_slice(chunk),
                 ..Default::default()
             })?;
             if reply.offset != offset + chunk.len() as i64 {
