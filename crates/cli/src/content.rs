@@ -14,7 +14,7 @@ use berth_api::services::content::v1::{
     AbortRequest, ReadContentRequest, WriteAction, WriteContentRequest, WriteContentResponse,
 };
 use bytes::Bytes;
-use std::io::{Read, Seek, SeekFrom, Write as _};
+use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
