@@ -79,6 +79,10 @@ fn main() {
 
     let mut config = tonic_prost_build::Config::new();
     config.enable_type_names();
+    // Content written through the Write call is decoded as a slice of tonic's receive
+    // buffer instead of being copied out of it: berthd hands the same buffer to the
+    // file write and to its hashing thread.
+    config.bytes([".containerd.services.content.v1.WriteContentRequest.data"]);
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

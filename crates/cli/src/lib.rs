@@ -21,6 +21,7 @@
 //!   timeout, task deleted), `rm [-f] ID…` (task, container, snapshot, log).
 
 pub mod client;
+pub mod content;
 pub mod lifecycle;
 pub mod progress;
 pub mod ps;
@@ -191,8 +192,37 @@ pub enum Command {
     Stop(lifecycle::StopArgs),
     /// Remove containers: task, record, snapshot and log
     Rm(lifecycle::RmArgs),
+    /// Write blobs into berthd's content store and read them back
+    Content {
+        #[command(subcommand)]
+        command: ContentCommand,
+    },
     /// Print a shell completion script
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ContentCommand {
+    /// Write standard input into the content store as ingest REF and commit it; prints
+    /// the blob's digest.
+    ///
+    /// Like `ctr content ingest`, but several 1 MiB Write messages are kept in flight on
+    /// the stream instead of waiting for each reply. An ingest of the same REF that was
+    /// interrupted is resumed where it stopped. With --expected-digest/--expected-size
+    /// the daemon verifies the blob before committing it; on a mismatch nothing is
+    /// committed and the ingest is removed.
+    Ingest {
+        /// The ingest's reference (any name unique among running ingests)
+        r#ref: String,
+        /// The digest the blob must have (sha256:…)
+        #[arg(long)]
+        expected_digest: Option<String>,
+        /// The size in bytes the blob must have
+        #[arg(long)]
+        expected_size: Option<i64>,
+    },
+    /// Write the blob DIGEST to standard output
+    Get { digest: String },
 }
 
 /// A failure to report: the message is already in words.
@@ -245,6 +275,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Info => info(&cli.address, &cli.namespace).await,
+        Command::Content { command } => content_cmd(&cli.address, &cli.namespace, command).await,
         Command::Run(a) => run::run(&cli.address, &cli.namespace, a).await,
         Command::Exec(a) => run::exec(&cli.address, &cli.namespace, a).await,
         Command::Ps(a) => ps::ps(&cli.address, &cli.namespace, a).await,
@@ -396,6 +427,42 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 mode,
             )
             .await
+        }
+    }
+}
+
+async fn content_cmd(
+    address: &str,
+    namespace: &str,
+    command: ContentCommand,
+) -> Result<(), CliError> {
+    let c = Client::connect(address, namespace).await?;
+    match command {
+        ContentCommand::Ingest {
+            r#ref,
+            expected_digest,
+            expected_size,
+        } => {
+            let input = content::stdin_file()?;
+            let done =
+                content::ingest(&c, &r#ref, expected_digest.as_deref(), expected_size, input)
+                    .await?;
+            if done.existed {
+                eprintln!("berth: {} exists already", done.digest);
+            } else if done.resumed_at > 0 {
+                eprintln!(
+                    "berth: resumed ingest {ref} at byte {} of {}",
+                    done.resumed_at, done.size
+                );
+            }
+            println!("{}", done.digest);
+            Ok(())
+        }
+        ContentCommand::Get { digest } => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::with_capacity(content::CHUNK, stdout.lock());
+            content::get(&c, &digest, &mut out).await?;
+            Ok(())
         }
     }
 }

@@ -83,7 +83,7 @@ impl ContentWriter {
             total: self.desc.size() as i64,
             expected: self.desc.digest().to_string(),
             offset: self.sent as i64,
-            data,
+            data: data.into(),
             labels: HashMap::new(),
         };
         self.truncate_next = false;
@@ -234,7 +234,7 @@ impl BlobWriter for ContentWriter {
             total: desc.size() as i64,
             expected: desc.digest().to_string(),
             offset: self.sent as i64,
-            data: vec![],
+            data: Bytes::new(),
             labels,
         };
         match self.roundtrip(req).await {

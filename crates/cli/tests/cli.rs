@@ -299,7 +299,7 @@ fn write_partial_ingest(socket: &Path, r#ref: &str, data: &[u8], total: usize) {
                 r#ref: r#ref.to_string(),
                 total: total as i64,
                 offset,
-                data,
+                data: data.into(),
                 ..Default::default()
             })
             .await

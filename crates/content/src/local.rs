@@ -3,13 +3,17 @@ use berth_core::content::{
 };
 use berth_core::labels::Labels;
 use berth_core::{Error, Result};
+use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind as IoKind, Read, Seek, SeekFrom, Write as _};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The local store; see the crate documentation for the layout.
@@ -269,11 +273,12 @@ impl LocalStore {
             r#ref: r#ref.to_string(),
             offset,
             total,
-            hasher,
+            hash: RefCell::new(Hashing::InPlace(hasher)),
             started_at,
             updated_at,
             locks: self.locks.clone(),
             locked: true,
+            writeback_started: offset,
         })
     }
 
@@ -470,11 +475,108 @@ struct LocalWriter {
     r#ref: String,
     offset: i64,
     total: i64,
-    hasher: Sha256,
+    hash: RefCell<Hashing>,
     started_at: SystemTime,
     updated_at: SystemTime,
     locks: Arc<Mutex<HashMap<String, SystemTime>>>,
     locked: bool,
+    /// The data file up to here has been handed to the kernel's writeback.
+    writeback_started: i64,
+}
+
+/// Written data is handed to the kernel's writeback every this many bytes, so the disk
+/// works while the rest arrives and the fsync at commit has only the tail left to wait
+/// for (it still is what makes the blob durable).
+const WRITEBACK_EVERY: i64 = 8 << 20;
+
+/// Starts writing `len` bytes of `file` at `offset` back to disk without waiting for it.
+/// Only a hint: a failure shows again in the fsync at commit.
+fn start_writeback(file: &File, offset: i64, len: i64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range only reads its integer arguments; the descriptor is open
+    // for as long as `file` is borrowed.
+    let rc = unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "sync_file_range");
+    }
+}
+
+/// Writes at least this large are hashed on a thread of the writer's own, so the reply to
+/// a client's write waits for the file write only; smaller ones (manifests, configs, the
+/// many small blobs of a pull) are hashed in place rather than paying for a thread.
+const HASH_OFF_THREAD_MIN: usize = 64 << 10;
+/// Buffers queued for the hashing thread before `write` waits for it: bounds the memory
+/// an ingest holds when hashing falls behind the disk (8 × a 1 MiB gRPC message).
+const HASH_QUEUE_DEPTH: usize = 8;
+
+/// The sha256 of an ingest's data so far.
+enum Hashing {
+    InPlace(Sha256),
+    /// A thread hashes the queued buffers in order and hands the hasher back when the
+    /// queue's sender is dropped.
+    OffThread {
+        queue: SyncSender<Bytes>,
+        thread: JoinHandle<Sha256>,
+    },
+}
+
+impl Hashing {
+    /// Hashes `data`, which was just written: in place if it is small and no thread is
+    /// running, otherwise queued for the thread (started here if needed).
+    fn update(&mut self, data: &[u8], owned: impl FnOnce() -> Bytes) {
+        if let Hashing::InPlace(hasher) = self {
+            if data.len() < HASH_OFF_THREAD_MIN {
+                hasher.update(data);
+                return;
+            }
+            let (queue, queued) = sync_channel::<Bytes>(HASH_QUEUE_DEPTH);
+            let mut thread_hasher = hasher.clone();
+            let spawned = std::thread::Builder::new()
+                .name("ingest-sha256".into())
+                .spawn(move || {
+                    for buf in queued {
+                        thread_hasher.update(&buf);
+                    }
+                    thread_hasher
+                });
+            match spawned {
+                Ok(thread) => *self = Hashing::OffThread { queue, thread },
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot start a hashing thread, hashing in place");
+                    hasher.update(data);
+                    return;
+                }
+            }
+        }
+        if let Hashing::OffThread { queue, .. } = self
+            && queue.send(owned()).is_err()
+        {
+            // The thread only stops early by panicking: surface that panic here.
+            self.catch_up();
+        }
+    }
+
+    /// Waits for the hashing thread (if any) to hash everything queued.
+    fn catch_up(&mut self) -> &mut Sha256 {
+        if let Hashing::OffThread { .. } = self {
+            let Hashing::OffThread { queue, thread } =
+                std::mem::replace(self, Hashing::InPlace(Sha256::new()))
+            else {
+                unreachable!("matched above")
+            };
+            drop(queue);
+            let hasher = thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            *self = Hashing::InPlace(hasher);
+        }
+        match self {
+            Hashing::InPlace(hasher) => hasher,
+            Hashing::OffThread { .. } => unreachable!("joined above"),
+        }
+    }
 }
 
 impl LocalWriter {
@@ -498,21 +600,19 @@ impl Drop for LocalWriter {
 
 impl Writer for LocalWriter {
     fn write(&mut self, data: &[u8]) -> Result<()> {
-        let file = self.file.as_mut().ok_or_else(Self::closed)?;
-        let new_offset = self.offset + data.len() as i64;
-        if new_offset > content::MAX_BLOB_SIZE {
-            return Err(Error::invalid_argument(format!(
-                "write of {} bytes at {} exceeds the maximum blob size {}",
-                data.len(),
-                self.offset,
-                content::MAX_BLOB_SIZE
-            )));
-        }
-        file.write_all(data)
-            .map_err(|e| io_error(format!("writing ingest {:?}", self.r#ref), e))?;
-        self.hasher.update(data);
-        self.offset = new_offset;
-        self.updated_at = SystemTime::now();
+        self.write_to_file(data)?;
+        // Copying is several times cheaper than hashing, so a large borrowed buffer is
+        // still worth handing to the hashing thread.
+        self.hash
+            .get_mut()
+            .update(data, || Bytes::copy_from_slice(data));
+        Ok(())
+    }
+
+    fn write_owned(&mut self, data: Bytes) -> Result<()> {
+        self.write_to_file(&data)?;
+        let queued = data.clone();
+        self.hash.get_mut().update(&data, move || queued);
         Ok(())
     }
 
@@ -528,7 +628,8 @@ impl Writer for LocalWriter {
     }
 
     fn digest(&self) -> Digest {
-        Digest::sha256_from_bytes(&self.hasher.clone().finalize())
+        let mut hash = self.hash.borrow_mut();
+        Digest::sha256_from_bytes(&hash.catch_up().clone().finalize())
     }
 
     fn truncate(&mut self, size: i64) -> Result<()> {
@@ -540,7 +641,9 @@ impl Writer for LocalWriter {
         file.seek(SeekFrom::Start(0))
             .map_err(|e| io_error("seek", e))?;
         self.offset = 0;
-        self.hasher = Sha256::new();
+        self.writeback_started = 0;
+        // A hashing thread still working on the old data is left to finish alone.
+        *self.hash.get_mut() = Hashing::InPlace(Sha256::new());
         Ok(())
     }
 
@@ -564,6 +667,32 @@ impl Writer for LocalWriter {
 }
 
 impl LocalWriter {
+    fn write_to_file(&mut self, data: &[u8]) -> Result<()> {
+        let file = self.file.as_mut().ok_or_else(Self::closed)?;
+        let new_offset = self.offset + data.len() as i64;
+        if new_offset > content::MAX_BLOB_SIZE {
+            return Err(Error::invalid_argument(format!(
+                "write of {} bytes at {} exceeds the maximum blob size {}",
+                data.len(),
+                self.offset,
+                content::MAX_BLOB_SIZE
+            )));
+        }
+        file.write_all(data)
+            .map_err(|e| io_error(format!("writing ingest {:?}", self.r#ref), e))?;
+        if new_offset - self.writeback_started >= WRITEBACK_EVERY {
+            start_writeback(
+                file,
+                self.writeback_started,
+                new_offset - self.writeback_started,
+            );
+            self.writeback_started = new_offset;
+        }
+        self.offset = new_offset;
+        self.updated_at = SystemTime::now();
+        Ok(())
+    }
+
     fn commit_inner(&mut self, size: i64, expected: Option<&Digest>) -> Result<()> {
         let file = self
             .file
@@ -580,7 +709,9 @@ impl LocalWriter {
                 "unexpected commit size {actual_size}, expected {size}"
             )));
         }
-        let digest = self.digest();
+        // The hashing thread kept going during the fsync above; the digest is of every
+        // byte written, verified before the blob becomes visible.
+        let digest = Digest::sha256_from_bytes(&self.hash.get_mut().catch_up().clone().finalize());
         if let Some(expected) = expected
             && *expected != digest
         {

@@ -144,6 +144,12 @@ pub struct Status {
 pub trait Writer: Send {
     /// Appends `data` at the current offset.
     fn write(&mut self, data: &[u8]) -> Result<()>;
+    /// [`Writer::write`] of a buffer the writer may keep: a store that hashes off the
+    /// write path (the local store) queues `data` for its hashing thread instead of
+    /// copying it. Wrappers forward this so the buffer reaches the store.
+    fn write_owned(&mut self, data: bytes::Bytes) -> Result<()> {
+        self.write(&data)
+    }
     fn status(&self) -> Result<Status>;
     /// The digest of what was written so far.
     fn digest(&self) -> Digest;

@@ -493,6 +493,16 @@ impl Writer for NamespacedWriter {
         self.inner.as_mut().expect("writer").write(data)
     }
 
+    fn write_owned(&mut self, data: bytes::Bytes) -> Result<()> {
+        if self.inner.is_none() {
+            if data.is_empty() {
+                return Ok(());
+            }
+            self.create_and_copy(self.total)?;
+        }
+        self.inner.as_mut().expect("writer").write_owned(data)
+    }
+
     fn status(&self) -> Result<Status> {
         let mut st = match &self.inner {
             Some(w) => w.status()?,

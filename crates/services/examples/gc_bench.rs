@@ -80,7 +80,7 @@ async fn write_blob(mut c: ContentClient<Channel>, i: usize, rooted: bool) {
         action: content::WriteAction::Commit as i32,
         r#ref: format!("gcbench-{i}"),
         total: data.len() as i64,
-        data,
+        data: data.into(),
         labels,
         ..Default::default()
     };

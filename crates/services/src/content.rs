@@ -44,6 +44,9 @@ impl Writer for EventedWriter {
     fn write(&mut self, data: &[u8]) -> Result<()> {
         self.inner.write(data)
     }
+    fn write_owned(&mut self, data: bytes::Bytes) -> Result<()> {
+        self.inner.write_owned(data)
+    }
     fn status(&self) -> Result<IngestStatus> {
         self.inner.status()
     }
@@ -403,7 +406,7 @@ impl content_server::Content for ContentService {
 /// Runs `f` on the writer on a blocking thread, giving the writer back.
 async fn with_writer<T: Send + 'static>(
     writer: &mut Option<Box<dyn Writer>>,
-    f: impl FnOnce(&mut dyn Writer) -> Result<T> + Send + 'static,
+    f: impl FnOnce(&mut dyn Writer) -> Result<T, Status> + Send + 'static,
 ) -> Result<T, Status> {
     let mut w = writer.take().expect("writer present");
     let (w, result) = tokio::task::spawn_blocking(move || {
@@ -413,7 +416,71 @@ async fn with_writer<T: Send + 'static>(
     .await
     .map_err(|e| Status::internal(format!("content task failed: {e}")))?;
     *writer = Some(w);
-    result.or_status()
+    result
+}
+
+/// What one Write/Commit/Stat message asks of the writer, done in one trip to a blocking
+/// thread (a 256 MiB ingest is 256 such messages from ctr).
+struct Step {
+    action: api::WriteAction,
+    offset: i64,
+    data: bytes::Bytes,
+    /// For a commit: the size to verify, the expected digest and the labels.
+    commit: Option<(i64, Option<Digest>, Labels)>,
+}
+
+/// The reply's offset, and the digest and status for Stat and Commit replies.
+struct StepDone {
+    offset: i64,
+    digest: Option<Digest>,
+    status: IngestStatus,
+}
+
+fn run_step(w: &mut dyn Writer, step: Step) -> Result<StepDone, Status> {
+    let status_now = w.status().or_status()?;
+    if step.action == api::WriteAction::Stat {
+        return Ok(StepDone {
+            offset: status_now.offset,
+            digest: Some(w.digest()),
+            status: status_now,
+        });
+    }
+    if step.offset > 0 && step.offset != status_now.offset {
+        return Err(Status::out_of_range(format!(
+            "write @{} must occur at current offset {}",
+            step.offset, status_now.offset
+        )));
+    }
+    if step.offset < 0 {
+        return Err(Status::invalid_argument(format!(
+            "write offset {} must not be negative",
+            step.offset
+        )));
+    }
+    let mut offset = status_now.offset;
+    if step.offset == 0 && offset > 0 {
+        w.truncate(0).or_status()?;
+        offset = 0;
+    }
+    if !step.data.is_empty() {
+        offset += step.data.len() as i64;
+        w.write_owned(step.data).or_status()?;
+    }
+    // The digest of a Write reply is optional ("implementation defined" in containerd's
+    // API) and is left out, so the reply does not wait for the hashing thread; Stat and
+    // Commit replies carry it.
+    let digest = match step.commit {
+        Some((total, expected, labels)) => {
+            w.commit(total, expected.as_ref(), labels).or_status()?;
+            Some(w.digest())
+        }
+        None => None,
+    };
+    Ok(StepDone {
+        offset,
+        digest,
+        status: status_now,
+    })
 }
 
 async fn write_session(
@@ -430,12 +497,6 @@ async fn write_session(
     let r#ref = first.r#ref.clone();
     let mut req = first;
     let result = loop {
-        let ws = with_writer(&mut writer, |w| w.status()).await?;
-        let mut msg = api::WriteContentResponse {
-            action: req.action,
-            offset: ws.offset,
-            ..Default::default()
-        };
         if !req.expected.is_empty() {
             let d = parse_digest(&req.expected)?;
             expected = Some(d.clone());
@@ -444,7 +505,7 @@ async fn write_session(
                 .await
                 .unwrap_or(false);
             if exists {
-                let _ = with_writer(&mut writer, |w| w.close()).await;
+                let _ = with_writer(&mut writer, |w| w.close().or_status()).await;
                 let (s, sc, r) = (store.clone(), scope.clone(), r#ref.clone());
                 let _ = tokio::task::spawn_blocking(move || s.abort(&sc, &r)).await;
                 break Err(Status::already_exists(format!(
@@ -459,47 +520,29 @@ async fn write_session(
         let action = api::WriteAction::try_from(req.action).map_err(|_| {
             Status::invalid_argument(format!("unknown write action {}", req.action))
         })?;
-        match action {
-            api::WriteAction::Stat => {
-                let digest = with_writer(&mut writer, |w| Ok(w.digest())).await?;
-                msg.digest = digest.to_string();
-                msg.started_at = Some(timestamp::from_system_time(ws.started_at));
-                msg.updated_at = Some(timestamp::from_system_time(ws.updated_at));
-                msg.total = total;
-            }
-            api::WriteAction::Write | api::WriteAction::Commit => {
-                if req.offset > 0 && req.offset != ws.offset {
-                    break Err(Status::out_of_range(format!(
-                        "write @{} must occur at current offset {}",
-                        req.offset, ws.offset
-                    )));
-                }
-                if req.offset < 0 {
-                    break Err(Status::invalid_argument(format!(
-                        "write offset {} must not be negative",
-                        req.offset
-                    )));
-                }
-                if req.offset == 0 && ws.offset > 0 {
-                    with_writer(&mut writer, |w| w.truncate(0)).await?;
-                    msg.offset = 0;
-                }
-                if !req.data.is_empty() {
-                    let data = std::mem::take(&mut req.data);
-                    let n = data.len() as i64;
-                    with_writer(&mut writer, move |w| w.write(&data)).await?;
-                    msg.offset += n;
-                }
-                if action == api::WriteAction::Commit {
-                    let labels: Labels = std::mem::take(&mut req.labels).into_iter().collect();
-                    let exp = expected.clone();
-                    with_writer(&mut writer, move |w| w.commit(total, exp.as_ref(), labels))
-                        .await?;
-                }
-                msg.digest = with_writer(&mut writer, |w| Ok(w.digest()))
-                    .await?
-                    .to_string();
-            }
+        let step = Step {
+            action,
+            offset: req.offset,
+            data: std::mem::take(&mut req.data),
+            commit: (action == api::WriteAction::Commit).then(|| {
+                let labels: Labels = std::mem::take(&mut req.labels).into_iter().collect();
+                (total, expected.clone(), labels)
+            }),
+        };
+        let done = match with_writer(&mut writer, move |w| run_step(w, step)).await {
+            Ok(done) => done,
+            Err(err) => break Err(err),
+        };
+        let mut msg = api::WriteContentResponse {
+            action: req.action,
+            offset: done.offset,
+            digest: done.digest.map(|d| d.to_string()).unwrap_or_default(),
+            ..Default::default()
+        };
+        if action == api::WriteAction::Stat {
+            msg.started_at = Some(timestamp::from_system_time(done.status.started_at));
+            msg.updated_at = Some(timestamp::from_system_time(done.status.updated_at));
+            msg.total = total;
         }
         if tx.send(Ok(msg)).await.is_err() {
             break Ok(());
@@ -514,7 +557,7 @@ async fn write_session(
         }
     };
     if writer.is_some() {
-        let _ = with_writer(&mut writer, |w| w.close()).await;
+        let _ = with_writer(&mut writer, |w| w.close().or_status()).await;
     }
     result
 }

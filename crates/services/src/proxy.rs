@@ -651,6 +651,7 @@ impl BlobStore for ProxyContentStore {
             offset: stat.offset,
             total: stat.total,
             digest: Digest::parse(&stat.digest).ok(),
+            digest_stale: false,
             started_at: stat
                 .started_at
                 .as_ref()
@@ -820,7 +821,8 @@ impl WriteSession {
 
 /// An ingest written through the proxy. Each operation is one request and its reply on
 /// the open Write call, as containerd's remote writer; the offset and digest of the last
-/// reply answer `status` and `digest` without a round trip.
+/// reply answer `status` and `digest` without a round trip, unless that reply carried no
+/// digest (berthd's Write replies do not): then `digest` asks with a Stat.
 struct ProxyWriter {
     runtime: tokio::runtime::Handle,
     address: String,
@@ -828,6 +830,8 @@ struct ProxyWriter {
     offset: i64,
     total: i64,
     digest: Option<Digest>,
+    /// Data was written since the last reply that carried a digest.
+    digest_stale: bool,
     started_at: std::time::SystemTime,
     updated_at: std::time::SystemTime,
     session: Option<Arc<tokio::sync::Mutex<WriteSession>>>,
@@ -843,8 +847,12 @@ impl ProxyWriter {
             session.lock().await.round_trip(request, &address).await
         })?;
         self.offset = reply.offset;
-        if let Ok(d) = Digest::parse(&reply.digest) {
-            self.digest = Some(d);
+        match Digest::parse(&reply.digest) {
+            Ok(d) => {
+                self.digest = Some(d);
+                self.digest_stale = false;
+            }
+            Err(_) => self.digest_stale = true,
         }
         if let Some(t) = &reply.updated_at {
             self.updated_at = berth_api::timestamp::to_system_time(t);
@@ -862,7 +870,7 @@ impl Writer for ProxyWriter {
             let reply = self.send(capi::WriteContentRequest {
                 action: capi::WriteAction::Write as i32,
                 offset,
-                data: chunk.to_vec(),
+                data: bytes::Bytes::copy_from_slice(chunk),
                 ..Default::default()
             })?;
             if reply.offset != offset + chunk.len() as i64 {
@@ -887,6 +895,27 @@ impl Writer for ProxyWriter {
     }
 
     fn digest(&self) -> Digest {
+        if self.digest_stale
+            && let Some(session) = self.session.clone()
+        {
+            let address = self.address.clone();
+            let asked = wait_on(&self.runtime, async move {
+                let stat = capi::WriteContentRequest {
+                    action: capi::WriteAction::Stat as i32,
+                    ..Default::default()
+                };
+                session.lock().await.round_trip(stat, &address).await
+            });
+            match asked.map(|reply| Digest::parse(&reply.digest)) {
+                Ok(Ok(d)) => return d,
+                Ok(Err(e)) => {
+                    tracing::warn!(r#ref = %self.r#ref, error = %e, "content proxy: Stat reply without a digest")
+                }
+                Err(e) => {
+                    tracing::warn!(r#ref = %self.r#ref, error = %e, "content proxy: asking for the digest")
+                }
+            }
+        }
         // Before any reply carried one, nothing was written: the empty blob's digest.
         self.digest.clone().unwrap_or_else(|| {
             Digest::parse("sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")

@@ -198,7 +198,7 @@ fn write_req(action: content::WriteAction, r: &str, data: &[u8]) -> content::Wri
     content::WriteContentRequest {
         action: action as i32,
         r#ref: r.into(),
-        data: data.to_vec(),
+        data: bytes::Bytes::copy_from_slice(data),
         ..Default::default()
     }
 }

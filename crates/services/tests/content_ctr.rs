@@ -366,7 +366,7 @@ async fn write_msg(
         total,
         expected: expected.into(),
         offset,
-        data,
+        data: data.into(),
         labels: Default::default(),
     }
 }

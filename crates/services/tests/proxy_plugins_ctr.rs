@@ -255,6 +255,32 @@ fn content_proxy_plugin_holds_every_blob() {
     let has_busybox = mnt.join("bin/busybox").exists();
     d.ctr_ok(&["images", "unmount", "--rm", mnt.to_str().unwrap()]);
     assert!(has_busybox, "the unpacked image holds bin/busybox");
+    // A diff written back through the proxy: the differ takes the writer's digest before
+    // it commits, so the proxy's writer must know it although berthd's Write replies
+    // leave it out.
+    let key = snapshots
+        .lines()
+        .skip(1)
+        .find(|l| l.contains("Committed"))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("a committed snapshot");
+    let diff = d.ctr(&[
+        "snapshots",
+        "diff",
+        "--media-type",
+        "application/vnd.oci.image.layer.v1.tar",
+        key,
+    ]);
+    assert!(
+        diff.status.success(),
+        "snapshots diff through the proxy: {}\n{}",
+        String::from_utf8_lossy(&diff.stderr),
+        server.log()
+    );
+    assert!(
+        diff.stdout.windows(11).any(|w| w == b"bin/busybox"),
+        "the diff holds bin/busybox"
+    );
     d.ctr_ok(&["images", "rm", "--sync", image]);
     assert!(
         blobs_under(&remote_root).is_empty(),

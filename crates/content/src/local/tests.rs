@@ -151,3 +151,59 @@ fn repair_removes_crash_leftovers() {
     assert_eq!(statuses.len(), 1);
     assert_eq!(statuses[0].offset, 7);
 }
+
+/// Large writes are hashed on the writer's thread: the digest (mid-ingest, after a
+/// truncate, at commit, after a resume) is still that of every byte written, in order.
+#[test]
+fn large_writes_are_hashed_off_the_write_path() {
+    let (dir, s) = store();
+    let chunk = HASH_OFF_THREAD_MIN * 3 + 17;
+    let data: Vec<u8> = (0..chunk * 20).map(|i| (i * 7 + i / 251) as u8).collect();
+    let mut w = s.writer("big", data.len() as i64).unwrap();
+    // Owned and borrowed buffers, large and small, interleaved.
+    for (i, part) in data[..chunk * 10].chunks(chunk).enumerate() {
+        if i % 2 == 0 {
+            w.write_owned(Bytes::copy_from_slice(part)).unwrap();
+        } else {
+            w.write(part).unwrap();
+        }
+    }
+    w.write(&data[chunk * 10..chunk * 10 + 100]).unwrap();
+    assert_eq!(w.digest(), sha(&data[..chunk * 10 + 100]));
+    // Writing on after a digest was taken starts hashing off the thread again.
+    w.write_owned(Bytes::copy_from_slice(&data[chunk * 10 + 100..chunk * 15]))
+        .unwrap();
+    // A truncate forgets what the hashing thread had queued.
+    w.truncate(0).unwrap();
+    w.write_owned(Bytes::copy_from_slice(&data[..chunk * 12]))
+        .unwrap();
+    w.close().unwrap();
+    drop(w);
+    // Resumed: the data file is re-hashed, then the rest is written.
+    let mut w = s.writer("big", data.len() as i64).unwrap();
+    assert_eq!(w.status().unwrap().offset, (chunk * 12) as i64);
+    for part in data[chunk * 12..].chunks(HASH_OFF_THREAD_MIN * 4) {
+        w.write_owned(Bytes::copy_from_slice(part)).unwrap();
+    }
+    // The wrong digest is refused before anything becomes visible.
+    let err = w
+        .commit(data.len() as i64, Some(&sha(b"other")), Labels::new())
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    assert_eq!(
+        fs::read_dir(dir.path().join("blobs/sha256"))
+            .unwrap()
+            .count(),
+        0
+    );
+    drop(w);
+    let mut w = s.writer("big", data.len() as i64).unwrap();
+    let d = sha(&data);
+    w.commit(data.len() as i64, Some(&d), Labels::new())
+        .unwrap();
+    assert_eq!(w.digest(), d);
+    assert_eq!(
+        fs::read(dir.path().join("blobs/sha256").join(d.hex())).unwrap(),
+        data
+    );
+}
