@@ -206,7 +206,7 @@ impl ContentStore for NamespacedContent {
             if let Some(lease) = &scope.lease {
                 remove_from_lease(tx, ns, lease, "content", digest.as_str())?;
             }
-            Ok(()).inspect(|_| self.md.mark_dirty())
+            Ok(()).inspect(|_| self.md.mark_content_dirty())
         })?;
         Ok(())
     }

@@ -1,7 +1,7 @@
 use berth_core::{Error, Result};
 use redb::{ReadableTable, TableDefinition};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// redb's page cache for the metadata file (see [`MetadataStore::open`]).
 const CACHE_SIZE: usize = 512 * 1024;
@@ -32,6 +32,10 @@ pub struct MetadataStore {
     db: redb::Database,
     /// Count of deletions since the last garbage collection (drives the GC scheduler).
     dirty: AtomicU64,
+    /// A content record was deleted outside a collection since the last blob sweep: the
+    /// next collection must look for blobs no namespace references any more (as
+    /// containerd's `dirtyCS`), or `ctr content rm` would leave the file until a restart.
+    content_dirty: AtomicBool,
     /// Attached subsystems and the mutation signal (see `attach.rs`).
     pub(crate) ext: crate::attach::Attachments,
 }
@@ -53,6 +57,7 @@ impl MetadataStore {
         let store = MetadataStore {
             db,
             dirty: AtomicU64::new(0),
+            content_dirty: AtomicBool::new(false),
             ext: Default::default(),
         };
         store.check_schema(path)?;
@@ -121,6 +126,17 @@ impl MetadataStore {
 
     pub fn reset_dirty(&self) {
         self.dirty.store(0, Ordering::Relaxed);
+    }
+
+    /// Records that a content record went away outside a collection.
+    pub fn mark_content_dirty(&self) {
+        self.content_dirty.store(true, Ordering::Relaxed);
+        self.mark_dirty();
+    }
+
+    /// Whether content records went away since the last call (clears the flag).
+    pub fn take_content_dirty(&self) -> bool {
+        self.content_dirty.swap(false, Ordering::Relaxed)
     }
 }
 

@@ -235,12 +235,15 @@ impl Collector {
         let t0 = Instant::now();
         let resources = self.md.gc_resources();
         let mut stats = GcStats::default();
+        // Taken before the mark so that a deletion during this collection is seen by the
+        // next one rather than lost.
+        let deleted_outside = self.md.take_content_dirty();
         let (content_dirty, dirty_resources) = self
             .md
             .write(|tx| mark_and_sweep(tx, &resources, &mut stats))?;
         self.md.reset_dirty();
         stats.meta = t0.elapsed();
-        if content_dirty || *first {
+        if content_dirty || deleted_outside || *first {
             let t1 = Instant::now();
             self.sweep_blobs(&mut stats)?;
             stats.content = t1.elapsed();

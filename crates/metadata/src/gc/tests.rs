@@ -121,6 +121,31 @@ fn blobs_shared_by_namespaces_stay_until_the_last_record_goes() {
     );
 }
 
+/// `ctr content rm` deletes the record only; the next collection (not just the first
+/// after start-up) must remove the file once no namespace has a record of it.
+#[test]
+fn a_deleted_record_lets_the_next_collection_remove_the_blob() {
+    let (dir, md, cs) = setup(SharingPolicy::Shared);
+    let c = Collector::new(md.clone());
+    let a = Scope::new("a");
+    let d = put(
+        &*cs,
+        &a,
+        "x",
+        b"kept until deleted",
+        [(GC_ROOT.to_string(), "y".to_string())].into(),
+    );
+    c.collect().unwrap();
+    let file = dir.path().join("content/blobs/sha256").join(d.hex());
+    assert!(file.exists());
+    cs.delete(&a, &d).unwrap();
+    c.collect().unwrap();
+    assert!(
+        !file.exists(),
+        "blob file left after its last record was deleted"
+    );
+}
+
 #[test]
 fn leases_protect_until_deleted_or_expired_and_ingests() {
     let (dir, md, cs) = setup(SharingPolicy::Shared);
