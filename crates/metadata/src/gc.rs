@@ -235,9 +235,11 @@ impl Collector {
         let t0 = Instant::now();
         let resources = self.md.gc_resources();
         let mut stats = GcStats::default();
-        let (content_dirty, dirty_resources) = self
-            .md
-            .write(|tx| mark_and_sweep(tx, &resources, &mut stats))?;
+        let (content_dirty, dirty_resources) = self.md.write_if_changed(|tx| {
+            let (content_dirty, dirty) = mark_and_sweep(tx, &resources, &mut stats)?;
+            let changed = stats.removed_records > 0 || !dirty.is_empty();
+            Ok(((content_dirty, dirty), changed))
+        })?;
         self.md.reset_dirty();
         stats.meta = t0.elapsed();
         if content_dirty || *first {
