@@ -422,6 +422,9 @@ impl ShimManager {
     /// ones that are gone (publishing their exit) and work directories without a bundle.
     pub async fn load_existing(&self) {
         let state = self.config().state.clone();
+        // Bundles a crash left half deleted (see `Bundle::delete_later`).
+        Bundle::empty_trash(&state);
+        Bundle::empty_trash(&self.config().root);
         let Ok(namespaces) = std::fs::read_dir(&state) else {
             return;
         };
@@ -608,7 +611,9 @@ impl Runtime for ShimManager {
         // and serves nothing, so a new task with this ID gets a new shim. A shim that does
         // not exit is still killed, in the background.
         tokio::spawn(ensure_dead(task.shim_pid.load(Ordering::SeqCst)));
-        Bundle::paths(&self.config().state, &self.config().root, namespace, id).delete();
+        let remove =
+            Bundle::paths(&self.config().state, &self.config().root, namespace, id).delete_later();
+        tokio::task::spawn_blocking(remove);
         Ok(exit)
     }
 }
