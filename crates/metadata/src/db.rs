@@ -114,6 +114,29 @@ impl MetadataStore {
         Ok(value)
     }
 
+    /// Like [`MetadataStore::write`], for a transaction that may turn out to change
+    /// nothing: `f` returns its value and whether it wrote anything, and a transaction
+    /// that wrote nothing is aborted instead of committed. A redb commit is an fdatasync
+    /// even when empty, and a garbage collection after a deletion usually finds nothing
+    /// to remove (ctr's `run --rm` ran two such collections, one fdatasync each).
+    pub fn write_if_changed<T>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(T, bool)>,
+    ) -> Result<T> {
+        let tx = self
+            .db
+            .begin_write()
+            .map_err(|e| db_error("begin write", e))?;
+        let (value, changed) = f(&tx)?;
+        if !changed {
+            tx.abort().map_err(|e| db_error("abort", e))?;
+            return Ok(value);
+        }
+        tx.commit().map_err(|e| db_error("commit", e))?;
+        self.ext.mutated();
+        Ok(value)
+    }
+
     /// Records a deletion for the GC scheduler.
     pub fn mark_dirty(&self) {
         self.dirty.fetch_add(1, Ordering::Relaxed);

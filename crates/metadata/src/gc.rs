@@ -238,9 +238,11 @@ impl Collector {
         // Taken before the mark so that a deletion during this collection is seen by the
         // next one rather than lost.
         let deleted_outside = self.md.take_content_dirty();
-        let (content_dirty, dirty_resources) = self
-            .md
-            .write(|tx| mark_and_sweep(tx, &resources, &mut stats))?;
+        let (content_dirty, dirty_resources) = self.md.write_if_changed(|tx| {
+            let (content_dirty, dirty) = mark_and_sweep(tx, &resources, &mut stats)?;
+            let changed = stats.removed_records > 0 || !dirty.is_empty();
+            Ok(((content_dirty, dirty), changed))
+        })?;
         self.md.reset_dirty();
         stats.meta = t0.elapsed();
         if content_dirty || deleted_outside || *first {

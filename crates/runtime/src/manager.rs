@@ -262,6 +262,7 @@ impl ShimManager {
             client,
             deleted: AtomicBool::new(false),
             shim_pid: AtomicU32::new(0),
+            init_pid: AtomicU32::new(0),
         });
         if let Ok((shim_pid, _)) = task.connect(LOAD_TIMEOUT).await {
             task.shim_pid.store(shim_pid, Ordering::SeqCst);
@@ -421,6 +422,9 @@ impl ShimManager {
     /// ones that are gone (publishing their exit) and work directories without a bundle.
     pub async fn load_existing(&self) {
         let state = self.config().state.clone();
+        // Bundles a crash left half deleted (see `Bundle::delete_later`).
+        Bundle::empty_trash(&state);
+        Bundle::empty_trash(&self.config().root);
         let Ok(namespaces) = std::fs::read_dir(&state) else {
             return;
         };
@@ -469,9 +473,11 @@ impl ShimManager {
                 client,
                 deleted: AtomicBool::new(false),
                 shim_pid: AtomicU32::new(0),
+                init_pid: AtomicU32::new(0),
             });
-            let (shim_pid, _) = task.connect(LOAD_TIMEOUT).await?;
+            let (shim_pid, task_pid) = task.connect(LOAD_TIMEOUT).await?;
             task.shim_pid.store(shim_pid, Ordering::SeqCst);
+            task.init_pid.store(task_pid, Ordering::SeqCst);
             Ok::<_, Error>(task)
         }
         .await;
@@ -600,8 +606,14 @@ impl Runtime for ShimManager {
         task.deleted.store(true, Ordering::SeqCst);
         self.inner.tasks.lock().unwrap().remove(&key(namespace, id));
         task.shutdown().await;
-        ensure_dead(task.shim_pid.load(Ordering::SeqCst)).await;
-        Bundle::paths(&self.config().state, &self.config().root, namespace, id).delete();
+        // Like containerd, the reply does not wait for the shim process to be gone: once
+        // Shutdown is answered (or its connection closed) the shim has removed its socket
+        // and serves nothing, so a new task with this ID gets a new shim. A shim that does
+        // not exit is still killed, in the background.
+        tokio::spawn(ensure_dead(task.shim_pid.load(Ordering::SeqCst)));
+        let remove =
+            Bundle::paths(&self.config().state, &self.config().root, namespace, id).delete_later();
+        tokio::task::spawn_blocking(remove);
         Ok(exit)
     }
 }

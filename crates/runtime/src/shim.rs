@@ -31,6 +31,9 @@ pub struct ShimTask {
     /// for a crash.
     pub(crate) deleted: AtomicBool,
     pub(crate) shim_pid: std::sync::atomic::AtomicU32,
+    /// The init process's PID once known (the answer to `Create` or `Connect`); it never
+    /// changes, so `pid()` needs no round trip to the shim.
+    pub(crate) init_pid: std::sync::atomic::AtomicU32,
 }
 
 /// The call context: containerd sends the namespace in ttrpc metadata.
@@ -149,6 +152,7 @@ impl ShimTask {
             .create(self.ctx(), &req)
             .await
             .map_err(shim_error)?;
+        self.init_pid.store(resp.pid, Ordering::SeqCst);
         Ok(resp.pid)
     }
 
@@ -207,7 +211,10 @@ impl Task for ShimTask {
     }
 
     async fn pid(&self) -> Result<u32> {
-        Ok(self.state("").await?.pid)
+        match self.init_pid.load(Ordering::SeqCst) {
+            0 => Ok(self.state("").await?.pid),
+            pid => Ok(pid),
+        }
     }
 
     async fn start(&self, exec_id: &str) -> Result<u32> {

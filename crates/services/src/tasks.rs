@@ -87,6 +87,43 @@ pub async fn create_task(
     runtime.create(ns, id, opts).await
 }
 
+/// Why criu cannot take checkpoints on this host, if it cannot: not installed, or
+/// installed but failing its own `criu check` (e.g. a kernel whose vDSO it cannot parse).
+async fn criu_unusable() -> Option<String> {
+    let criu = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("criu"))
+            .find(|c| c.is_file())
+    });
+    let Some(criu) = criu else {
+        return Some("criu is not installed on this host".into());
+    };
+    let out = tokio::process::Command::new(&criu)
+        .arg("check")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await;
+    match out {
+        Ok(out) if out.status.success() => None,
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stderr);
+            let first_error = text
+                .lines()
+                .find(|l| l.contains("Error"))
+                .or_else(|| text.lines().next())
+                .unwrap_or("")
+                .trim();
+            Some(format!(
+                "criu cannot run on this host (run `criu check`: {first_error})"
+            ))
+        }
+        Err(e) => Some(format!(
+            "criu cannot run on this host ({}: {e})",
+            criu.display()
+        )),
+    }
+}
+
 fn proto_status(status: TaskStatus) -> i32 {
     (match status {
         TaskStatus::Unknown => ProtoStatus::Unknown,
@@ -350,13 +387,9 @@ impl tasks_server::Tasks for TasksService {
         let ns = namespace(&request)?;
         let r = request.into_inner();
         self.task(&ns, &r.container_id).await?;
-        let criu = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join("criu").is_file()))
-            .unwrap_or(false);
-        let message = if criu {
-            "checkpoint: checkpoint images are not supported by berthd yet"
-        } else {
-            "checkpoint: criu is not installed on this host"
+        let message = match criu_unusable().await {
+            Some(reason) => format!("checkpoint: {reason}"),
+            None => "checkpoint: checkpoint images are not supported by berthd yet".to_string(),
         };
         Err(Status::unimplemented(message))
     }

@@ -290,9 +290,11 @@ fn serve(flags: &Flags) -> Result<(), String> {
         tx.clone(),
     ));
     let dir = socket_dir();
+    let socket = service::socket_path(&dir, &flags.address, &flags.namespace, &flags.id);
     let svc = Arc::new(service::Service::new(
         &flags.namespace,
         dir.clone(),
+        socket.clone(),
         mon,
         publisher.clone(),
         tx,
@@ -332,14 +334,9 @@ fn serve(flags: &Flags) -> Result<(), String> {
         }
     }
     // No pause for the Shutdown reply: both containerd and berthd treat the connection
-    // closing as a completed Shutdown and then wait for this process to exit, so a delay
-    // here only lengthens every task deletion.
-    let _ = std::fs::remove_file(service::socket_path(
-        &dir,
-        &flags.address,
-        &flags.namespace,
-        &flags.id,
-    ));
+    // closing as a completed Shutdown (the socket file is already gone, see
+    // `Service::shutdown`), so a delay here only lengthens every task deletion.
+    let _ = std::fs::remove_file(&socket);
     std::process::exit(0);
 }
 

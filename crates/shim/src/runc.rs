@@ -49,6 +49,35 @@ pub fn look_path(name: &str) -> Option<PathBuf> {
         })
 }
 
+/// Why checkpoints cannot be taken on this host, if they cannot: criu is missing, or
+/// installed but unable to run here (`criu check` fails, e.g. on kernels whose vDSO it
+/// cannot parse).
+pub fn criu_unusable() -> Option<String> {
+    let Some(criu) = look_path("criu") else {
+        return Some("checkpoint needs criu, which is not installed on this host".into());
+    };
+    let out = match Command::new(&criu)
+        .arg("check")
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(out) if out.status.success() => return None,
+        Ok(out) => out,
+        Err(e) => return Some(format!("checkpoint needs criu, which cannot run here: {e}")),
+    };
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let first_error = text
+        .lines()
+        .find(|l| l.contains("Error"))
+        .unwrap_or_else(|| text.lines().next().unwrap_or(""))
+        .trim()
+        .to_string();
+    Some(format!(
+        "checkpoint needs criu, which cannot run on this host (run `criu check`: {first_error})"
+    ))
+}
+
 impl Runtime {
     pub fn new(
         binary_name: &str,

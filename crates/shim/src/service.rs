@@ -112,6 +112,8 @@ impl State {
 pub struct Service {
     namespace: String,
     socket_dir: PathBuf,
+    /// This shim's own socket, removed before `Shutdown` is answered.
+    socket: PathBuf,
     mon: Arc<Monitor>,
     events: Arc<Publisher>,
     tx: Mutex<Sender<Msg>>,
@@ -123,6 +125,7 @@ impl Service {
     pub fn new(
         namespace: &str,
         socket_dir: PathBuf,
+        socket: PathBuf,
         mon: Arc<Monitor>,
         events: Arc<Publisher>,
         tx: Sender<Msg>,
@@ -130,6 +133,7 @@ impl Service {
         Service {
             namespace: namespace.into(),
             socket_dir,
+            socket,
             mon,
             events,
             tx: Mutex::new(tx),
@@ -537,7 +541,7 @@ impl containerd_shim_protos::Task for Service {
             }
         }
         if let Some(r) = &c.rootfs {
-            sys::unmount_all(r);
+            sys::unmount_all_in_background(r);
         }
         c.init.io.close_stdin();
         if c.init.exited_at.is_none() {
@@ -614,11 +618,8 @@ impl containerd_shim_protos::Task for Service {
     }
 
     fn checkpoint(&self, _ctx: &TtrpcContext, req: api::CheckpointTaskRequest) -> TResult<Empty> {
-        if runc::look_path("criu").is_none() {
-            return Err(err(
-                Code::UNIMPLEMENTED,
-                "checkpoint needs criu, which is not installed on this host",
-            ));
+        if let Some(reason) = runc::criu_unusable() {
+            return Err(err(Code::UNIMPLEMENTED, reason));
         }
         let mut st = self.lock();
         let c = st.container(&req.id)?;
@@ -855,6 +856,10 @@ impl containerd_shim_protos::Task for Service {
             return Ok(Empty::new());
         }
         drop(st);
+        // The socket goes before the answer (as with containerd's runc shim): the daemon
+        // does not wait for this process to exit, and a task created right after with the
+        // same ID must get a new shim, not find this one still listening at that path.
+        let _ = std::fs::remove_file(&self.socket);
         let _ = self.tx.lock().unwrap().send(Msg::Shutdown);
         Ok(Empty::new())
     }

@@ -191,6 +191,70 @@ pub fn unmount_all(target: &Path) {
     }
 }
 
+/// Unmounts everything stacked on `target`, like [`unmount_all`], without making the
+/// caller wait for the top file system's shutdown.
+///
+/// Why: unmounting an overlay syncs its whole upper file system (`syncfs` of the disk
+/// holding the snapshots, i.e. everybody's dirty data there), which took 0.3–70 ms per
+/// container on this project's test machine while other work wrote to the disk. A task's
+/// deletion only needs the rootfs out of the mount table; the sync of a file system whose
+/// upper directory is about to be removed protects nothing the caller is waiting for. So
+/// the top mount is detached while a descriptor still references it, and that last
+/// reference is dropped by a short-lived child process, which pays for the shutdown.
+pub fn unmount_all_in_background(target: &Path) {
+    let Ok(t) = cstr(target) else { return };
+    // SAFETY: open with a valid C string; the result is checked.
+    let fd = unsafe {
+        libc::open(
+            t.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return unmount_all(target);
+    }
+    // SAFETY: `fd` was just returned by open and is owned by nobody else.
+    let top = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut detached = false;
+    for _ in 0..64 {
+        // SAFETY: umount2 with a valid C string.
+        if unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) } != 0 {
+            break;
+        }
+        detached = true;
+    }
+    if detached {
+        release_in_child(top);
+    }
+}
+
+/// Drops the last reference `fd` holds (see [`unmount_all_in_background`]) in a forked
+/// child; falls back to closing it here.
+fn release_in_child(fd: OwnedFd) {
+    let Ok((parent_gone, parent_end)) = pipe() else {
+        return;
+    };
+    // SAFETY: the child only calls async-signal-safe functions (close, read, _exit) before
+    // exiting, as required after fork in a multi-threaded process.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        unsafe {
+            libc::close(parent_end.as_raw_fd());
+            // EOF once the parent closed its copies: only then is the child's the last one.
+            let mut byte = 0u8;
+            while libc::read(parent_gone.as_raw_fd(), (&raw mut byte).cast(), 1) < 0
+                && *libc::__errno_location() == libc::EINTR
+            {}
+            libc::close(fd.as_raw_fd());
+            libc::_exit(0);
+        }
+    }
+    // The parent (or a failed fork): close our copies; the child, if any, is reaped by the
+    // monitor like any process the shim does not know.
+    drop(fd);
+    drop(parent_end);
+}
+
 pub fn now() -> containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
