@@ -77,7 +77,7 @@ pub struct Cli {
 pub enum Command {
     /// Show the client's and berthd's versions
     Version,
-    /// Show berthd's plugins and their status
+    /// Show berthd's plugins and their status, and what the namespace keeps on disk
     Info,
     /// List images
     #[command(visible_alias = "ls")]
@@ -497,6 +497,11 @@ async fn info(address: &str, namespace: &str) -> Result<(), CliError> {
         ok,
         plugins.len() - ok
     );
+    let snapshotters: Vec<String> = plugins
+        .iter()
+        .filter(|p| p.r#type == "io.containerd.snapshotter.v1" && p.init_err.is_none())
+        .map(|p| p.id.clone())
+        .collect();
     let mut t = table::Table::new(&["TYPE", "ID", "PLATFORMS", "STATUS"]);
     for p in plugins {
         let platforms = p
@@ -528,6 +533,85 @@ async fn info(address: &str, namespace: &str) -> Result<(), CliError> {
             status,
         ]);
     }
+    print!("{}", t.render());
+    disk_usage(&c, namespace, &snapshotters).await
+}
+
+/// What the namespace keeps on disk: image records, content (the sum of its blobs'
+/// sizes) and, per loaded snapshotter, its snapshots' own usage (`Usage` per key, so
+/// a layer shared by several images counts once).
+async fn disk_usage(c: &Client, namespace: &str, snapshotters: &[String]) -> Result<(), CliError> {
+    use berth_api::services::content::v1::ListContentRequest;
+    use berth_api::services::snapshots::v1::{ListSnapshotsRequest, UsageRequest};
+    use futures::StreamExt;
+
+    let images = c
+        .images()
+        .list(c.request(ListImagesRequest { filters: vec![] }))
+        .await
+        .map_err(grpc("list images"))?
+        .into_inner()
+        .images
+        .len();
+    let mut stream = c
+        .content()
+        .list(c.request(ListContentRequest { filters: vec![] }))
+        .await
+        .map_err(grpc("list content"))?
+        .into_inner();
+    let (mut blobs, mut content_bytes) = (0usize, 0u64);
+    while let Some(page) = stream.next().await {
+        for info in page.map_err(grpc("list content"))?.info {
+            blobs += 1;
+            content_bytes += info.size.max(0) as u64;
+        }
+    }
+    let mut t = table::Table::new(&["WHAT", "COUNT", "SIZE"]);
+    t.row(vec!["images".into(), images.to_string(), "-".into()]);
+    t.row(vec![
+        "content".into(),
+        blobs.to_string(),
+        table::human_size(content_bytes),
+    ]);
+    for sn in snapshotters {
+        let mut client = run::snapshots(c);
+        let mut stream = client
+            .list(c.request(ListSnapshotsRequest {
+                snapshotter: sn.clone(),
+                filters: vec![],
+            }))
+            .await
+            .map_err(grpc("list snapshots"))?
+            .into_inner();
+        let mut keys = Vec::new();
+        while let Some(page) = stream.next().await {
+            keys.extend(
+                page.map_err(grpc("list snapshots"))?
+                    .info
+                    .into_iter()
+                    .map(|i| i.name),
+            );
+        }
+        let mut bytes = 0u64;
+        for key in &keys {
+            // A snapshot removed since the listing simply no longer counts.
+            if let Ok(u) = client
+                .usage(c.request(UsageRequest {
+                    snapshotter: sn.clone(),
+                    key: key.clone(),
+                }))
+                .await
+            {
+                bytes += u.into_inner().size.max(0) as u64;
+            }
+        }
+        t.row(vec![
+            format!("snapshots ({sn})"),
+            keys.len().to_string(),
+            table::human_size(bytes),
+        ]);
+    }
+    println!("\nDisk usage of namespace {namespace:?}:");
     print!("{}", t.render());
     Ok(())
 }

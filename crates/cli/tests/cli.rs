@@ -232,6 +232,20 @@ fn version_info_images_pull_rmi_against_berthd() {
 
     let o = run(&["images", "-q"]);
     assert!(text(&o).0.lines().any(|l| l == image), "{}", text(&o).0);
+    // `info` counts what the pull left: one image, its blobs, two layer snapshots.
+    let o = run(&["info"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let row = |what: &str| {
+        out.lines()
+            .find(|l| l.starts_with(what))
+            .unwrap_or_else(|| panic!("no {what} row in\n{out}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(row("images")[1], "1", "{out}");
+    assert!(row("content")[1].parse::<u32>().unwrap() >= 4, "{out}");
+    assert_eq!(row("snapshots (overlayfs)")[2], "2", "{out}");
     // Unpacked: one committed snapshot per layer, named by chain ID.
     let snaps = d.ctr_ok(&["snapshots", "--snapshotter", "overlayfs", "ls"]);
     assert_eq!(
