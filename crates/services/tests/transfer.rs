@@ -378,14 +378,21 @@ async fn bad_transfers_fail_as_containerd() {
                 .unwrap_err()
         }
     };
-    // A pair no transferrer handles (tagging, image store → image store, is not built):
+    // A pair no transferrer handles (registry → registry, in containerd too):
     // containerd's Unimplemented and message.
-    let e = call(Some(any::pack(&store)), Some(any::pack(&store)), "").await;
+    let a_registry = any::pack(&tt::OciRegistry {
+        reference: "127.0.0.1:1/x:1".into(),
+        resolver: None,
+    });
+    let e = call(Some(a_registry.clone()), Some(a_registry), "").await;
     assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
     assert_eq!(
         e.message(),
-        "method Transfer not implemented for containerd.types.transfer.ImageStore to containerd.types.transfer.ImageStore"
+        "method Transfer not implemented for containerd.types.transfer.OCIRegistry to containerd.types.transfer.OCIRegistry"
     );
+    // Tagging an image that does not exist.
+    let e = call(Some(any::pack(&store)), Some(any::pack(&store)), "").await;
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
     // An export to a stream nobody opened.
     let export = any::pack(&tt::ImageExportStream {
         stream: "s".into(),
@@ -1861,5 +1868,76 @@ async fn the_services_unpack_configuration_decides_what_is_unpacked() {
         !p.progress
             .iter()
             .any(|e| e.event == "extracted" && e.name == format!("layer-{}", arm_layers[0]))
+    );
+}
+
+/// containerd 2.x's `ctr image tag SRC DST` is `Transfer(ImageStore{SRC} →
+/// ImageStore{DST})`: a record of the new name with the same target (an existing one is
+/// moved), the destination's labels, and the source untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn tag_through_transfer_as_ctr2() {
+    let fixtures = berth_testkit::fixtures();
+    let d = Daemon::start();
+    d.ctr_ok(&[
+        "images",
+        "import",
+        "--no-unpack",
+        fixtures.join("busybox.oci.tar").to_str().unwrap(),
+    ]);
+    let source = "import.local/busybox:latest";
+    let before = images(&d, "default");
+    let target_of = |listing: &[(String, String)], name: &str| {
+        listing
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.clone())
+            .unwrap_or_else(|| panic!("no {name} in {listing:?}"))
+    };
+    let digest = target_of(&before, source);
+    let client = TransferClient::new(channel(d.socket.clone()).await);
+    let tag = |dst: tt::ImageStore| {
+        let mut client = client.clone();
+        async move {
+            client
+                .transfer(namespaced(
+                    "default",
+                    TransferRequest {
+                        source: Some(any::pack(&tt::ImageStore {
+                            name: source.into(),
+                            ..Default::default()
+                        })),
+                        destination: Some(any::pack(&dst)),
+                        options: None,
+                    },
+                ))
+                .await
+        }
+    };
+    tag(tt::ImageStore {
+        name: "example.com/tagged:v1".into(),
+        labels: [("team".to_string(), "berth".to_string())].into(),
+        ..Default::default()
+    })
+    .await
+    .expect("tag");
+    let after = images(&d, "default");
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert_eq!(target_of(&after, "example.com/tagged:v1"), digest);
+    assert_eq!(target_of(&after, source), digest);
+    let labels = image_labels(&d, "default", "example.com/tagged:v1");
+    assert!(labels.contains("team=berth"), "{labels}");
+    // Tagging onto an existing name updates it; nothing else changes.
+    tag(tt::ImageStore {
+        name: "example.com/tagged:v1".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("re-tag");
+    assert_eq!(images(&d, "default").len(), 2);
+    // The stock ctr 1.6 sees the tag as an ordinary image.
+    let check = d.ctr_ok(&["images", "check"]);
+    assert!(
+        check.lines().filter(|l| l.contains("complete")).count() == 2,
+        "{check}"
     );
 }

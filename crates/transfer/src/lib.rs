@@ -9,7 +9,8 @@
 //! | [`ImageStore`] → [`Registry`] | push: the image's blobs read from the content store, uploaded children first, the tag last |
 //! | [`ImportStream`] → [`ImageStore`] | import: an OCI image layout or a Docker `docker save` archive (module `archive`: Docker manifests and an index made as containerd makes them, `force_compress` gzips uncompressed layers), read once into the content store under a lease, walked through the same filter (what it skips is collected), matching images unpacked |
 //! | [`ImageStore`] → [`ExportStream`] | export: an OCI image layout tar as containerd's `archive.Export` writes it (`platforms` or this machine's, `all_platforms`, Docker's `manifest.json` unless `skip_compatibility_manifest`, `skip_non_distributable`) |
-//! | anything else (tagging, image store → image store, …) | `NotImplemented`, which the gRPC adapter turns into containerd's `Unimplemented` |
+//! | [`ImageStore`] → [`ImageStore`] | tag (containerd 2.x's `ctr image tag`): the source image's target stored under the destination's naming (name, labels, extra references); an existing record of that name is updated |
+//! | anything else (e.g. import stream → export stream) | `NotImplemented`, which the gRPC adapter turns into containerd's `Unimplemented` |
 //!
 //! Image records are named as containerd's image store names them (module `names`:
 //! the store's name and labels, extra references with `is_prefix`, `add_digest`,
@@ -294,12 +295,24 @@ impl LocalTransfer {
                 export::export(self, ns, &src, &dst, &opts).await?;
                 Ok(vec![])
             }
+            (Object::ImageStore(src), Object::ImageStore(dst)) => {
+                // containerd reports no progress for a tag.
+                self.tag(ns, &src, &dst).await
+            }
             (s, d) => Err(Error::not_implemented(format!(
-                "transfer from {} to {} is not implemented by Berth yet (supported: registry → image store, image store → registry, import stream → image store, image store → export stream)",
+                "transfer from {} to {} is not implemented by Berth yet (supported: registry → image store, image store → registry, import stream → image store, image store → export stream, image store → image store)",
                 s.describe(),
                 d.describe()
             ))),
         }
+    }
+
+    /// Image store → image store (containerd 2.x's `ctr image tag`): the records of
+    /// `dst`'s naming for the target of `src`'s image. No content moves, so no lease.
+    async fn tag(&self, ns: &str, src: &ImageStore, dst: &ImageStore) -> Result<Vec<StoredImage>> {
+        let (md, n, name) = (self.md.clone(), ns.to_string(), src.name.clone());
+        let image = blocking(move || md.get_image(&n, &name)).await?;
+        names::store(self, ns, dst, &image.target, false).await
     }
 
     /// Resolver for a registry object: its hosts directory (or the service's), default
