@@ -57,6 +57,7 @@ pub enum Kind {
     Task,
     Lease,
     Ingest,
+    Image,
     /// A kind another module defines.
     Other(&'static str),
 }
@@ -184,6 +185,24 @@ fn parse_rfc3339(s: &str) -> Option<SystemTime> {
 
 /// Whether a lease's `containerd.io/gc.expire` label is in the past (an invalid value is
 /// ignored, as in containerd).
+/// containerd's back reference from an image to the image it belongs with.
+const GC_BREF_IMAGE: &str = "containerd.io/gc.bref.image";
+
+/// Whether `image`'s `containerd.io/gc.expire` has passed (an unparsable value is
+/// ignored, as containerd does).
+fn image_expired(image: &crate::images::Image, now: SystemTime) -> bool {
+    match image.labels.get(GC_EXPIRE) {
+        Some(v) => match parse_rfc3339(v) {
+            Some(t) => now > t,
+            None => {
+                tracing::info!(image = %image.name, value = %v, "ignoring invalid expiration value");
+                false
+            }
+        },
+        None => false,
+    }
+}
+
 pub fn lease_expired(lease: &Lease, now: SystemTime) -> bool {
     match lease.labels.get(GC_EXPIRE) {
         Some(v) => match parse_rfc3339(v) {
@@ -399,11 +418,32 @@ fn mark_and_sweep(
         }
         Ok(())
     })?;
+    // Images are nodes (containerd 2.x): every image is a root unless its
+    // `containerd.io/gc.expire` has passed; an expired one stays while an image it names
+    // in `containerd.io/gc.bref.image` exists (the extra names a transfer gives an import),
+    // and is removed otherwise.
+    let mut image_refs: HashMap<(String, String), Vec<Node>> = HashMap::new();
+    let mut image_brefs: HashMap<(String, String), Vec<String>> = HashMap::new();
+    let mut image_keys: Vec<(String, String)> = Vec::new();
     crate::images::scan_images(tx, &mut |ns, image| {
+        let mut refs = Vec::new();
         if Digest::parse(&image.target.digest).is_ok() {
-            roots.push(Node::new(Kind::Content, ns, image.target.digest.clone()));
+            refs.push(Node::new(Kind::Content, ns, image.target.digest.clone()));
         }
-        label_refs(ns, &image.labels, &mut |n| roots.push(n));
+        label_refs(ns, &image.labels, &mut |n| refs.push(n));
+        for (k, v) in &image.labels {
+            if k == GC_BREF_IMAGE || k.starts_with(&format!("{GC_BREF_IMAGE}.")) {
+                image_brefs
+                    .entry((ns.to_string(), v.clone()))
+                    .or_default()
+                    .push(image.name.clone());
+            }
+        }
+        image_refs.insert((ns.to_string(), image.name.clone()), refs);
+        image_keys.push((ns.to_string(), image.name.clone()));
+        if !image_expired(image, now) {
+            roots.push(Node::new(Kind::Image, ns, image.name.clone()));
+        }
         Ok(())
     })?;
     for r in resources {
@@ -434,6 +474,13 @@ fn mark_and_sweep(
                 }
             }
             Kind::Lease => {}
+            Kind::Image => {
+                let key = (node.namespace.clone(), node.key.clone());
+                refs.extend(image_refs.get(&key).into_iter().flatten().cloned());
+                for name in image_brefs.get(&key).into_iter().flatten() {
+                    refs.push(Node::new(Kind::Image, &node.namespace, name.clone()));
+                }
+            }
             _ => {
                 for r in resources {
                     if r.references(tx, &node, &mut |n| refs.push(n))? {
@@ -459,6 +506,12 @@ fn mark_and_sweep(
             crate::content::remove_ingest_record(tx, &ns, &r)?;
             stats.removed_records += 1;
             content_dirty = true;
+        }
+    }
+    for (ns, name) in image_keys {
+        if !reachable.contains(&Node::new(Kind::Image, &ns, name.clone())) {
+            crate::images::remove_image_record(tx, &ns, &name)?;
+            stats.removed_records += 1;
         }
     }
     for (ns, d) in blob_keys {

@@ -259,6 +259,13 @@ fn set_or_remove(map: &mut HashMap<String, String>, key: &str, value: Option<&St
     }
 }
 
+/// Removes the record of image `name` (the collector's sweep of expired images).
+pub(crate) fn remove_image_record(tx: &WriteTransaction, ns: &str, name: &str) -> Result<()> {
+    let mut t = tx.open_table(IMAGES).map_err(e("images"))?;
+    t.remove(key(ns, name).as_str()).map_err(e("delete"))?;
+    Ok(())
+}
+
 /// Every image of every namespace, for the collector.
 pub(crate) fn scan_images(
     tx: &WriteTransaction,

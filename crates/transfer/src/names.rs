@@ -11,8 +11,9 @@
 //! `skip_named_digest` and a name was found, and instead of the name when none was.
 //! Records made for extra references carry the store's labels plus, when the store has
 //! a name, `containerd.io/gc.bref.image` = that name and an already-passed
-//! `containerd.io/gc.expire`. An existing record of the same name is replaced (target
-//! and labels).
+//! `containerd.io/gc.expire`: the metadata collector keeps them exactly as long as the
+//! image of the store's name exists (as containerd 2.x's). An existing record of the
+//! same name is replaced (target and labels).
 
 use crate::{ImageReference, ImageStore, LocalTransfer, StoredImage, blocking};
 use berth_core::content::Descriptor;

@@ -146,6 +146,56 @@ fn a_deleted_record_lets_the_next_collection_remove_the_blob() {
     );
 }
 
+/// containerd 2.x: an image whose `gc.expire` has passed is no root; it stays while the
+/// image its `gc.bref.image` names exists, and goes (with what only it kept) after.
+#[test]
+fn expired_images_live_as_long_as_their_back_reference() {
+    let (_dir, md, cs) = setup(SharingPolicy::Shared);
+    let c = Collector::new(md.clone());
+    let a = Scope::new("a");
+    let main_target = put(&*cs, &a, "m", b"main manifest", Labels::new());
+    let extra_target = put(&*cs, &a, "x", b"extra manifest", Labels::new());
+    let expired = |name: &str, bref: Option<&str>, target: &Digest| {
+        let mut img = image(name, target, 8);
+        img.labels
+            .insert(GC_EXPIRE.into(), "2000-01-01T00:00:00Z".into());
+        if let Some(b) = bref {
+            img.labels
+                .insert("containerd.io/gc.bref.image".into(), b.into());
+        }
+        img
+    };
+    md.create_image("a", &image("main:1", &main_target, 8))
+        .unwrap();
+    md.create_image("a", &expired("extra:1", Some("main:1"), &extra_target))
+        .unwrap();
+    md.create_image("a", &expired("lonely:1", None, &main_target))
+        .unwrap();
+    let mut future = image("later:1", &main_target, 8);
+    future
+        .labels
+        .insert(GC_EXPIRE.into(), "2999-01-01T00:00:00Z".into());
+    md.create_image("a", &future).unwrap();
+    let names = || {
+        let mut v: Vec<String> = md
+            .list_images("a", &[])
+            .unwrap()
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        v.sort();
+        v
+    };
+    c.collect().unwrap();
+    assert_eq!(names(), ["extra:1", "later:1", "main:1"]);
+    assert!(has(&*cs, "a", &extra_target));
+    md.delete_image("a", "main:1").unwrap();
+    c.collect().unwrap();
+    assert_eq!(names(), ["later:1"]);
+    assert!(!has(&*cs, "a", &extra_target));
+    assert!(has(&*cs, "a", &main_target));
+}
+
 #[test]
 fn leases_protect_until_deleted_or_expired_and_ingests() {
     let (dir, md, cs) = setup(SharingPolicy::Shared);
