@@ -184,6 +184,13 @@ pub trait BlobStore: Send + Sync {
     /// Held shared while a commit makes a blob visible and records it, and exclusively
     /// while the collector sweeps blobs, so a blob is never swept between the two.
     fn gc_lock(&self) -> &RwLock<()>;
+    /// The same store, for the requests of `namespace`: a store in another process (a
+    /// content proxy) tells it the namespace of the request, as containerd's proxy does
+    /// through its context; `None` where the namespace makes no difference (the local
+    /// store). The collector's walks and deletes use the store itself.
+    fn for_namespace(&self, _namespace: &str) -> Option<std::sync::Arc<dyn BlobStore>> {
+        None
+    }
 }
 
 /// Who is asking: the namespace of the request and the lease it works under.

@@ -77,6 +77,14 @@ impl NamespacedContent {
         NamespacedContent { md, blobs, shared }
     }
 
+    /// The blob store as requests of namespace `ns` see it (a content proxy is told the
+    /// namespace; see [`BlobStore::for_namespace`]).
+    fn blobs_in(&self, ns: &str) -> Arc<dyn BlobStore> {
+        self.blobs
+            .for_namespace(ns)
+            .unwrap_or_else(|| self.blobs.clone())
+    }
+
     fn not_found(digest: &Digest) -> Error {
         Error::not_found(format!("content digest {digest}"))
     }
@@ -101,11 +109,12 @@ impl NamespacedContent {
         })
     }
 
-    fn ingest_status(&self, r#ref: &str, record: &IngestRecord) -> Result<Status> {
+    fn ingest_status(&self, ns: &str, r#ref: &str, record: &IngestRecord) -> Result<Status> {
+        let blobs = self.blobs_in(ns);
         if let Some(expected) = &record.expected {
             // A shared write that has not needed data yet.
             let digest = Digest::parse(expected)?;
-            let info = self.blobs.info(&digest)?;
+            let info = blobs.info(&digest)?;
             return Ok(Status {
                 r#ref: r#ref.to_string(),
                 offset: info.size,
@@ -115,7 +124,7 @@ impl NamespacedContent {
                 updated_at: info.created_at,
             });
         }
-        let mut st = self.blobs.status(&record.bref)?;
+        let mut st = blobs.status(&record.bref)?;
         st.r#ref = r#ref.to_string();
         Ok(st)
     }
@@ -213,7 +222,7 @@ impl ContentStore for NamespacedContent {
 
     fn reader_at(&self, scope: &Scope, digest: &Digest) -> Result<Box<dyn ReaderAt>> {
         self.check_access(&scope.namespace, digest)?;
-        self.blobs.reader_at(digest)
+        self.blobs_in(&scope.namespace).reader_at(digest)
     }
 
     fn writer(&self, scope: &Scope, opts: WriterOpts) -> Result<Box<dyn Writer>> {
@@ -243,7 +252,7 @@ impl ContentStore for NamespacedContent {
                     return Ok(Outcome::Exists);
                 }
                 if self.shared
-                    && let Ok(info) = self.blobs.info(expected)
+                    && let Ok(info) = self.blobs_in(&ns).info(expected)
                     && (total == 0 || total == info.size)
                 {
                     shared = true;
@@ -288,11 +297,11 @@ impl ContentStore for NamespacedContent {
         let inner = if shared {
             None
         } else {
-            Some(self.blobs.writer(&bref, total)?)
+            Some(self.blobs_in(&ns).writer(&bref, total)?)
         };
         Ok(Box::new(NamespacedWriter {
             md: self.md.clone(),
-            blobs: self.blobs.clone(),
+            blobs: self.blobs_in(&ns),
             scope: scope.clone(),
             r#ref: opts.r#ref,
             bref,
@@ -305,7 +314,7 @@ impl ContentStore for NamespacedContent {
 
     fn status(&self, scope: &Scope, r#ref: &str) -> Result<Status> {
         let record = self.ingest(&scope.namespace, r#ref)?;
-        self.ingest_status(r#ref, &record)
+        self.ingest_status(&scope.namespace, r#ref, &record)
     }
 
     fn list_statuses(&self, scope: &Scope, filters: &[String]) -> Result<Vec<Status>> {
@@ -326,7 +335,7 @@ impl ContentStore for NamespacedContent {
         })?;
         let mut statuses = Vec::new();
         for (r#ref, record) in records {
-            match self.ingest_status(&r#ref, &record) {
+            match self.ingest_status(&scope.namespace, &r#ref, &record) {
                 Ok(st) => {
                     if filter.matches(&|p: &[String]| status_field(&st, p)) {
                         statuses.push(st)
@@ -354,7 +363,7 @@ impl ContentStore for NamespacedContent {
             Ok(record)
         })?;
         if record.expected.is_none() {
-            match self.blobs.abort(&record.bref) {
+            match self.blobs_in(ns).abort(&record.bref) {
                 Err(err) if !err.is(berth_core::error::ErrorKind::NotFound) => return Err(err),
                 _ => {}
             }

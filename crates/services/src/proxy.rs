@@ -515,22 +515,48 @@ fn ingest_status_from_api(st: capi::Status) -> IngestStatus {
 /// store: namespaces, labels, leases and garbage collection stay in the daemon; blobs and
 /// ingests live in the other process.
 pub struct ProxyContentStore {
-    client: ContentClient<Channel>,
+    channel: Channel,
+    client: ProxyClient,
     runtime: tokio::runtime::Handle,
     address: String,
-    gc_lock: std::sync::RwLock<()>,
+    /// Shared with the per-namespace copies ([`BlobStore::for_namespace`]), so that the
+    /// collector's sweep excludes their commits too.
+    gc_lock: Arc<std::sync::RwLock<()>>,
+}
+
+/// Adds the `containerd-namespace` header of the request being served to every call.
+#[derive(Clone, Default)]
+struct NamespaceHeader(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for NamespaceHeader {
+    fn call(&mut self, mut request: Request<()>) -> std::result::Result<Request<()>, Status> {
+        if let Some(ns) = &self.0 {
+            request
+                .metadata_mut()
+                .insert(berth_core::namespaces::GRPC_HEADER, ns.clone());
+        }
+        Ok(request)
+    }
+}
+
+type ProxyClient =
+    ContentClient<tonic::service::interceptor::InterceptedService<Channel, NamespaceHeader>>;
+
+fn proxy_client(channel: Channel, namespace: NamespaceHeader) -> ProxyClient {
+    ContentClient::with_interceptor(channel, namespace)
+        .max_decoding_message_size(4 * CONTENT_CHUNK)
+        .max_encoding_message_size(4 * CONTENT_CHUNK)
 }
 
 impl ProxyContentStore {
     /// `runtime` runs the RPCs (the daemon's); `address` names the proxy in errors.
     pub fn new(channel: Channel, runtime: tokio::runtime::Handle, address: &str) -> Self {
         ProxyContentStore {
-            client: ContentClient::new(channel)
-                .max_decoding_message_size(4 * CONTENT_CHUNK)
-                .max_encoding_message_size(4 * CONTENT_CHUNK),
+            client: proxy_client(channel.clone(), NamespaceHeader::default()),
+            channel,
             runtime,
             address: address.to_string(),
-            gc_lock: std::sync::RwLock::new(()),
+            gc_lock: Arc::new(std::sync::RwLock::new(())),
         }
     }
 
@@ -541,7 +567,7 @@ impl ProxyContentStore {
         wait_on(&self.runtime, call)
     }
 
-    fn client(&self) -> ContentClient<Channel> {
+    fn client(&self) -> ProxyClient {
         self.client.clone()
     }
 }
@@ -710,13 +736,26 @@ impl BlobStore for ProxyContentStore {
     fn gc_lock(&self) -> &std::sync::RwLock<()> {
         &self.gc_lock
     }
+
+    fn for_namespace(&self, namespace: &str) -> Option<Arc<dyn BlobStore>> {
+        // A namespace is validated before any request reaches the store; one that is not
+        // a valid header value is sent without the header rather than failing here.
+        let header = NamespaceHeader(namespace.parse().ok());
+        Some(Arc::new(ProxyContentStore {
+            channel: self.channel.clone(),
+            client: proxy_client(self.channel.clone(), header),
+            runtime: self.runtime.clone(),
+            address: self.address.clone(),
+            gc_lock: self.gc_lock.clone(),
+        }))
+    }
 }
 
 /// Reads a remote blob in chunks of [`CONTENT_CHUNK`], keeping the last chunk: readers
 /// such as the differ's decompressor ask for a few KiB at a time, which would otherwise
 /// be one round trip each.
 struct ProxyReader {
-    client: ContentClient<Channel>,
+    client: ProxyClient,
     runtime: tokio::runtime::Handle,
     address: String,
     digest: String,

@@ -288,6 +288,34 @@ fn content_proxy_plugin_holds_every_blob() {
     );
 }
 
+/// A content proxy whose far end is namespaced — another berthd, as it would be a
+/// containerd — gets each request's namespace in the `containerd-namespace` header, as
+/// containerd's proxy sends it: the blobs land in the far end's namespace of the request.
+#[test]
+fn content_proxy_sends_the_namespace_of_the_request() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let backend = Daemon::start_with_config(NO_STARTUP_GC);
+    let d = Daemon::start_with_config(&typed_proxy_config("far", "content", &backend.socket));
+    let data: Vec<u8> = (0..(1 << 20) + 5).map(|i| (i % 241) as u8).collect();
+    let digest = sha256_of(&data);
+    let out = d.ctr_with_input(&["-n", "team", "content", "ingest", "in-team"], &data);
+    assert!(
+        out.status.success(),
+        "{out:?}\nfront:\n{}\nbackend:\n{}",
+        berth_testkit::tail(&d.log(), 30),
+        berth_testkit::tail(&backend.log(), 30)
+    );
+    let listed = |daemon: &Daemon, ns: &str| daemon.ctr_ok(&["-n", ns, "content", "ls", "-q"]);
+    assert!(listed(&backend, "team").contains(&digest));
+    assert!(!listed(&backend, "default").contains(&digest));
+    let got = d.ctr(&["-n", "team", "content", "get", &digest]);
+    assert!(got.status.success(), "{got:?}");
+    assert!(got.stdout == data, "content get through the proxy differs");
+}
+
 #[test]
 fn snapshot_proxy_plugin_serves_ctr() {
     if !is_root() {
