@@ -183,19 +183,17 @@ fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     Some(SystemTime::UNIX_EPOCH + Duration::new(secs as u64, nanos as u32))
 }
 
-/// Whether a lease's `containerd.io/gc.expire` label is in the past (an invalid value is
-/// ignored, as in containerd).
 /// containerd's back reference from an image to the image it belongs with.
 const GC_BREF_IMAGE: &str = "containerd.io/gc.bref.image";
 
-/// Whether `image`'s `containerd.io/gc.expire` has passed (an unparsable value is
-/// ignored, as containerd does).
-fn image_expired(image: &crate::images::Image, now: SystemTime) -> bool {
-    match image.labels.get(GC_EXPIRE) {
+/// Whether `labels`' `containerd.io/gc.expire` has passed (an unparsable value is
+/// ignored, as containerd does; `what` names the object in that log line).
+fn expired(labels: &Labels, what: std::fmt::Arguments<'_>, now: SystemTime) -> bool {
+    match labels.get(GC_EXPIRE) {
         Some(v) => match parse_rfc3339(v) {
             Some(t) => now > t,
             None => {
-                tracing::info!(image = %image.name, value = %v, "ignoring invalid expiration value");
+                tracing::info!(object = %what, value = %v, "ignoring invalid expiration value");
                 false
             }
         },
@@ -203,17 +201,13 @@ fn image_expired(image: &crate::images::Image, now: SystemTime) -> bool {
     }
 }
 
+fn image_expired(image: &crate::images::Image, now: SystemTime) -> bool {
+    expired(&image.labels, format_args!("image {}", image.name), now)
+}
+
+/// Whether a lease's `containerd.io/gc.expire` label is in the past.
 pub fn lease_expired(lease: &Lease, now: SystemTime) -> bool {
-    match lease.labels.get(GC_EXPIRE) {
-        Some(v) => match parse_rfc3339(v) {
-            Some(t) => now > t,
-            None => {
-                tracing::info!(lease = %lease.id, value = %v, "ignoring invalid expiration value");
-                false
-            }
-        },
-        None => false,
-    }
+    expired(&lease.labels, format_args!("lease {}", lease.id), now)
 }
 
 /// What one collection did.
