@@ -515,39 +515,70 @@ async fn a_registry_lying_about_a_digest_leaves_no_image() {
     assert!(!content.contains(&layer), "{content}");
 }
 
-/// A TCP proxy in front of `upstream` that sends the registry's answers slowly (16 KiB
-/// per 100 ms), so a pull is still downloading when the client goes away.
-async fn slow_proxy(upstream: String) -> String {
+/// Which way of a [`tcp_proxy`] connection it watches.
+#[derive(Clone, Copy)]
+enum Watched {
+    /// Client → upstream.
+    Requests,
+    /// Upstream → client.
+    Answers,
+}
+
+/// A TCP proxy in front of `upstream`. Each chunk (up to 16 KiB) going the `watched`
+/// way is appended to `record` if given and waits `delay` before it is passed on; the
+/// other way is copied as it comes.
+async fn tcp_proxy(
+    upstream: String,
+    watched: Watched,
+    delay: Duration,
+    record: Option<Arc<Mutex<Vec<u8>>>>,
+) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
             let upstream = upstream.clone();
+            let record = record.clone();
             tokio::spawn(async move {
                 let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
                     return;
                 };
-                let (mut cr, mut cw) = client.into_split();
-                let (mut sr, mut sw) = server.into_split();
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                let ((mut from, mut to), (mut other_from, mut other_to)) = match watched {
+                    Watched::Requests => ((client_read, server_write), (server_read, client_write)),
+                    Watched::Answers => ((server_read, client_write), (client_read, server_write)),
+                };
                 tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                    let _ = tokio::io::copy(&mut other_from, &mut other_to).await;
                 });
                 let mut buf = vec![0u8; 16 << 10];
                 loop {
-                    let n = match sr.read(&mut buf).await {
+                    let n = match from.read(&mut buf).await {
                         Ok(0) | Err(_) => break,
                         Ok(n) => n,
                     };
-                    if cw.write_all(&buf[..n]).await.is_err() {
+                    if let Some(r) = &record {
+                        r.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    if to.write_all(&buf[..n]).await.is_err() {
                         break;
                     }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             });
         }
     });
     addr
+}
+
+/// A proxy that sends the registry's answers slowly (16 KiB per 100 ms), so a pull is
+/// still downloading when the client goes away.
+async fn slow_proxy(upstream: String) -> String {
+    tcp_proxy(upstream, Watched::Answers, Duration::from_millis(100), None).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1639,40 +1670,16 @@ async fn platform_filters_decide_what_is_pulled_kept_and_unpacked() {
     assert_eq!(r.unwrap_err().code(), Code::NotFound);
 }
 
-/// A TCP proxy in front of `upstream` recording everything clients send through it.
+/// A proxy recording everything clients send through it.
 async fn recording_proxy(upstream: String) -> (String, Arc<Mutex<Vec<u8>>>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
     let seen = Arc::new(Mutex::new(vec![]));
-    let record = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let upstream = upstream.clone();
-            let record = record.clone();
-            tokio::spawn(async move {
-                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
-                    return;
-                };
-                let (mut cr, mut cw) = client.into_split();
-                let (mut sr, mut sw) = server.into_split();
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
-                });
-                let mut buf = vec![0u8; 16 << 10];
-                loop {
-                    let n = match cr.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    record.lock().unwrap().extend_from_slice(&buf[..n]);
-                    if sw.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let addr = tcp_proxy(
+        upstream,
+        Watched::Requests,
+        Duration::ZERO,
+        Some(seen.clone()),
+    )
+    .await;
     (addr, seen)
 }
 
