@@ -1,7 +1,10 @@
 //! `berth` against a private berthd (started by the testkit) and a private
 //! `docker-registry` on 127.0.0.1.
 
+mod common;
+
 use berth_testkit::registry::Registry;
+use common::write_partial_ingest;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
@@ -292,46 +295,6 @@ fn version_info_images_pull_rmi_against_berthd() {
     assert!(o.status.success(), "{}", text(&o).1);
     let o = run(&["images", "-q"]);
     assert!(!text(&o).0.contains(&image));
-}
-
-/// Writes `data` into the ingest `ref` through the content API's Write stream and goes
-/// away without committing.
-fn write_partial_ingest(socket: &Path, r#ref: &str, data: &[u8], total: usize) {
-    use berth_api::services::content::v1::{WriteAction, WriteContentRequest};
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let client = berth_cli::client::Client::connect(&socket.display().to_string(), "default")
-            .await
-            .unwrap();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        for (action, offset, data) in [
-            (WriteAction::Stat, 0, vec![]),
-            (WriteAction::Write, 0, data.to_vec()),
-        ] {
-            tx.send(WriteContentRequest {
-                action: action as i32,
-                r#ref: r#ref.to_string(),
-                total: total as i64,
-                offset,
-                data: data.into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        }
-        let mut responses = client
-            .content()
-            .write(client.request(tokio_stream::wrappers::ReceiverStream::new(rx)))
-            .await
-            .unwrap()
-            .into_inner();
-        use futures::StreamExt;
-        let _stat = responses.next().await.unwrap().unwrap();
-        let written = responses.next().await.unwrap().unwrap();
-        assert_eq!(written.offset as usize, data.len());
-        drop(tx);
-        while responses.next().await.is_some() {}
-    });
 }
 
 #[test]

@@ -1,6 +1,9 @@
 //! `berth content ingest|get` against a private berthd (started by the testkit), checked
 //! with the stock `ctr`.
 
+mod common;
+
+use common::write_partial_ingest;
 use sha2::{Digest as _, Sha256};
 use std::io::Write as _;
 use std::path::Path;
@@ -195,7 +198,7 @@ fn an_interrupted_ingest_is_resumed() {
     let data = test_bytes(4 * (1 << 20) + 777, 23);
     let digest = sha256_digest(&data);
     let part = 1 << 20 | 4321;
-    write_partial_ingest(&d.socket, "resumable", &data[..part]);
+    write_partial_ingest(&d.socket, "resumable", &data[..part], 0);
     let active = d.ctr_ok(&["content", "active"]);
     assert!(active.contains("resumable"), "{active}");
 
@@ -228,7 +231,7 @@ fn an_interrupted_ingest_is_resumed() {
     // From a pipe: the bytes the daemon has are read and skipped.
     let other = test_bytes(2 * (1 << 20) + 3, 29);
     let other_digest = sha256_digest(&other);
-    write_partial_ingest(&d.socket, "resumable-pipe", &other[..1 << 20]);
+    write_partial_ingest(&d.socket, "resumable-pipe", &other[..1 << 20], 0);
     let o = ingest_from_pipe(&d.socket, &["content", "ingest", "resumable-pipe"], &other);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
@@ -238,41 +241,4 @@ fn an_interrupted_ingest_is_resumed() {
         "{err}"
     );
     assert!(d.ctr(&["content", "get", &other_digest]).stdout == other);
-}
-
-/// Writes `data` into the ingest `ref` through the content API's Write stream and goes
-/// away without committing, as an interrupted client would.
-fn write_partial_ingest(socket: &Path, r#ref: &str, data: &[u8]) {
-    use berth_api::services::content::v1::{WriteAction, WriteContentRequest};
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let client = berth_cli::client::Client::connect(&socket.display().to_string(), "default")
-            .await
-            .unwrap();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        for (action, data) in [
-            (WriteAction::Stat, bytes::Bytes::new()),
-            (WriteAction::Write, bytes::Bytes::copy_from_slice(data)),
-        ] {
-            tx.send(WriteContentRequest {
-                action: action as i32,
-                r#ref: r#ref.to_string(),
-                data,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        }
-        let mut responses = client
-            .content()
-            .write(client.request(tokio_stream::wrappers::ReceiverStream::new(rx)))
-            .await
-            .unwrap()
-            .into_inner();
-        let _stat = responses.message().await.unwrap().unwrap();
-        let written = responses.message().await.unwrap().unwrap();
-        assert_eq!(written.offset as usize, data.len());
-        drop(tx);
-        while let Ok(Some(_)) = responses.message().await {}
-    });
 }
