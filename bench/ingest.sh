@@ -24,6 +24,7 @@ export LC_ALL=C
 RUNS=${1:-5}
 MB=${INGEST_MB:-256}
 HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/lib.sh"
 REPO=$(dirname "$HERE")
 TOOLS=$REPO/../shared/tools
 [[ -d $TOOLS ]] || TOOLS=/work/shared/tools
@@ -70,17 +71,8 @@ trap cleanup EXIT
 start_berthd() {  # name, binary
   local d=$WORKDIR/daemons/$1
   mkdir -p "$d"
-  cat >"$d/config.toml" <<CFG
-version = 2
-root = "$d/root"
-state = "$d/state"
-[grpc]
-  address = "$d/berthd.sock"
-[ttrpc]
-  address = "$d/berthd.sock.ttrpc"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$d/opt"
-CFG
+  write_berthd_config "$d"
+  printf '[ttrpc]\n  address = "%s"\n' "$d/berthd.sock.ttrpc" >>"$d/config.toml"
   "$2" --config "$d/config.toml" >"$d/log" 2>&1 </dev/null &
   PIDS[$1]=$!
   ADDRS[$1]=$d/berthd.sock

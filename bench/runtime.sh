@@ -18,6 +18,7 @@ ROUNDS=${1:-6}
 RUN_BATCH=${RUN_BATCH:-5}
 N_SLEEP=${N_SLEEP:-10}
 HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/lib.sh"
 REPO=$(dirname "$HERE")
 REFD=$REPO/../shared/tools/refd.sh
 [[ $ROUNDS =~ ^[0-9]+$ && $ROUNDS -ge 1 ]] || { sed -n '2,13p' "$0" >&2; exit 2; }
@@ -86,17 +87,8 @@ if [[ -z $IMAGE_TAR ]]; then
 fi
 IMG=import.local/busybox:latest
 
-cat >"$B/config.toml" <<CFG
-version = 2
-root = "$B/root"
-state = "$B/state"
-[grpc]
-  address = "$B/berthd.sock"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$B/opt"
-CFG
+write_berthd_config "$B"
 # Both daemons start with their executables out of the page cache, as in startup.sh.
-. "$HERE/page-cache.sh"
 for exe in "$B/bin/berthd" "$B/bin/containerd-shim-berth-v2" "$(command -v "${CONTAINERD_BIN:-containerd}")"; do
   evict_from_page_cache "$exe"
 done

@@ -17,6 +17,7 @@ export LC_ALL=C
 RUNS=${1:-3}
 N_SNAP=${N_SNAP:-50}
 HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/lib.sh"
 REPO=$(dirname "$HERE")
 TOOLS=$REPO/../shared/tools
 REFD=$TOOLS/refd.sh
@@ -53,15 +54,7 @@ ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
 
 start_berthd() {
   mkdir -p "$B"
-  cat >"$B/config.toml" <<CFG
-version = 2
-root = "$B/root"
-state = "$B/state"
-[grpc]
-  address = "$B/berthd.sock"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$B/opt"
-CFG
+  write_berthd_config "$B"
   "$BERTHD" --config "$B/config.toml" >"$B/log" 2>&1 </dev/null &
   BPID=$!
   for _ in $(seq 1 500); do ctr --address "$B/berthd.sock" version >/dev/null 2>&1 && return 0; sleep 0.02; done

@@ -19,6 +19,7 @@
 # the stock containerd-shim-runc-v2 and the fixture image builder's tools; root.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/bench/lib.sh"
 out=$root/crates/server/startup-order.txt
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
 work=$(mktemp -d /tmp/berth-order.XXXXXX)
@@ -45,15 +46,7 @@ if [[ -z $image ]]; then
   "$root/tests/fixtures/build-images.sh" "$work/fixtures" >/dev/null
   image=$work/fixtures/busybox.oci.tar
 fi
-cat >"$work/config.toml" <<CFG
-version = 2
-root = "$work/root"
-state = "$work/state"
-[grpc]
-  address = "$work/b.sock"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$work/opt"
-CFG
+write_berthd_config "$work" "$work/b.sock"
 c=(ctr --address "$work/b.sock" -n order)
 # The image is unpacked by a daemon outside valgrind first: valgrind 3.19 does not know
 # openat2, which extraction needs. The recorded daemon's import then finds its layers

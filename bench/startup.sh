@@ -12,6 +12,7 @@ export LC_ALL=C
 RUNS=${1:-5}
 IDLE_SECONDS=${IDLE_SECONDS:-2}
 HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/lib.sh"
 REPO=$(dirname "$HERE")
 REFD=$REPO/../shared/tools/refd.sh
 [[ $RUNS =~ ^[0-9]+$ && $RUNS -ge 1 ]] || { sed -n '2,8p' "$0" >&2; exit 2; }
@@ -21,9 +22,6 @@ if [[ -z ${BERTHD:-} ]]; then
   BERTHD=$("$REPO/scripts/build-release" | tail -1)/berthd
 fi
 [[ -x $BERTHD ]] || { echo "berthd not found at $BERTHD" >&2; exit 1; }
-
-# Each daemon starts with its executable out of the page cache.
-. "$HERE/page-cache.sh"
 
 OWN_WORKDIR=0
 if [[ -z ${WORKDIR:-} ]]; then
@@ -72,15 +70,7 @@ wait_answer_ms() {
 # not; the first run creates the root.
 berth_once() {
   rm -rf "$B/state"; mkdir -p "$B"
-  cat >"$B/config.toml" <<CFG
-version = 2
-root = "$B/root"
-state = "$B/state"
-[grpc]
-  address = "$B/berthd.sock"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$B/opt"
-CFG
+  write_berthd_config "$B"
   evict_from_page_cache "$BERTHD"
   local start; start=$(now_ns)
   "$BERTHD" --config "$B/config.toml" >"$B/log" 2>&1 </dev/null &

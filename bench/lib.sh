@@ -1,5 +1,5 @@
 # Sourced by the benchmark scripts.
-#
+
 # evict_from_page_cache FILE: drops FILE's pages from the page cache, so the next
 # daemon started from it reads its code from disk as after a reboot. The kernel maps
 # the 64 KiB around each faulted code page only from pages already cached, so a binary
@@ -7,4 +7,19 @@
 evict_from_page_cache() {
   sync "$1" 2>/dev/null || sync
   dd if="$1" iflag=nocache count=0 status=none 2>/dev/null || true
+}
+
+# write_berthd_config DIR [SOCKET]: DIR/config.toml for a private berthd whose root,
+# state, opt directory and gRPC socket (default DIR/berthd.sock) all live under DIR.
+write_berthd_config() {
+  local dir=$1 socket=${2:-$1/berthd.sock}
+  cat >"$dir/config.toml" <<CFG
+version = 2
+root = "$dir/root"
+state = "$dir/state"
+[grpc]
+  address = "$socket"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$dir/opt"
+CFG
 }
