@@ -240,6 +240,16 @@ fn append(
         .map_err(|e| Error::unavailable(format!("writing the archive ({path}): {e}")))
 }
 
+/// [`append`] of bytes held in memory.
+fn append_bytes(
+    tar: &mut tar::Builder<&mut dyn Write>,
+    path: &str,
+    mode: u32,
+    bytes: &[u8],
+) -> Result<()> {
+    append(tar, path, mode, bytes.len() as u64, &mut &bytes[..])
+}
+
 fn append_dir(tar: &mut tar::Builder<&mut dyn Write>, path: &str) -> Result<()> {
     let mut h = tar::Header::new_ustar();
     h.set_size(0);
@@ -352,30 +362,12 @@ fn write_archive(
             pipe.verify()?;
         }
     }
-    append(
-        &mut tar,
-        "index.json",
-        0o644,
-        index.len() as u64,
-        &mut index.as_slice(),
-    )?;
+    append_bytes(&mut tar, "index.json", 0o644, &index)?;
     if let Some(m) = docker {
-        append(
-            &mut tar,
-            "manifest.json",
-            0o644,
-            m.len() as u64,
-            &mut m.as_slice(),
-        )?;
+        append_bytes(&mut tar, "manifest.json", 0o644, &m)?;
     }
     let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
-    append(
-        &mut tar,
-        "oci-layout",
-        0o444,
-        layout.len() as u64,
-        &mut layout.as_slice(),
-    )?;
+    append_bytes(&mut tar, "oci-layout", 0o444, layout)?;
     let w = tar
         .into_inner()
         .map_err(|e| Error::unavailable(format!("finishing the archive: {e}")))?;
