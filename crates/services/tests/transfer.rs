@@ -32,6 +32,15 @@ fn have(tool: &str) -> bool {
     berth_testkit::have(tool) && berth_testkit::registry::have_registry()
 }
 
+/// Whether the registry tests must be skipped (and says so).
+fn registry_tools_missing() -> bool {
+    let missing = !have("skopeo") || !have("umoci");
+    if missing {
+        eprintln!("SKIP: skopeo, umoci or docker-registry missing (scripts/install-deps)");
+    }
+    missing
+}
+
 async fn channel(socket: PathBuf) -> Channel {
     tonic::transport::Endpoint::try_from("http://[::]:50051")
         .unwrap()
@@ -215,8 +224,7 @@ fn committed(d: &Daemon, ns: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_through_transfer_matches_ctr_pull_and_runs() {
-    if !have("skopeo") || !have("umoci") {
-        eprintln!("SKIP: skopeo, umoci or docker-registry missing (scripts/install-deps)");
+    if registry_tools_missing() {
         return;
     }
     let fixtures = berth_testkit::fixtures();
@@ -477,8 +485,7 @@ async fn bad_transfers_fail_as_containerd() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registry_lying_about_a_digest_leaves_no_image() {
-    if !have("skopeo") || !have("umoci") {
-        eprintln!("SKIP: skopeo, umoci or docker-registry missing (scripts/install-deps)");
+    if registry_tools_missing() {
         return;
     }
     let fixtures = berth_testkit::fixtures();
@@ -583,8 +590,7 @@ async fn slow_proxy(upstream: String) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_going_away_cancels_the_pull() {
-    if !have("skopeo") || !have("umoci") {
-        eprintln!("SKIP: skopeo, umoci or docker-registry missing (scripts/install-deps)");
+    if registry_tools_missing() {
         return;
     }
     let fixtures = berth_testkit::fixtures();
@@ -1009,8 +1015,7 @@ fn arm64() -> Platform {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_archive_import_matches_ctr_import_and_runs() {
-    if !have("skopeo") || !have("umoci") {
-        eprintln!("SKIP: skopeo, umoci or docker-registry missing (scripts/install-deps)");
+    if registry_tools_missing() {
         return;
     }
     let fixtures = berth_testkit::fixtures();
@@ -1232,8 +1237,7 @@ async fn docker_archive_import_matches_ctr_import_and_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_names_images_as_containerds_image_store() {
-    if !have("skopeo") || !have("umoci") {
-        eprintln!("SKIP: skopeo, umoci or docker-registry missing (scripts/install-deps)");
+    if registry_tools_missing() {
         return;
     }
     let fixtures = berth_testkit::fixtures();
@@ -1379,8 +1383,7 @@ fn filtered_store(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn platform_filters_decide_what_is_pulled_kept_and_unpacked() {
-    if !have("skopeo") || !have("umoci") {
-        eprintln!("SKIP: skopeo, umoci or docker-registry missing (scripts/install-deps)");
+    if registry_tools_missing() {
         return;
     }
     let multi = berth_testkit::registry::multi_platform();
@@ -1707,8 +1710,7 @@ fn basic(user: &str, password: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_are_asked_for_the_host_that_challenges() {
-    if !have("skopeo") || !have("umoci") {
-        eprintln!("SKIP: skopeo, umoci or docker-registry missing (scripts/install-deps)");
+    if registry_tools_missing() {
         return;
     }
     let fixtures = berth_testkit::fixtures();
@@ -1814,8 +1816,7 @@ async fn credentials_are_asked_for_the_host_that_challenges() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_services_unpack_configuration_decides_what_is_unpacked() {
-    if !have("skopeo") || !have("umoci") {
-        eprintln!("SKIP: skopeo, umoci or docker-registry missing (scripts/install-deps)");
+    if registry_tools_missing() {
         return;
     }
     let multi = berth_testkit::registry::multi_platform();
