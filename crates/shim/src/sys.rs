@@ -197,10 +197,11 @@ pub fn unmount_all(target: &Path) {
 /// Why: unmounting an overlay syncs its whole upper file system (`syncfs` of the disk
 /// holding the snapshots, i.e. everybody's dirty data there), which took 0.3–70 ms per
 /// container on this project's test machine while other work wrote to the disk. A task's
-/// deletion only needs the rootfs out of the mount table; the sync of a file system whose
-/// upper directory is about to be removed protects nothing the caller is waiting for. So
-/// the top mount is detached while a descriptor still references it, and that last
-/// reference is dropped by a short-lived child process, which pays for the shutdown.
+/// deletion only needs the rootfs out of the mount table; nothing its caller waits for
+/// depends on that sync (durability of a kept snapshot never did: a plain unmount is
+/// not a durability promise either). So the top mount is detached while a descriptor
+/// still references it, and that last reference is dropped by a short-lived child
+/// process, in which the sync still runs.
 pub fn unmount_all_in_background(target: &Path) {
     let Ok(t) = cstr(target) else { return };
     // SAFETY: open with a valid C string; the result is checked.
