@@ -73,7 +73,9 @@ fn plugins_are_all_ok_and_filterable() {
 
 #[test]
 fn namespaces_lifecycle_and_errors() {
-    let daemon = Daemon::start();
+    // No start-up collection: the blob ingested below is referenced by nothing, and the
+    // collection (100 ms after start) could otherwise remove it before the `rm` it blocks.
+    let daemon = Daemon::start_with_config(berth_testkit::NO_STARTUP_GC);
     // Every ctr command reads the default namespace first; it must work on a fresh daemon.
     daemon.ctr_ok(&["namespaces", "ls"]);
 
