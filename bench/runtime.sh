@@ -9,7 +9,9 @@
 #     running, and the total VmRSS of their shims.
 #   Run as root; needs ctr, runc, containerd. Env: BERTHD and SHIM (default: build them
 #   with scripts/build-release), WORKDIR (default: a private directory under /tmp),
-#   EXTRA_RUNTIMES (e.g. "crun": also berthd + Berth's shim with BinaryName=crun), IMAGE_TAR
+#   BERTH_RUNC (the berth-runc Berth's shim runs by default; default: next to SHIM; "none":
+#   runc), EXTRA_RUNTIMES (e.g. "runc" or "crun": also berthd + Berth's shim with
+#   BinaryName=runc/crun), IMAGE_TAR
 #   (default: tests/fixtures/build-images.sh's busybox), RUN_BATCH, N_SLEEP.
 set -euo pipefail
 export LC_ALL=C
@@ -44,6 +46,9 @@ mkdir -p "$B/bin" "$FIFO"
 # berthd looks for shims next to its own binary first.
 cp "$BERTHD" "$B/bin/berthd"
 cp "$SHIM" "$B/bin/containerd-shim-berth-v2"
+# Berth's shim runs berth-runc (found next to the shim) unless BERTH_RUNC=none.
+BERTH_RUNC=${BERTH_RUNC:-$(dirname "$SHIM")/berth-runc}
+[[ $BERTH_RUNC == none ]] || cp "$BERTH_RUNC" "$B/bin/berth-runc"
 
 cleanup() {
   for ns in rt; do

@@ -40,7 +40,7 @@ berthd=$(ls -t "$dir"/deps/berthd-* | grep -v '\.d$' | head -1)
 # berthd looks for shims next to its own binary first.
 mkdir -p "$work/bin" "$work/fifo"
 cp "$berthd" "$work/bin/berthd"
-cp "$dir/containerd-shim-berth-v2" "$work/bin/"
+cp "$dir/containerd-shim-berth-v2" "$dir/berth-runc" "$work/bin/"
 image=${IMAGE_TAR:-}
 if [[ -z $image ]]; then
   "$root/tests/fixtures/build-images.sh" "$work/fixtures" >/dev/null

@@ -10,6 +10,48 @@ use crate::sys;
 
 pub const DEFAULT_ROOT: &str = "/run/containerd/runc";
 
+/// Berth's own OCI runtime (crates/oci-runtime), this shim's default when it can run the
+/// bundle: it does runc's work without starting Go programs (see its crate docs).
+pub const BERTH_RUNC: &str = "berth-runc";
+/// berth-runc's state root when none is configured: its state files are not runc's, so
+/// the two never share a root.
+pub const BERTH_RUNC_ROOT: &str = "/run/berth-runc";
+
+/// The runtime to use when the options name none: berth-runc (found next to the shim,
+/// then in PATH) when it can run this bundle exactly as runc would, else runc. The
+/// reason is given when berth-runc is present but not chosen.
+pub fn default_runtime(bundle: &Path) -> (String, Option<String>) {
+    let next_to_shim = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join(BERTH_RUNC)))
+        .filter(|p| p.is_file());
+    let Some(berth_runc) = next_to_shim.or_else(|| look_path(BERTH_RUNC)) else {
+        return (String::new(), None);
+    };
+    match berth_runc_cannot_run(bundle) {
+        None => (berth_runc.to_string_lossy().into_owned(), None),
+        Some(why) => (String::new(), Some(why)),
+    }
+}
+
+/// Why berth-runc must not run this bundle, or None when it can. A cheap test (a statfs
+/// and a text search, not a spec decode) run in every shim; a false alarm only means
+/// runc runs, and berth-runc's `create` checks exactly and refuses rather than skips.
+fn berth_runc_cannot_run(bundle: &Path) -> Option<String> {
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c"/sys/fs/cgroup".as_ptr(), &mut fs) } == 0
+        && fs.f_type == libc::CGROUP2_SUPER_MAGIC
+    {
+        return Some("cgroup v2 only host (berth-runc has no eBPF device filter)".into());
+    }
+    let config = std::fs::read(bundle.join("config.json")).ok()?;
+    let key = b"\"seccomp\"";
+    if config.windows(key.len()).any(|w| w == key) {
+        return Some("the spec has a seccomp profile (berth-runc has no libseccomp)".into());
+    }
+    None
+}
+
 #[derive(Clone, Debug)]
 pub struct Runtime {
     pub binary: PathBuf,
@@ -96,7 +138,11 @@ impl Runtime {
                 format!("OCI runtime {name:?} not found in PATH"),
             )
         })?;
-        let root = if root.is_empty() { DEFAULT_ROOT } else { root };
+        let root = match root {
+            "" if binary.file_name().is_some_and(|n| n == BERTH_RUNC) => BERTH_RUNC_ROOT,
+            "" => DEFAULT_ROOT,
+            r => r,
+        };
         Ok(Runtime {
             binary,
             root: Path::new(root).join(namespace),

@@ -258,6 +258,13 @@ impl Service {
                     .map_err(|e| err(Code::INVALID_ARGUMENT, format!("runtime options: {e}")))?;
             }
         }
+        if opts.binary_name.is_empty() {
+            let (name, not_berth_runc) = runc::default_runtime(&bundle);
+            if let Some(why) = not_berth_runc {
+                slog!("{}: runc instead of berth-runc: {why}", req.id);
+            }
+            opts.binary_name = name;
+        }
         runc::write_options(&bundle, &opts.binary_name, &opts.root).map_err(internal)?;
         let rt = Runtime::new(&opts.binary_name, &opts.root, &self.namespace, &bundle)
             .map_err(|e| err(Code::FAILED_PRECONDITION, e.to_string()))?;

@@ -663,3 +663,97 @@ fn tasks_survive_a_daemon_restart() {
     assert!(env.wait_status("rs", "STOPPED"));
     assert!(env.ctr(&["task", "delete", "rs"]).status.success());
 }
+
+/// The bundle's options.json names the OCI runtime the shim chose.
+fn chosen_runtime(env: &Env, id: &str) -> String {
+    let bundle = env
+        .refd
+        .state
+        .join("io.containerd.runtime.v2.task")
+        .join(env.refd.namespace())
+        .join(id);
+    std::fs::read_to_string(bundle.join("options.json")).expect("options.json")
+}
+
+#[test]
+fn berth_runc_is_the_default_and_seccomp_goes_to_runc() {
+    let berth_runc = Path::new(SHIM).parent().unwrap().join("berth-runc");
+    assert!(
+        berth_runc.is_file(),
+        "{} is missing: build it with `cargo build -p berth-oci-runtime` (scripts/test does)",
+        berth_runc.display()
+    );
+    let env = Env::new();
+    let o = env.run(&["-d"], "br", &["sleep", "1000"]);
+    assert!(o.status.success(), "{}", show(&o));
+    let options = chosen_runtime(&env, "br");
+    assert!(options.contains("berth-runc"), "{options}");
+    // Seen through the shim: the reference containerd runs in a private mount namespace.
+    let shim = env
+        .shim_pid("containerd-shim-berth-v2", "br")
+        .expect("shim");
+    let state = PathBuf::from(format!(
+        "/proc/{shim}/root/run/berth-runc/{}/br",
+        env.refd.namespace()
+    ));
+    assert!(
+        state.join("state.json").is_file(),
+        "no {} ({options})",
+        state.display()
+    );
+    // The whole task API works through it (the other tests here run on it too).
+    let o = env.ctr(&["task", "pause", "br"]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(env.task_status("br").as_deref(), Some("PAUSED"));
+    let o = env.ctr(&["task", "resume", "br"]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(env.task_status("br").as_deref(), Some("RUNNING"));
+
+    // berth-runc has no seccomp: such a spec runs under runc instead, never unfiltered.
+    let o = env.run(&["-d", "--seccomp"], "sc", &["sleep", "1000"]);
+    assert!(o.status.success(), "{}", show(&o));
+    let options = chosen_runtime(&env, "sc");
+    assert!(options.contains("\"binary_name\":\"\""), "{options}");
+    let o = env.ctr(&[
+        "task",
+        "exec",
+        "--fifo-dir",
+        &env.fifo,
+        "--exec-id",
+        "s",
+        "sc",
+        "grep",
+        "Seccomp:",
+        "/proc/self/status",
+    ]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(stdout(&o).contains('2'), "not filtered: {}", show(&o));
+
+    for id in ["br", "sc"] {
+        let o = env.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        assert!(o.status.success(), "{}", show(&o));
+    }
+    let sc_shim = env
+        .shim_pid("containerd-shim-berth-v2", "sc")
+        .expect("shim");
+    for id in ["br", "sc"] {
+        for _ in 0..100 {
+            if env.task_status(id).as_deref() == Some("STOPPED") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let o = env.ctr(&["task", "rm", id]);
+        assert!(o.status.success(), "{}", show(&o));
+        let o = env.ctr(&["container", "rm", id]);
+        assert!(o.status.success(), "{}", show(&o));
+        if id == "br" {
+            // Seen through the shim that is still there.
+            let left = PathBuf::from(format!(
+                "/proc/{sc_shim}/root/run/berth-runc/{}/br",
+                env.refd.namespace()
+            ));
+            assert!(!left.exists(), "berth-runc state left: {}", left.display());
+        }
+    }
+}

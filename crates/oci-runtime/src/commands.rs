@@ -1,0 +1,307 @@
+//! The commands: the part of runc's command line Berth's shim uses (`create`, `start`,
+//! `exec`, `kill`, `ps`, `pause`, `resume`, `update`, `delete`), carried out by youki's
+//! libcontainer. Errors are written as runc's JSON log lines (the shim reports the last
+//! one) and to stderr.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use libcgroups::common::{
+    AnyCgroupManager, CgroupConfig, CgroupManager, CgroupSetup, ControllerOpt,
+    create_cgroup_manager, get_cgroup_setup,
+};
+use libcontainer::container::Container;
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::oci_spec::runtime::{LinuxResources, Spec};
+use libcontainer::signal::Signal;
+use libcontainer::syscall::syscall::SyscallType;
+
+use crate::executor::RuncLikeExecutor;
+
+/// The state directory when no `--root` is given (runc's is /run/containerd/runc under
+/// containerd; the two must not share one, their state files differ).
+pub const DEFAULT_ROOT: &str = "/run/berth-runc";
+
+// libcontainer enforces cgroup v2 device rules only with eBPF support, which is not built
+// in; runc does enforce them.
+const V2_ONLY: &str = "cgroup v2 device rules need eBPF, which berth-runc is built without";
+const SECCOMP: &str = "the spec has a seccomp profile; berth-runc is built without libseccomp";
+
+/// What runc would enforce and berth-runc cannot is refused, never skipped.
+fn check_supported(bundle: &str) -> Result<(), String> {
+    match get_cgroup_setup() {
+        Ok(CgroupSetup::Legacy | CgroupSetup::Hybrid) => {}
+        Ok(CgroupSetup::Unified) => return Err(V2_ONLY.into()),
+        Err(e) => return Err(format!("unknown cgroup layout: {e}")),
+    }
+    let spec = Spec::load(Path::new(bundle).join("config.json"))
+        .map_err(|e| format!("config.json of {bundle}: {e}"))?;
+    if spec.linux().as_ref().is_some_and(|l| l.seccomp().is_some()) {
+        return Err(SECCOMP.into());
+    }
+    Ok(())
+}
+
+/// Runs one command (`args` after runc's global flags) against the state under `root`.
+/// Returns the exit code.
+pub fn run(root: &Path, log: Option<&Path>, args: &[&str]) -> i32 {
+    match dispatch(root, args) {
+        Ok(()) => 0,
+        Err(msg) => {
+            let line = format!(
+                "{{\"level\":\"error\",\"msg\":\"{}\"}}\n",
+                json_escape(&msg)
+            );
+            if let Some(log) = log
+                && let Ok(mut f) = OpenOptions::new().create(true).append(true).open(log)
+            {
+                let _ = f.write_all(line.as_bytes());
+            }
+            write_fd(2, format!("{msg}\n").as_bytes());
+            1
+        }
+    }
+}
+
+fn write_fd(fd: i32, data: &[u8]) {
+    let _ = if fd == 1 {
+        std::io::stdout().write_all(data)
+    } else {
+        std::io::stderr().write_all(data)
+    };
+}
+
+fn json_escape(s: &str) -> String {
+    let quoted = serde_json::Value::String(s.to_string()).to_string();
+    quoted[1..quoted.len() - 1].to_string()
+}
+
+#[derive(Default, Debug)]
+struct Args<'a> {
+    bundle: Option<&'a str>,
+    pid_file: Option<&'a str>,
+    console_socket: Option<&'a str>,
+    process: Option<&'a str>,
+    resources: Option<&'a str>,
+    no_pivot: bool,
+    force: bool,
+    all: bool,
+    positional: Vec<&'a str>,
+}
+
+fn parse<'a>(args: &[&'a str]) -> Result<Args<'a>, String> {
+    let mut a = Args::default();
+    let mut it = args.iter().copied();
+    while let Some(arg) = it.next() {
+        let Some(flag) = arg.strip_prefix("--") else {
+            a.positional.push(arg);
+            continue;
+        };
+        let mut value = || {
+            it.next()
+                .ok_or_else(|| format!("flag --{flag} needs a value"))
+        };
+        match flag {
+            "bundle" => a.bundle = Some(value()?),
+            "pid-file" => a.pid_file = Some(value()?),
+            "console-socket" => a.console_socket = Some(value()?),
+            "process" => a.process = Some(value()?),
+            "resources" => a.resources = Some(value()?),
+            "format" => {
+                value()?;
+            }
+            "no-pivot" => a.no_pivot = true,
+            // libcontainer never makes a session keyring of its own; --detach is how the shim
+            // runs exec, and the only way berth-runc runs it.
+            "no-new-keyring" | "detach" => {}
+            "force" => a.force = true,
+            "all" => a.all = true,
+            _ => return Err(format!("berth-runc has no flag --{flag}")),
+        }
+    }
+    Ok(a)
+}
+
+fn dispatch(root: &Path, argv: &[&str]) -> Result<(), String> {
+    let (&command, rest) = argv.split_first().ok_or("no command")?;
+    let a = parse(rest)?;
+    let id = *a
+        .positional
+        .first()
+        .ok_or_else(|| format!("{command}: no container id"))?;
+    match command {
+        "create" => {
+            let bundle = a.bundle.ok_or("create: no --bundle")?;
+            check_supported(bundle).map_err(|e| format!("create {id}: {e}"))?;
+            ContainerBuilder::new(id.to_string(), SyscallType::default())
+                .with_root_path(root)
+                .and_then(|b| b.with_pid_file(a.pid_file))
+                .map(|b| b.with_console_socket(a.console_socket))
+                .and_then(|b| b.validate_id())
+                .map(|b| b.with_executor(RuncLikeExecutor))
+                .and_then(|b| {
+                    b.as_init(bundle)
+                        .with_systemd(false)
+                        .with_detach(true)
+                        .with_no_pivot(a.no_pivot)
+                        .build()
+                })
+                .map_err(|e| format!("create {id}: {e}"))?;
+            Ok(())
+        }
+        "exec" => {
+            let process = a.process.ok_or("exec: no --process")?;
+            ContainerBuilder::new(id.to_string(), SyscallType::default())
+                .with_root_path(root)
+                .and_then(|b| b.with_pid_file(a.pid_file))
+                .map(|b| b.with_console_socket(a.console_socket))
+                .map(|b| b.with_executor(RuncLikeExecutor))
+                .and_then(|b| {
+                    b.as_tenant()
+                        .with_detach(true)
+                        .with_process(Some(process))
+                        .build()
+                })
+                .map_err(|e| format!("exec in {id}: {e}"))?;
+            Ok(())
+        }
+        "start" => load(root, id)?
+            .start()
+            .map_err(|e| format!("start {id}: {e}")),
+        "kill" => {
+            let signal = parse_signal(a.positional.get(1).copied().unwrap_or("SIGTERM"))?;
+            let mut c = load(root, id)?;
+            if !a.all && !c.can_kill() {
+                return Err(format!("container {id} is not running"));
+            }
+            c.kill(signal, a.all).map_err(|e| format!("kill {id}: {e}"))
+        }
+        "delete" => load(root, id)?
+            .delete(a.force)
+            .map_err(|e| format!("delete {id}: {e}")),
+        "pause" => load(root, id)?
+            .pause()
+            .map_err(|e| format!("pause {id}: {e}")),
+        "resume" => load(root, id)?
+            .resume()
+            .map_err(|e| format!("resume {id}: {e}")),
+        "ps" => {
+            let pids = cgroup_manager(&load(root, id)?, id)?
+                .get_all_pids()
+                .map_err(|e| format!("ps {id}: {e}"))?;
+            let list: Vec<String> = pids.iter().map(|p| p.as_raw().to_string()).collect();
+            write_fd(1, format!("[{}]\n", list.join(",")).as_bytes());
+            Ok(())
+        }
+        "update" => {
+            let path = a.resources.ok_or("update: no --resources")?;
+            let data = std::fs::read(path).map_err(|e| format!("update: reading {path}: {e}"))?;
+            let resources: LinuxResources = serde_json::from_slice(&data)
+                .map_err(|e| format!("update: resources of {id}: {e}"))?;
+            cgroup_manager(&load(root, id)?, id)?
+                .apply(&ControllerOpt {
+                    resources: &resources,
+                    disable_oom_killer: false,
+                    oom_score_adj: None,
+                    freezer_state: None,
+                })
+                .map_err(|e| format!("update {id}: {e}"))
+        }
+        other => Err(format!(
+            "{other} is not supported by berth-runc (set BinaryName = \"runc\")"
+        )),
+    }
+}
+
+fn load(root: &Path, id: &str) -> Result<Container, String> {
+    let dir: PathBuf = root.join(id);
+    if id.contains('/') || !dir.join("state.json").exists() {
+        return Err(format!("container {id} does not exist"));
+    }
+    let mut c = Container::load(dir).map_err(|e| format!("loading container {id}: {e}"))?;
+    c.refresh_status()
+        .map_err(|e| format!("status of container {id}: {e}"))?;
+    Ok(c)
+}
+
+fn cgroup_manager(c: &Container, id: &str) -> Result<AnyCgroupManager, String> {
+    let cgroup_path = c
+        .spec()
+        .map_err(|e| format!("config of container {id}: {e}"))?
+        .cgroup_path;
+    create_cgroup_manager(CgroupConfig {
+        cgroup_path,
+        systemd_cgroup: false,
+        container_name: id.to_string(),
+    })
+    .map_err(|e| format!("cgroup of container {id}: {e}"))
+}
+
+/// A signal as runc takes it: a number, or a name with or without "SIG".
+fn parse_signal(s: &str) -> Result<Signal, String> {
+    match s.parse::<i32>() {
+        Ok(n) => Signal::try_from(n).map_err(|e| format!("signal {n}: {e}")),
+        Err(_) => Signal::try_from(s).map_err(|e| format!("signal {s:?}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runc_style_arguments_are_parsed() {
+        let a = parse(&[
+            "--bundle",
+            "/b",
+            "--pid-file",
+            "/b/init.pid",
+            "--no-pivot",
+            "--no-new-keyring",
+            "id1",
+        ])
+        .unwrap();
+        assert_eq!(
+            (a.bundle, a.pid_file, a.no_pivot, a.positional),
+            (Some("/b"), Some("/b/init.pid"), true, vec!["id1"])
+        );
+        let a = parse(&["--all", "id1", "9"]).unwrap();
+        assert!(a.all);
+        assert_eq!(a.positional, vec!["id1", "9"]);
+        assert!(parse(&["--bundle"]).unwrap_err().contains("needs a value"));
+        assert!(
+            parse(&["--criu", "x"])
+                .unwrap_err()
+                .contains("no flag --criu")
+        );
+    }
+
+    #[test]
+    fn signals_by_number_and_name() {
+        for s in ["9", "KILL", "SIGKILL"] {
+            assert_eq!(format!("{:?}", parse_signal(s).unwrap()), "Signal(SIGKILL)");
+        }
+        assert!(parse_signal("SIGNOPE").is_err());
+    }
+
+    #[test]
+    fn commands_name_what_is_missing() {
+        let root = std::env::temp_dir().join(format!("berth-runc-test-{}", std::process::id()));
+        assert!(
+            dispatch(&root, &["start", "nope"])
+                .unwrap_err()
+                .contains("does not exist")
+        );
+        assert!(
+            dispatch(&root, &["checkpoint", "x"])
+                .unwrap_err()
+                .contains("not supported")
+        );
+        assert!(
+            dispatch(&root, &["create", "x"])
+                .unwrap_err()
+                .contains("no --bundle")
+        );
+    }
+}

@@ -1,0 +1,321 @@
+//! berth-runc driven the way a shim drives runc: a real bundle (busybox from Debian's
+//! busybox-static, config.json from `runc spec`), real namespaces, mounts and cgroups.
+//! Needs root.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BERTH_RUNC: &str = env!("CARGO_BIN_EXE_berth-runc");
+
+struct Bundle {
+    dir: tempfile::TempDir,
+    cgroup: String,
+}
+
+impl Bundle {
+    /// A bundle running `args`, with a private state root and cgroup.
+    fn new(args: &[&str], edit: impl FnOnce(&mut serde_json::Value)) -> Bundle {
+        assert!(
+            nix_is_root(),
+            "berth-runc's tests need root (namespaces, mounts, cgroups)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("rootfs/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static installed");
+        for applet in ["sh", "echo", "sleep", "cat", "grep", "true"] {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+        }
+        let o = Command::new("runc")
+            .args(["spec", "--bundle"])
+            .arg(dir.path())
+            .output()
+            .expect("runc installed (scripts/install-deps)");
+        assert!(o.status.success(), "runc spec: {o:?}");
+        let path = dir.path().join("config.json");
+        let mut spec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let cgroup = format!(
+            "/berth-runc-test/{}",
+            dir.path().file_name().unwrap().to_string_lossy()
+        );
+        spec["process"]["terminal"] = false.into();
+        spec["process"]["args"] = args.into();
+        spec["linux"]["cgroupsPath"] = cgroup.clone().into();
+        edit(&mut spec);
+        std::fs::write(&path, serde_json::to_vec(&spec).unwrap()).unwrap();
+        Bundle { dir, cgroup }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `berth-runc --root STATE --log LOG --log-format json ARGS…` with `stdout` as the
+    /// container's standard output when given.
+    fn run(&self, args: &[&str], stdout: Option<File>) -> Output {
+        let mut c = Command::new(BERTH_RUNC);
+        c.arg("--root")
+            .arg(self.path("state"))
+            .arg("--log")
+            .arg(self.path("log.json"))
+            .args(["--log-format", "json"])
+            .args(args)
+            .stdin(Stdio::null());
+        match stdout {
+            Some(f) => {
+                c.stdout(f).stderr(Stdio::null());
+                let status = c.status().unwrap();
+                Output {
+                    status,
+                    stdout: vec![],
+                    stderr: vec![],
+                }
+            }
+            None => c.output().unwrap(),
+        }
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args, None);
+        assert!(
+            o.status.success(),
+            "berth-runc {args:?}: {}\nlog: {}",
+            String::from_utf8_lossy(&o.stderr),
+            std::fs::read_to_string(self.path("log.json")).unwrap_or_default()
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn create(&self, id: &str, stdout: File) -> u32 {
+        let bundle = self.dir.path().to_string_lossy().into_owned();
+        let pid_file = self.path(&format!("{id}.pid"));
+        let o = self.run(
+            &[
+                "create",
+                "--bundle",
+                &bundle,
+                "--pid-file",
+                &pid_file.to_string_lossy(),
+                id,
+            ],
+            Some(stdout),
+        );
+        assert!(
+            o.status.success(),
+            "create: {}",
+            std::fs::read_to_string(self.path("log.json")).unwrap_or_default()
+        );
+        std::fs::read_to_string(pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn cgroup_file(&self, controller: &str, file: &str) -> String {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{controller}{}/{file}", self.cgroup))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Bundle {
+    fn drop(&mut self) {
+        // Best effort for a failed test: whatever is left is removed like the shim would.
+        if let Ok(dirs) = std::fs::read_dir(self.path("state")) {
+            for d in dirs.flatten() {
+                let id = d.file_name().to_string_lossy().into_owned();
+                let _ = self.run(&["delete", "--force", &id], None);
+            }
+        }
+    }
+}
+
+fn nix_is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn gone(pid: u32) -> bool {
+    // The container's init is reparented to our init process, which reaps it; a zombie
+    // counts as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(true)
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !done() {
+        assert!(t.elapsed() < Duration::from_secs(10), "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn create_start_delete_like_runc() {
+    let b = Bundle::new(&["sh", "-c", "echo hi from berth-runc"], |_| {});
+    let out = b.path("out");
+    let pid = b.create("c1", File::create(&out).unwrap());
+    assert!(!gone(pid), "init {pid} must wait for start");
+    assert!(
+        b.cgroup_file("memory", "cgroup.procs")
+            .contains(&pid.to_string()),
+        "init {pid} not in its cgroup {}",
+        b.cgroup
+    );
+    b.ok(&["start", "c1"]);
+    wait_until("the container's process exits", || gone(pid));
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "hi from berth-runc\n"
+    );
+    b.ok(&["delete", "c1"]);
+    assert!(!b.path("state/c1").exists());
+    assert!(
+        !Path::new(&format!("/sys/fs/cgroup/memory{}", b.cgroup)).exists(),
+        "cgroup left behind"
+    );
+}
+
+#[test]
+fn exec_ps_pause_resume_update_kill() {
+    let b = Bundle::new(&["sleep", "1000"], |_| {});
+    let pid = b.create("c2", File::create(b.path("out")).unwrap());
+    b.ok(&["start", "c2"]);
+
+    let ps = b.ok(&["ps", "--format", "json", "c2"]);
+    assert!(ps.contains(&pid.to_string()), "{ps}");
+
+    let process = b.path("exec.json");
+    let spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.path("config.json")).unwrap()).unwrap();
+    let mut p = spec["process"].clone();
+    p["args"] = ["sh", "-c", "echo in-exec; cat /proc/self/cgroup"].into();
+    std::fs::write(&process, serde_json::to_vec(&p).unwrap()).unwrap();
+    let exec_out = b.path("exec.out");
+    let o = b.run(
+        &[
+            "exec",
+            "--detach",
+            "--pid-file",
+            &b.path("exec.pid").to_string_lossy(),
+            "--process",
+            &process.to_string_lossy(),
+            "c2",
+        ],
+        Some(File::create(&exec_out).unwrap()),
+    );
+    assert!(o.status.success(), "exec failed");
+    let exec_pid: u32 = std::fs::read_to_string(b.path("exec.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    wait_until("the exec'd process exits", || gone(exec_pid));
+    let text = std::fs::read_to_string(&exec_out).unwrap();
+    assert!(text.starts_with("in-exec\n"), "{text}");
+    assert!(
+        text.contains(&b.cgroup),
+        "exec not in the container's cgroup: {text}"
+    );
+
+    b.ok(&["pause", "c2"]);
+    assert_eq!(b.cgroup_file("freezer", "freezer.state").trim(), "FROZEN");
+    b.ok(&["resume", "c2"]);
+    assert_eq!(b.cgroup_file("freezer", "freezer.state").trim(), "THAWED");
+
+    let resources = b.path("resources.json");
+    std::fs::write(
+        &resources,
+        br#"{"memory":{"limit":67108864},"pids":{"limit":50}}"#,
+    )
+    .unwrap();
+    b.ok(&["update", "--resources", &resources.to_string_lossy(), "c2"]);
+    assert_eq!(
+        b.cgroup_file("memory", "memory.limit_in_bytes").trim(),
+        "67108864"
+    );
+    assert_eq!(b.cgroup_file("pids", "pids.max").trim(), "50");
+
+    b.ok(&["kill", "c2", "9"]);
+    wait_until("the container stops", || gone(pid));
+    let o = b.run(&["kill", "c2", "KILL"], None);
+    assert!(!o.status.success(), "killing a stopped container must fail");
+    b.ok(&["delete", "c2"]);
+}
+
+/// CVE-2019-5736 (runc): a process in the container must not be able to reach the
+/// host's runtime binary through the init's /proc/PID/exe.
+#[test]
+fn the_init_runs_from_a_sealed_copy_not_the_host_binary() {
+    let b = Bundle::new(&["true"], |_| {});
+    let pid = b.create("c3", File::create(b.path("out")).unwrap());
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert!(
+        exe.to_string_lossy().starts_with("/memfd:berth-runc"),
+        "init's exe is {}",
+        exe.display()
+    );
+    let write = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{pid}/exe"));
+    assert!(write.is_err(), "the init's executable is writable");
+    b.ok(&["delete", "--force", "c3"]);
+    wait_until("the init is killed", || gone(pid));
+}
+
+#[test]
+fn what_it_cannot_enforce_is_refused_not_skipped() {
+    let b = Bundle::new(&["true"], |spec| {
+        spec["linux"]["seccomp"] = serde_json::json!({"defaultAction": "SCMP_ACT_ERRNO"});
+    });
+    let o = b.run(
+        &["create", "--bundle", &b.dir.path().to_string_lossy(), "c4"],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let log = std::fs::read_to_string(b.path("log.json")).unwrap();
+    assert!(
+        log.contains("\"level\":\"error\"") && log.contains("seccomp"),
+        "{log}"
+    );
+    assert!(
+        !b.path("state/c4").exists(),
+        "state left for a refused create"
+    );
+}
+
+#[test]
+fn errors_name_the_container_and_the_problem() {
+    let b = Bundle::new(&["true"], |_| {});
+    let o = b.run(&["start", "nope"], None);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("container nope does not exist"),
+        "{o:?}"
+    );
+    let log = std::fs::read_to_string(b.path("log.json")).unwrap();
+    let line: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(line["level"], "error");
+    assert_eq!(line["msg"], "container nope does not exist");
+    let o = b.run(&["checkpoint", "x"], None);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not supported"),
+        "{o:?}"
+    );
+    let o = b.run(&["--systemd-cgroup", "start", "x"], None);
+    assert_eq!(o.status.code(), Some(2));
+    let o = b.run(&["kill", "nope", "SIGNOPE"], None);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("SIGNOPE"),
+        "{o:?}"
+    );
+}
