@@ -53,9 +53,11 @@ fn main() {
     }
     let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
     if matches!(rest.first(), Some(&"create") | Some(&"exec"))
-        && let Err(e) = sealed::reexec_from_sealed_copy()
+        && let Err(e) = sealed::reexec_from_unwritable_view(&root.join(".empty"))
     {
-        fail(&format!("sealing berth-runc's own binary: {e}"));
+        fail(&format!(
+            "re-running berth-runc from an unwritable view of itself: {e}"
+        ));
     }
     std::process::exit(commands::run(&root, log.as_deref(), &rest));
 }

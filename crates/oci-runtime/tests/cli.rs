@@ -252,24 +252,35 @@ fn exec_ps_pause_resume_update_kill() {
     b.ok(&["delete", "c2"]);
 }
 
-/// CVE-2019-5736 (runc): a process in the container must not be able to reach the
-/// host's runtime binary through the init's /proc/PID/exe.
+/// CVE-2019-5736 (runc): a process in the container holds the init's /proc/PID/exe
+/// (O_PATH) and, once the runtime has exited, reopens it for writing to replace the
+/// host's runtime binary. Here the reopen must fail because the view is read-only (or a
+/// sealed copy), not merely because something still runs it.
 #[test]
-fn the_init_runs_from_a_sealed_copy_not_the_host_binary() {
+fn the_init_cannot_be_used_to_overwrite_the_host_binary() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
     let b = Bundle::new(&["true"], |_| {});
     let pid = b.create("c3", File::create(b.path("out")).unwrap());
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
-    assert!(
-        exe.to_string_lossy().starts_with("/memfd:berth-runc"),
-        "init's exe is {}",
-        exe.display()
-    );
-    let write = std::fs::OpenOptions::new()
-        .write(true)
-        .open(format!("/proc/{pid}/exe"));
-    assert!(write.is_err(), "the init's executable is writable");
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(format!("/proc/{pid}/exe"))
+        .unwrap();
     b.ok(&["delete", "--force", "c3"]);
     wait_until("the init is killed", || gone(pid));
+    let reopen = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/self/fd/{}", handle.as_raw_fd()));
+    let e = reopen.expect_err("the host's berth-runc could be opened for writing");
+    assert!(
+        matches!(e.raw_os_error(), Some(libc::EROFS) | Some(libc::EPERM)),
+        "reopen failed for another reason: {e}"
+    );
+    let exe = std::fs::metadata(format!("/proc/self/fd/{}", handle.as_raw_fd())).unwrap();
+    let host = std::fs::metadata(BERTH_RUNC).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_ne!((exe.dev(), exe.ino()), (host.dev(), host.ino()));
 }
 
 #[test]
