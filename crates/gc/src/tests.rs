@@ -109,3 +109,51 @@ async fn deletions_schedule_a_collection() {
     }
     panic!("blob was not collected after a deletion");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_scheduler_does_not_wake_up() {
+    let (_dir, md) = setup();
+    let s = Scheduler::start(
+        md.clone(),
+        Settings {
+            startup_delay: Duration::ZERO,
+            ..Settings::from_config(&Default::default()).unwrap()
+        },
+    );
+    // A collection of this small database takes well under a millisecond, so the
+    // interval derived from pause_threshold 0.02 is a few milliseconds.
+    s.schedule_and_wait().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after_settling = s.timer_wakeups();
+    assert!(
+        after_settling <= 2,
+        "{after_settling} wakeups after one collection"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        s.timer_wakeups(),
+        after_settling,
+        "the idle timer kept firing"
+    );
+
+    // A deletion still gets collected: the change re-arms the timer.
+    let m = md.clone();
+    let d = tokio::task::spawn_blocking(move || {
+        let d = put(&m, b"deleted while idle");
+        m.content_store()
+            .unwrap()
+            .delete(&Scope::new("a"), &d)
+            .unwrap();
+        d
+    })
+    .await
+    .unwrap();
+    let blobs = md.blob_store().unwrap();
+    for _ in 0..100 {
+        if blobs.info(&d).is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("blob deleted while the scheduler idled was not collected");
+}
