@@ -544,6 +544,7 @@ impl Runtime for ShimManager {
         serde_json::from_slice::<serde::de::IgnoredAny>(&opts.spec)
             .map_err(|e| Error::invalid_argument(format!("invalid OCI spec (config.json): {e}")))?;
         let (binary, options) = self.resolve(&opts.runtime, opts.runtime_options.clone())?;
+        crate::cgroups::warm_up_cgroup_attach();
         let config = self.config();
         let bundle = Bundle::create(&config.state, &config.root, namespace, id, &opts.spec)?;
         match self

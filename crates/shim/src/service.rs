@@ -258,6 +258,7 @@ impl Service {
                     .map_err(|e| err(Code::INVALID_ARGUMENT, format!("runtime options: {e}")))?;
             }
         }
+        crate::cgroups::warm_up_cgroup_attach();
         if opts.binary_name.is_empty() {
             let (name, not_berth_runc) = runc::default_runtime(&bundle);
             if let Some(why) = not_berth_runc {
