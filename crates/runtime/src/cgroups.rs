@@ -187,34 +187,6 @@ pub fn registration() -> Registration {
     .requires(&[types::RUNTIME_V2])
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_both_layouts() {
-        let v1 = "12:memory:/a/b\n11:cpu,cpuacct:/a/b\n0::/a/b\n";
-        let root = Path::new("/nonexistent");
-        match parse_proc_cgroup(v1, root).unwrap() {
-            CgroupPaths::V1(c) => {
-                assert!(c.contains(&("memory".into(), root.join("memory/a/b"))));
-                assert!(c.contains(&("cpuacct".into(), root.join("cpu,cpuacct/a/b"))));
-            }
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(
-            parse_proc_cgroup("0::/x\n", root).unwrap(),
-            CgroupPaths::V2(root.join("x"))
-        );
-    }
-
-    #[test]
-    fn reads_own_cgroup() {
-        let stats = stats_of_pid(std::process::id()).unwrap();
-        assert!(stats.layout == "v1" || stats.layout == "v2");
-    }
-}
-
 /// Starts, in the background, the kernel wait that makes a container's cgroup attach slow.
 ///
 /// Moving a process into a cgroup (a `cgroup.procs` write) takes the kernel's
@@ -244,4 +216,32 @@ pub fn warm_up_cgroup_attach() {
             let _ = std::fs::write(dir.join("cgroup.procs"), me.to_string());
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_layouts() {
+        let v1 = "12:memory:/a/b\n11:cpu,cpuacct:/a/b\n0::/a/b\n";
+        let root = Path::new("/nonexistent");
+        match parse_proc_cgroup(v1, root).unwrap() {
+            CgroupPaths::V1(c) => {
+                assert!(c.contains(&("memory".into(), root.join("memory/a/b"))));
+                assert!(c.contains(&("cpuacct".into(), root.join("cpu,cpuacct/a/b"))));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            parse_proc_cgroup("0::/x\n", root).unwrap(),
+            CgroupPaths::V2(root.join("x"))
+        );
+    }
+
+    #[test]
+    fn reads_own_cgroup() {
+        let stats = stats_of_pid(std::process::id()).unwrap();
+        assert!(stats.layout == "v1" || stats.layout == "v2");
+    }
 }

@@ -16,6 +16,7 @@ struct Fixture {
     dir: tempfile::TempDir,
     events: Exchange,
     ns: String,
+    cgroup_parent: String,
 }
 
 impl Fixture {
@@ -26,10 +27,17 @@ impl Fixture {
             .unwrap();
         common::busybox_rootfs(dir.path());
         let ns = format!("brt{}", std::process::id());
+        // Per fixture, not per process: a fixture's cleanup removes the whole tree while
+        // the other tests of this process may be creating containers in theirs.
+        let cgroup_parent = format!(
+            "/berth-test-{}",
+            dir.path().file_name().unwrap().to_string_lossy()
+        );
         Fixture {
             dir,
             events: Exchange::new(),
             ns,
+            cgroup_parent,
         }
     }
 
@@ -58,7 +66,7 @@ impl Fixture {
             spec: common::spec(
                 &self.dir.path().join("rootfs"),
                 args,
-                &format!("/berth-test-{}/{name}", self.ns),
+                &format!("{}/{name}", self.cgroup_parent),
             ),
             io: IoConfig {
                 stdin: String::new(),
@@ -80,10 +88,7 @@ impl Drop for Fixture {
     fn drop(&mut self) {
         berth_testkit::kill_processes_under(self.dir.path());
         for suffix in ["", "b", "d"] {
-            common::cleanup_host(
-                &format!("{}{suffix}", self.ns),
-                &format!("/berth-test-{}", self.ns),
-            );
+            common::cleanup_host(&format!("{}{suffix}", self.ns), &self.cgroup_parent);
         }
     }
 }
@@ -287,7 +292,7 @@ async fn bad_input_is_refused_without_leaks() {
     opts.spec = common::spec(
         &f.dir.path().join("missing"),
         &["true"],
-        &format!("/berth-test-{}/x", f.ns),
+        &format!("{}/x", f.cgroup_parent),
     );
     let err = m.create(&ns, "norootfs", opts).await.unwrap_err();
     assert!(!err.to_string().is_empty());

@@ -314,24 +314,6 @@ fn blkio_entries(p: &Path) -> Vec<v1::BlkIOEntry> {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn self_cgroups() {
-        let cg = Cgroups::of_pid(std::process::id());
-        // Whatever the host has, the paths found must exist.
-        for p in cg.v1.values().chain(cg.v2.iter()) {
-            assert!(p.exists(), "{}", p.display());
-        }
-        assert_eq!(
-            join_cg("/sys/fs/cgroup/memory", "/", "/a/b"),
-            PathBuf::from("/sys/fs/cgroup/memory/a/b")
-        );
-    }
-}
-
 /// Starts, in the background, the wait that makes the runtime's cgroup attach slow.
 ///
 /// Moving a process into a cgroup (a write to `cgroup.procs`) takes the kernel's
@@ -356,4 +338,22 @@ pub fn warm_up_cgroup_attach() {
                 let _ = std::fs::write(dir.join("cgroup.procs"), me.to_string());
             }
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_cgroups() {
+        let cg = Cgroups::of_pid(std::process::id());
+        // Whatever the host has, the paths found must exist.
+        for p in cg.v1.values().chain(cg.v2.iter()) {
+            assert!(p.exists(), "{}", p.display());
+        }
+        assert_eq!(
+            join_cg("/sys/fs/cgroup/memory", "/", "/a/b"),
+            PathBuf::from("/sys/fs/cgroup/memory/a/b")
+        );
+    }
 }

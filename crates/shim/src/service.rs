@@ -1,6 +1,7 @@
 //! The task service (`containerd.task.v2.Task`) for one container and its exec processes.
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -307,6 +308,9 @@ impl Service {
                     return Err(e);
                 }
             };
+            if let Some(m) = &master {
+                sys::apply_console_size(m.as_raw_fd(), &bundle.join("config.json"));
+            }
             let pid: u32 = std::fs::read_to_string(&pidfile)
                 .ok()
                 .and_then(|s| s.trim().parse().ok())
@@ -392,6 +396,9 @@ impl Service {
                 return Err(e);
             }
         };
+        if let Some(m) = &master {
+            sys::apply_console_size(m.as_raw_fd(), &spec);
+        }
         let pid: u32 = std::fs::read_to_string(&pidfile)
             .ok()
             .and_then(|s| s.trim().parse().ok())

@@ -137,6 +137,33 @@ pub fn recv_fd(sock: RawFd) -> io::Result<OwnedFd> {
     ))
 }
 
+/// `process.consoleSize` (width, height) of a spec or process JSON document.
+pub fn console_size(json: &str) -> Option<(u32, u32)> {
+    let start = json.find("\"consoleSize\"")?;
+    let rest = &json[start..];
+    let object = &rest[..rest.find('}')?];
+    let number = |key: &str| -> Option<u32> {
+        let at = object.find(&format!("\"{key}\""))? + key.len() + 2;
+        let value = object[at..].trim_start().strip_prefix(':')?.trim_start();
+        let end = value
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(value.len());
+        value[..end].parse().ok()
+    };
+    Some((number("width")?, number("height")?))
+}
+
+/// Sizes a new pty as the process spec asks (runc does it itself; berth-runc's
+/// libcontainer does not, and a 0×0 terminal breaks `stty size` and full-screen tools).
+pub fn apply_console_size(master: RawFd, spec: &Path) {
+    if let Some((width, height)) = std::fs::read_to_string(spec)
+        .ok()
+        .and_then(|json| console_size(&json))
+    {
+        let _ = set_winsize(master, width, height);
+    }
+}
+
 pub fn set_winsize(fd: RawFd, width: u32, height: u32) -> io::Result<()> {
     let ws = libc::winsize {
         ws_row: height as u16,
@@ -336,6 +363,17 @@ pub fn json_escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn console_sizes() {
+        let spec = r#"{"process":{"terminal":true,"consoleSize":{"height":30,"width":100},"args":["sh"]}}"#;
+        assert_eq!(console_size(spec), Some((100, 30)));
+        assert_eq!(
+            console_size(r#"{"consoleSize": { "width" : 7, "height": 3 }}"#),
+            Some((7, 3))
+        );
+        assert_eq!(console_size(r#"{"process":{"terminal":true}}"#), None);
+    }
 
     #[test]
     fn json_helpers() {
