@@ -175,26 +175,7 @@ impl Drop for Env {
             }
         }
         berth_testkit::kill_processes_under(self.daemon.dir.path());
-        // runc leaves its (empty) root for the namespace and the cgroup parent /<ns>.
-        let _ = std::fs::remove_dir(format!("/run/containerd/runc/{}", self.ns));
-        if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
-            for h in hierarchies.flatten() {
-                for base in [h.path(), h.path().join("unified")] {
-                    remove_empty_tree(&base.join(&self.ns));
-                }
-            }
-        }
-    }
-}
-
-fn remove_empty_tree(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.path().is_dir() {
-                remove_empty_tree(&e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(dir);
+        berth_testkit::remove_namespace_leftovers(&self.ns);
     }
 }
 

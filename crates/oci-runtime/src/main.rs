@@ -53,13 +53,20 @@ fn main() {
     }
     let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
     if matches!(rest.first(), Some(&"create") | Some(&"exec"))
-        && let Err(e) = sealed::reexec_from_unwritable_view(&root.join(".empty"))
+        && let Err(e) = sealed::reexec_from_unwritable_view(&empty_dir(&root))
     {
         fail(&format!(
             "re-running berth-runc from an unwritable view of itself: {e}"
         ));
     }
     std::process::exit(commands::run(&root, log.as_deref(), &rest));
+}
+
+/// The empty directory the overlay view needs, beside the state root (shims give each
+/// namespace its own root; this way a namespace's root is left empty once its last
+/// container is deleted).
+fn empty_dir(root: &std::path::Path) -> PathBuf {
+    root.parent().unwrap_or(root).join(".berth-runc-empty")
 }
 
 fn fail(msg: &str) -> ! {

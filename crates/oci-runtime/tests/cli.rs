@@ -37,8 +37,9 @@ impl Bundle {
         let path = dir.path().join("config.json");
         let mut spec: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        // One level, unique to the bundle: deleting the container removes all of it.
         let cgroup = format!(
-            "/berth-runc-test/{}",
+            "/berth-runc-test-{}",
             dir.path().file_name().unwrap().to_string_lossy()
         );
         spec["process"]["terminal"] = false.into();

@@ -47,8 +47,7 @@ impl Drop for Env {
             let _ = self.ctr(&["task", "delete", "-f", id]);
             let _ = self.ctr(&["containers", "rm", id]);
         }
-        // The shim's runc root of the namespace (left behind, empty, by runc).
-        let _ = std::fs::remove_dir(format!("/run/containerd/runc/{}", self.ns));
+        berth_testkit::remove_namespace_leftovers(&self.ns);
     }
 }
 /// How often the monitor reconciles in these tests.

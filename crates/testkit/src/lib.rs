@@ -337,6 +337,38 @@ impl Drop for Daemon {
     }
 }
 
+/// Removes what the OCI runtimes leave on the host for a namespace `ns` once its
+/// containers are gone: their (empty) state roots `/run/containerd/runc/<ns>` and
+/// `/run/berth-runc/<ns>`, and the empty cgroup parent `/<ns>` (ctr's default
+/// `cgroupsPath` is `/<ns>/<id>`) in every hierarchy.
+pub fn remove_namespace_leftovers(ns: &str) {
+    if ns.is_empty() || ns.contains('/') || ns.starts_with('.') {
+        return;
+    }
+    let _ = std::fs::remove_dir(format!("/run/containerd/runc/{ns}"));
+    let _ = std::fs::remove_dir(format!("/run/berth-runc/{ns}"));
+    if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+        for h in hierarchies.flatten() {
+            for base in [h.path(), h.path().join("unified")] {
+                remove_empty_tree(&base.join(ns));
+            }
+        }
+    }
+}
+
+/// Removes `dir` and its subdirectories bottom-up; only empty ones go (cgroup
+/// directories with processes refuse, as do directories with files).
+fn remove_empty_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                remove_empty_tree(&e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
 /// Kills every process whose cwd or executable lies under `dir`.
 pub fn kill_processes_under(dir: &Path) {
     let Ok(entries) = std::fs::read_dir("/proc") else {

@@ -65,10 +65,11 @@ pub fn spec(rootfs: &Path, args: &[&str], cgroup: &str) -> Vec<u8> {
 }
 
 /// Removes what runc and the stock shim leave behind for namespace `ns` outside our temp
-/// dir: the (empty) runc root `/run/containerd/runc/<ns>` and the cgroup parent `cgroup`
+/// dir: the (empty) runc and berth-runc roots `/run/{containerd/runc,berth-runc}/<ns>` and the cgroup parent `cgroup`
 /// in every hierarchy.
 pub fn cleanup_host(ns: &str, cgroup_parent: &str) {
     let _ = std::fs::remove_dir(format!("/run/containerd/runc/{ns}"));
+    let _ = std::fs::remove_dir(format!("/run/berth-runc/{ns}"));
     let rel = cgroup_parent.trim_start_matches('/');
     if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
         for hierarchy in entries.flatten() {
