@@ -358,7 +358,7 @@ pub fn remove_namespace_leftovers(ns: &str) {
 
 /// Removes `dir` and its subdirectories bottom-up; only empty ones go (cgroup
 /// directories with processes refuse, as do directories with files).
-fn remove_empty_tree(dir: &Path) {
+pub fn remove_empty_tree(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             if e.path().is_dir() {

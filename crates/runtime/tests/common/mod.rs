@@ -76,21 +76,10 @@ pub fn cleanup_host(ns: &str, cgroup_parent: &str) {
             for base in [hierarchy.path(), hierarchy.path().join("unified")] {
                 let dir = base.join(rel);
                 if dir.is_dir() {
-                    remove_cgroup_tree(&dir);
+                    berth_testkit::remove_empty_tree(&dir);
                 }
             }
         }
     }
     let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/unified/{rel}"));
-}
-
-fn remove_cgroup_tree(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.path().is_dir() {
-                remove_cgroup_tree(&e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
 }
