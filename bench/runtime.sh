@@ -110,7 +110,10 @@ for a in "$BADDR" "$RADDR"; do
 done
 
 # Targets: label, address, extra ctr run flags.
-targets=("berthd+runc-shim|$BADDR|--runtime io.containerd.runc.v2"
+# io.containerd.runc.v2 is what unchanged clients ask for: berthd serves it with Berth's
+# shim by default; the stock runc shim is named by its path.
+targets=("berthd+runc-shim|$BADDR|--runtime $(command -v containerd-shim-runc-v2)"
+         "berthd+default-runtime|$BADDR|--runtime io.containerd.runc.v2"
          "berthd+berth-shim|$BADDR|--runtime io.containerd.berth.v2"
          "containerd+runc-shim|$RADDR|--runtime io.containerd.runc.v2")
 # Berth's shim reads BinaryName from runtimeoptions.v1.Options, which is what ctr sends for

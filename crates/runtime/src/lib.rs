@@ -36,6 +36,21 @@ pub struct RuntimeV2Config {
     pub platforms: Vec<String>,
     /// Give every shim its own core-scheduling group (`SCHED_CORE=1`).
     pub sched_core: bool,
+    /// Berth's: which shim serves `io.containerd.runc.v2`. `"berth"` (the default):
+    /// Berth's own `containerd-shim-berth-v2`, which takes the same runc options and runs
+    /// berth-runc (or runc) in a ~1.5 MiB shim, when it is installed (next to berthd or in
+    /// PATH); `"containerd"`: containerd's `containerd-shim-runc-v2`, as containerd does.
+    /// Either can always be asked for by name (`io.containerd.berth.v2`) or by path.
+    pub runc_shim: RuncShim,
+}
+
+/// See [`RuntimeV2Config::runc_shim`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuncShim {
+    #[default]
+    Berth,
+    Containerd,
 }
 
 /// This host's platform in containerd's form.
@@ -55,6 +70,7 @@ impl Default for RuntimeV2Config {
         RuntimeV2Config {
             platforms: vec![host_platform()],
             sched_core: false,
+            runc_shim: RuncShim::Berth,
         }
     }
 }
@@ -88,6 +104,7 @@ pub fn registration() -> Registration {
             publish_binary: exe,
             debug: tracing::enabled!(tracing::Level::DEBUG),
             sched_core: config.sched_core,
+            berth_serves_runc_v2: config.runc_shim == RuncShim::Berth,
             v1,
         };
         for dir in [&manager_config.state, &manager_config.root] {

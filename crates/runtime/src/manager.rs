@@ -56,6 +56,8 @@ pub struct ManagerConfig {
     pub shim_dirs: Vec<PathBuf>,
     pub debug: bool,
     pub sched_core: bool,
+    /// `io.containerd.runc.v2` is served by Berth's shim when it is installed.
+    pub berth_serves_runc_v2: bool,
     pub v1: Option<V1Mapping>,
 }
 
@@ -121,15 +123,28 @@ impl ShimManager {
             })?;
             (name, options)
         };
-        let mut candidates: Vec<PathBuf> = self
+        // Berth's shim first when it serves runc v2 (it reads the same runc options), the
+        // named shim after it: one place where a shim is found, with berthd's own
+        // directory before PATH.
+        let mut names = vec![name.clone()];
+        if self.config().berth_serves_runc_v2 && name == binary_name(RUNC_V2).unwrap() {
+            names.insert(0, binary_name(BERTH_V2).unwrap());
+        }
+        let dirs: Vec<PathBuf> = self
             .config()
             .shim_dirs
             .iter()
-            .map(|d| d.join(&name))
+            .cloned()
+            .chain(
+                std::env::var_os("PATH")
+                    .iter()
+                    .flat_map(std::env::split_paths),
+            )
             .collect();
-        if let Some(path) = std::env::var_os("PATH") {
-            candidates.extend(std::env::split_paths(&path).map(|d| d.join(&name)));
-        }
+        let candidates: Vec<PathBuf> = names
+            .iter()
+            .flat_map(|n| dirs.iter().map(move |d| d.join(n)))
+            .collect();
         use std::os::unix::fs::PermissionsExt;
         candidates
             .into_iter()

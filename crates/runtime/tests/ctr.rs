@@ -124,7 +124,7 @@ fn run_exec_signal_pause_and_delete_with_the_runc_shim() {
     if !common::can_run() {
         return;
     }
-    let env = Env::start("a", "");
+    let env = Env::start("a", CONTAINERDS_RUNC_SHIM);
     let rootfs = env.rootfs.to_str().unwrap();
 
     let out = env.ok(&[
@@ -389,6 +389,46 @@ fn runtime_v1_config_maps_onto_the_runc_v2_shim() {
     ]);
     assert_eq!(out, "v1\n");
     no_leftovers(&env);
+}
+
+/// berthd's config selecting containerd's `containerd-shim-runc-v2` for
+/// `io.containerd.runc.v2` (by default Berth's shim serves it when installed).
+const CONTAINERDS_RUNC_SHIM: &str =
+    "[plugins.\"io.containerd.runtime.v2.task\"]\n  runc_shim = \"containerd\"\n";
+
+#[test]
+fn runc_v2_is_served_by_berths_shim_unless_configured() {
+    if !common::can_run() {
+        return;
+    }
+    assert!(
+        berth_shim().is_some(),
+        "containerd-shim-berth-v2 does not build"
+    );
+    for (tag, config, shim) in [
+        ("h", "", "containerd-shim-berth-v2"),
+        ("i", CONTAINERDS_RUNC_SHIM, "containerd-shim-runc-v2"),
+    ] {
+        let env = Env::start(tag, config);
+        env.run_d("s", &["/bin/sleep", "1000"]);
+        let recorded = std::fs::read_to_string(
+            env.daemon
+                .state
+                .join("io.containerd.runtime.v2.task")
+                .join(&env.ns)
+                .join("s")
+                .join("shim-binary-path"),
+        )
+        .unwrap();
+        assert!(recorded.ends_with(shim), "{tag}: {recorded}");
+        let info = env.ok(&["container", "info", "s"]);
+        assert!(info.contains("io.containerd.runc.v2"), "{info}");
+        env.ok(&["task", "kill", "-s", "KILL", "s"]);
+        env.wait_status("s", Some("STOPPED"), Duration::from_secs(10));
+        env.ok(&["task", "delete", "s"]);
+        env.ok(&["container", "rm", "s"]);
+        no_leftovers(&env);
+    }
 }
 
 /// Builds Berth's shim next to berthd (where the runtime manager looks first).

@@ -54,6 +54,7 @@ impl Fixture {
                 shim_dirs: vec![],
                 debug: false,
                 sched_core: false,
+                berth_serves_runc_v2: false,
                 v1: None,
             },
             Arc::new(self.events.clone()),
