@@ -31,7 +31,8 @@ fn resolve(name: &str, path: Option<&str>) -> Result<PathBuf, String> {
         return match std::fs::metadata(&p) {
             Ok(_) if is_executable_file(&p) => Ok(p),
             Ok(_) => Err(format!("exec: {name:?}: permission denied")),
-            Err(e) => Err(format!("exec: {name:?}: {e}")),
+            // runc's (Go's) wording, which clients match on.
+            Err(e) => Err(format!("exec: {name:?}: stat {name}: {}", go_style(&e))),
         };
     }
     path.unwrap_or("")
@@ -39,6 +40,14 @@ fn resolve(name: &str, path: Option<&str>) -> Result<PathBuf, String> {
         .map(|dir| Path::new(if dir.is_empty() { "." } else { dir }).join(name))
         .find(|p| is_executable_file(p))
         .ok_or_else(|| format!("exec: {name:?}: executable file not found in $PATH"))
+}
+
+/// An OS error as Go prints it: the lower-case strerror text, no "(os error N)".
+fn go_style(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => nix::errno::Errno::from_raw(n).desc().to_lowercase(),
+        None => e.to_string(),
+    }
 }
 
 fn spec_path(spec: &Spec) -> Option<String> {
@@ -91,10 +100,9 @@ mod tests {
                 .unwrap_err()
                 .contains("not found in $PATH")
         );
-        assert!(
-            resolve("/no/such", None)
-                .unwrap_err()
-                .contains("No such file")
+        assert_eq!(
+            resolve("/no/such", None).unwrap_err(),
+            "exec: \"/no/such\": stat /no/such: no such file or directory"
         );
         let plain = std::env::temp_dir().join(format!("berth-runc-plain-{}", std::process::id()));
         std::fs::write(&plain, "not a program").unwrap();
