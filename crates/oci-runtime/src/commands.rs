@@ -49,32 +49,16 @@ pub fn run(root: &Path, log: Option<&Path>, args: &[&str]) -> i32 {
     match dispatch(root, args) {
         Ok(()) => 0,
         Err(msg) => {
-            let line = format!(
-                "{{\"level\":\"error\",\"msg\":\"{}\"}}\n",
-                json_escape(&msg)
-            );
+            let line = serde_json::json!({"level": "error", "msg": msg}).to_string() + "\n";
             if let Some(log) = log
                 && let Ok(mut f) = OpenOptions::new().create(true).append(true).open(log)
             {
                 let _ = f.write_all(line.as_bytes());
             }
-            write_fd(2, format!("{msg}\n").as_bytes());
+            let _ = writeln!(std::io::stderr(), "{msg}");
             1
         }
     }
-}
-
-fn write_fd(fd: i32, data: &[u8]) {
-    let _ = if fd == 1 {
-        std::io::stdout().write_all(data)
-    } else {
-        std::io::stderr().write_all(data)
-    };
-}
-
-fn json_escape(s: &str) -> String {
-    let quoted = serde_json::Value::String(s.to_string()).to_string();
-    quoted[1..quoted.len() - 1].to_string()
 }
 
 #[derive(Default, Debug)]
@@ -191,7 +175,7 @@ fn dispatch(root: &Path, argv: &[&str]) -> Result<(), String> {
                 .get_all_pids()
                 .map_err(|e| format!("ps {id}: {e}"))?;
             let list: Vec<String> = pids.iter().map(|p| p.as_raw().to_string()).collect();
-            write_fd(1, format!("[{}]\n", list.join(",")).as_bytes());
+            let _ = writeln!(std::io::stdout(), "[{}]", list.join(","));
             Ok(())
         }
         "update" => {

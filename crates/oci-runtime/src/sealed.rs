@@ -157,10 +157,6 @@ fn reexec(program: &File) -> io::Result<()> {
             CString::new(kv)
         })
         .collect::<Result<_, _>>()?;
-    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
-    argv.push(std::ptr::null());
-    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
-    envp.push(std::ptr::null());
-    unsafe { libc::fexecve(program.as_raw_fd(), argv.as_ptr(), envp.as_ptr()) };
-    Err(io::Error::last_os_error())
+    let Err(e) = nix::unistd::fexecve(program.as_raw_fd(), &args, &env);
+    Err(e.into())
 }
