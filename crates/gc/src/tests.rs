@@ -59,16 +59,23 @@ fn put(md: &Arc<MetadataStore>, data: &[u8]) -> berth_core::content::Digest {
     d
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sync_trigger_collects() {
-    let (_dir, md) = setup();
-    let s = Scheduler::start(
+/// A scheduler with containerd's default settings, no start-up delay and the given
+/// deletion threshold.
+fn start_now(md: &Arc<MetadataStore>, deletion_threshold: u64) -> Arc<Scheduler> {
+    Scheduler::start(
         md.clone(),
         Settings {
             startup_delay: Duration::ZERO,
+            deletion_threshold,
             ..Settings::from_config(&Default::default()).unwrap()
         },
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_trigger_collects() {
+    let (_dir, md) = setup();
+    let s = start_now(&md, 0);
     let m = md.clone();
     let d = tokio::task::spawn_blocking(move || put(&m, b"garbage"))
         .await
@@ -105,27 +112,14 @@ async fn delete_and_expect_collection(md: &Arc<MetadataStore>, data: &'static [u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deletions_schedule_a_collection() {
     let (_dir, md) = setup();
-    let _s = Scheduler::start(
-        md.clone(),
-        Settings {
-            startup_delay: Duration::ZERO,
-            deletion_threshold: 1,
-            ..Settings::from_config(&Default::default()).unwrap()
-        },
-    );
+    let _s = start_now(&md, 1);
     delete_and_expect_collection(&md, b"deleted soon").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_scheduler_does_not_wake_up() {
     let (_dir, md) = setup();
-    let s = Scheduler::start(
-        md.clone(),
-        Settings {
-            startup_delay: Duration::ZERO,
-            ..Settings::from_config(&Default::default()).unwrap()
-        },
-    );
+    let s = start_now(&md, 0);
     // A collection of this small database takes well under a millisecond, so the
     // interval derived from pause_threshold 0.02 is a few milliseconds.
     s.schedule_and_wait().await.unwrap();

@@ -93,7 +93,7 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         berth_testkit::kill_processes_under(self.daemon.dir.path());
-        common::cleanup_host(&self.ns, &self.ns);
+        berth_testkit::remove_namespace_leftovers(&self.ns);
     }
 }
 

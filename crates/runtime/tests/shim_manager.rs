@@ -89,7 +89,10 @@ impl Drop for Fixture {
     fn drop(&mut self) {
         berth_testkit::kill_processes_under(self.dir.path());
         for suffix in ["", "b", "d"] {
-            common::cleanup_host(&format!("{}{suffix}", self.ns), &self.cgroup_parent);
+            berth_testkit::remove_runtime_leftovers(
+                &format!("{}{suffix}", self.ns),
+                &self.cgroup_parent,
+            );
         }
     }
 }

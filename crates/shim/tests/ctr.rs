@@ -737,12 +737,7 @@ fn berth_runc_is_the_default_and_seccomp_goes_to_runc() {
         .shim_pid("containerd-shim-berth-v2", "sc")
         .expect("shim");
     for id in ["br", "sc"] {
-        for _ in 0..100 {
-            if env.task_status(id).as_deref() == Some("STOPPED") {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        assert!(env.wait_status(id, "STOPPED"), "{id} did not stop");
         let o = env.ctr(&["task", "rm", id]);
         assert!(o.status.success(), "{}", show(&o));
         let o = env.ctr(&["container", "rm", id]);

@@ -338,19 +338,30 @@ impl Drop for Daemon {
 }
 
 /// Removes what the OCI runtimes leave on the host for a namespace `ns` once its
-/// containers are gone: their (empty) state roots `/run/containerd/runc/<ns>` and
-/// `/run/berth-runc/<ns>`, and the empty cgroup parent `/<ns>` (ctr's default
-/// `cgroupsPath` is `/<ns>/<id>`) in every hierarchy.
+/// containers are gone, with ctr's default `cgroupsPath` (`/<ns>/<id>`): see
+/// [`remove_runtime_leftovers`].
 pub fn remove_namespace_leftovers(ns: &str) {
-    if ns.is_empty() || ns.contains('/') || ns.starts_with('.') {
+    if !ns.is_empty() && !ns.contains('/') && !ns.starts_with('.') {
+        remove_runtime_leftovers(ns, ns);
+    }
+}
+
+/// Removes the (empty) state roots runc and berth-runc keep for namespace `ns`
+/// (`/run/containerd/runc/<ns>`, `/run/berth-runc/<ns>`) and the empty cgroup tree
+/// `cgroup_parent` in every hierarchy (v1 controllers and the hybrid `unified`).
+pub fn remove_runtime_leftovers(ns: &str, cgroup_parent: &str) {
+    if !ns.is_empty() && !ns.contains('/') && !ns.starts_with('.') {
+        let _ = std::fs::remove_dir(format!("/run/containerd/runc/{ns}"));
+        let _ = std::fs::remove_dir(format!("/run/berth-runc/{ns}"));
+    }
+    let rel = cgroup_parent.trim_start_matches('/');
+    if rel.is_empty() || rel.split('/').any(|c| c == "..") {
         return;
     }
-    let _ = std::fs::remove_dir(format!("/run/containerd/runc/{ns}"));
-    let _ = std::fs::remove_dir(format!("/run/berth-runc/{ns}"));
     if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
         for h in hierarchies.flatten() {
             for base in [h.path(), h.path().join("unified")] {
-                remove_empty_tree(&base.join(ns));
+                remove_empty_tree(&base.join(rel));
             }
         }
     }
@@ -358,7 +369,7 @@ pub fn remove_namespace_leftovers(ns: &str) {
 
 /// Removes `dir` and its subdirectories bottom-up; only empty ones go (cgroup
 /// directories with processes refuse, as do directories with files).
-pub fn remove_empty_tree(dir: &Path) {
+fn remove_empty_tree(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             if e.path().is_dir() {

@@ -63,23 +63,3 @@ pub fn spec(rootfs: &Path, args: &[&str], cgroup: &str) -> Vec<u8> {
     }))
     .unwrap()
 }
-
-/// Removes what runc and the stock shim leave behind for namespace `ns` outside our temp
-/// dir: the (empty) runc and berth-runc roots `/run/{containerd/runc,berth-runc}/<ns>` and the cgroup parent `cgroup`
-/// in every hierarchy.
-pub fn cleanup_host(ns: &str, cgroup_parent: &str) {
-    let _ = std::fs::remove_dir(format!("/run/containerd/runc/{ns}"));
-    let _ = std::fs::remove_dir(format!("/run/berth-runc/{ns}"));
-    let rel = cgroup_parent.trim_start_matches('/');
-    if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
-        for hierarchy in entries.flatten() {
-            for base in [hierarchy.path(), hierarchy.path().join("unified")] {
-                let dir = base.join(rel);
-                if dir.is_dir() {
-                    berth_testkit::remove_empty_tree(&dir);
-                }
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/unified/{rel}"));
-}
