@@ -158,14 +158,7 @@ async fn skopeo_pushed_fixture_image_pulls() {
         String::from_utf8_lossy(&out.stderr)
     );
     // The digest skopeo pushed is the archive's manifest digest.
-    let index = std::process::Command::new("tar")
-        .arg("-xOf")
-        .arg(&archive)
-        .arg("index.json")
-        .output()
-        .unwrap();
-    let index: serde_json::Value = serde_json::from_slice(&index.stdout).unwrap();
-    let want = index["manifests"][0]["digest"]
+    let want = berth_testkit::registry::archive_index(&archive)["manifests"][0]["digest"]
         .as_str()
         .unwrap()
         .to_string();

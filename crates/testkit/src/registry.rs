@@ -213,6 +213,20 @@ fn run(cmd: &mut Command) {
 
 /// A two-platform OCI archive built from the busybox fixture (once per target dir):
 /// linux/amd64 is the busybox image, linux/arm64 an image of one small layer of its
+/// `tar --create` with fixed owners, times and order: the same bytes on every build.
+fn reproducible_tar() -> Command {
+    let mut tar = Command::new("tar");
+    tar.args([
+        "--create",
+        "--owner=0",
+        "--group=0",
+        "--numeric-owner",
+        "--mtime=2024-01-01T00:00:00Z",
+        "--sort=name",
+    ]);
+    tar
+}
+
 /// own, so what a platform filter fetches or keeps shows in which layers are there.
 pub fn multi_platform() -> MultiPlatform {
     let fixtures = crate::fixtures();
@@ -268,14 +282,8 @@ fn build_multi_platform(busybox: &Path, archive: &Path) -> MultiPlatform {
     std::fs::create_dir_all(root.join("etc")).unwrap();
     std::fs::write(root.join("etc/platform"), "arm64\n").unwrap();
     let layer_file = work.path().join("arm64.tar");
-    run(Command::new("tar")
+    run(reproducible_tar()
         .args([
-            "--create",
-            "--owner=0",
-            "--group=0",
-            "--numeric-owner",
-            "--mtime=2024-01-01T00:00:00Z",
-            "--sort=name",
             "--format=pax",
             "--pax-option=delete=atime,delete=ctime",
             "--file",
@@ -336,16 +344,8 @@ fn build_multi_platform(busybox: &Path, archive: &Path) -> MultiPlatform {
     std::fs::write(layout.join("index.json"), top).unwrap();
     if !archive.exists() {
         let tmp = archive.with_extension("tar.new");
-        run(Command::new("tar")
-            .args([
-                "--create",
-                "--owner=0",
-                "--group=0",
-                "--numeric-owner",
-                "--mtime=2024-01-01T00:00:00Z",
-                "--sort=name",
-                "--file",
-            ])
+        run(reproducible_tar()
+            .arg("--file")
             .arg(&tmp)
             .arg("-C")
             .arg(&layout)
