@@ -43,11 +43,7 @@ mkdir -p "$WORKDIR"
 for d in "$B" "$R"; do
   if mountpoint -q "$d"; then umount "$d"; fi
   rm -rf "$d"
-  img=$WORKDIR/$(basename "$d").ext4
-  truncate -s "${FS_SIZE:-6G}" "$img"
-  mkfs.ext4 -q -F -O ^has_journal "$img"
-  mkdir -p "$d"
-  mount -o loop "$img" "$d"
+  mount_fresh_ext4 "$d" "$WORKDIR/$(basename "$d").ext4" "${FS_SIZE:-6G}"
 done
 
 cd "$TOOLS"

@@ -23,3 +23,14 @@ state = "$dir/state"
   path = "$dir/opt"
 CFG
 }
+
+# mount_fresh_ext4 DIR IMAGE SIZE: mounts a newly made ext4 (made like this host's, without
+# a journal) from the image file IMAGE of SIZE at DIR, so a daemon's root starts on a
+# file system with no history (see docs/benchmarks.md on recently freed inodes).
+mount_fresh_ext4() {
+  local dir=$1 img=$2 size=$3
+  truncate -s "$size" "$img"
+  mkfs.ext4 -q -F -O ^has_journal "$img"
+  mkdir -p "$dir"
+  mount -o loop "$img" "$dir"
+}

@@ -101,14 +101,10 @@ drop_fresh_fs() {  # unmount and delete both daemons' file systems (FS=fresh)
 }
 
 make_fresh_fs() {  # a new ext4 for each daemon's root, made like the host's (no journal)
-  local d img
+  local d
   drop_fresh_fs
   for d in "$B" "$R"; do
-    img=$WORKDIR/$(basename "$d").ext4
-    truncate -s "${FS_SIZE:-3G}" "$img"
-    mkfs.ext4 -q -F -O ^has_journal "$img"
-    mkdir -p "$d"
-    mount -o loop "$img" "$d"
+    mount_fresh_ext4 "$d" "$WORKDIR/$(basename "$d").ext4" "${FS_SIZE:-3G}"
   done
 }
 
