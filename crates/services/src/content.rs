@@ -429,11 +429,12 @@ struct Step {
     commit: Option<(i64, Option<Digest>, Labels)>,
 }
 
-/// The reply's offset, and the digest and status for Stat and Commit replies.
+/// The reply's offset, the digest for Stat and Commit replies, and the ingest's status
+/// for a Stat reply.
 struct StepDone {
     offset: i64,
     digest: Option<Digest>,
-    status: IngestStatus,
+    status: Option<IngestStatus>,
 }
 
 fn run_step(w: &mut dyn Writer, step: Step) -> Result<StepDone, Status> {
@@ -442,7 +443,7 @@ fn run_step(w: &mut dyn Writer, step: Step) -> Result<StepDone, Status> {
         return Ok(StepDone {
             offset: status_now.offset,
             digest: Some(w.digest()),
-            status: status_now,
+            status: Some(status_now),
         });
     }
     if step.offset > 0 && step.offset != status_now.offset {
@@ -479,8 +480,28 @@ fn run_step(w: &mut dyn Writer, step: Step) -> Result<StepDone, Status> {
     Ok(StepDone {
         offset,
         digest,
-        status: status_now,
+        status: None,
     })
+}
+
+/// A write whose reply has already been sent, still being carried out on a blocking
+/// thread; it holds the session's writer until it is settled.
+type InFlightWrite = tokio::task::JoinHandle<(Box<dyn Writer>, Result<StepDone, Status>)>;
+
+/// Waits for the write in flight (if any) and gives the writer back; its error, if it
+/// failed, is the session's error from here on.
+async fn settle(
+    writer: &mut Option<Box<dyn Writer>>,
+    in_flight: &mut Option<InFlightWrite>,
+) -> Result<(), Status> {
+    let Some(handle) = in_flight.take() else {
+        return Ok(());
+    };
+    let (w, result) = handle
+        .await
+        .map_err(|e| Status::internal(format!("content task failed: {e}")))?;
+    *writer = Some(w);
+    result.map(|_| ())
 }
 
 async fn write_session(
@@ -493,10 +514,26 @@ async fn write_session(
     tx: &mpsc::Sender<Result<api::WriteContentResponse, Status>>,
 ) -> Result<(), Status> {
     let mut writer = Some(writer);
+    // Write-behind: a plain Write at the offset the session already knows is answered
+    // as soon as it is handed to a blocking thread, and carried out while the client
+    // prepares its next message (ctr sends 1 MiB, then waits for the reply before it
+    // reads the next MiB). At most one write is in flight; every other message waits
+    // for it first. The reply promises nothing durable (only Commit's fsync does), and a
+    // write that fails ends the session with its error at the next message, so the
+    // ingest's stored offset, which a resuming client asks for, is always what was
+    // really written.
+    let mut in_flight: Option<InFlightWrite> = None;
+    // The ingest's offset once a reply has told the client.
+    let mut known_offset: Option<i64> = None;
     let mut total = first.total;
     let r#ref = first.r#ref.clone();
     let mut req = first;
     let result = loop {
+        // Every message, a plain write too, first waits for the write in flight: it holds
+        // the writer, and Stat and Commit must see every byte written.
+        if let Err(err) = settle(&mut writer, &mut in_flight).await {
+            break Err(err);
+        }
         if !req.expected.is_empty() {
             let d = parse_digest(&req.expected)?;
             expected = Some(d.clone());
@@ -529,19 +566,34 @@ async fn write_session(
                 (total, expected.clone(), labels)
             }),
         };
-        let done = match with_writer(&mut writer, move |w| run_step(w, step)).await {
-            Ok(done) => done,
-            Err(err) => break Err(err),
+        let done = match plain_write_offset(&step, known_offset) {
+            Some(offset_after) => {
+                let mut w = writer.take().expect("writer present");
+                in_flight = Some(tokio::task::spawn_blocking(move || {
+                    let r = run_step(&mut *w, step);
+                    (w, r)
+                }));
+                StepDone {
+                    offset: offset_after,
+                    digest: None,
+                    status: None,
+                }
+            }
+            None => match with_writer(&mut writer, move |w| run_step(w, step)).await {
+                Ok(done) => done,
+                Err(err) => break Err(err),
+            },
         };
+        known_offset = Some(done.offset);
         let mut msg = api::WriteContentResponse {
             action: req.action,
             offset: done.offset,
             digest: done.digest.map(|d| d.to_string()).unwrap_or_default(),
             ..Default::default()
         };
-        if action == api::WriteAction::Stat {
-            msg.started_at = Some(timestamp::from_system_time(done.status.started_at));
-            msg.updated_at = Some(timestamp::from_system_time(done.status.updated_at));
+        if let Some(status) = done.status {
+            msg.started_at = Some(timestamp::from_system_time(status.started_at));
+            msg.updated_at = Some(timestamp::from_system_time(status.updated_at));
             msg.total = total;
         }
         if tx.send(Ok(msg)).await.is_err() {
@@ -556,10 +608,27 @@ async fn write_session(
             Err(e) => break Err(e),
         }
     };
+    // A write still in flight is finished before the writer closes; its error matters
+    // only if the session had none (the client may still be waiting for the status).
+    let settled = settle(&mut writer, &mut in_flight).await;
     if writer.is_some() {
         let _ = with_writer(&mut writer, |w| w.close().or_status()).await;
     }
-    result
+    match (result, settled) {
+        (Ok(()), Err(err)) => Err(err),
+        (result, _) => result,
+    }
+}
+
+/// The offset after `step` if it is a plain write that may be answered before it is
+/// carried out: data, no commit, at the offset the client was last told.
+fn plain_write_offset(step: &Step, known_offset: Option<i64>) -> Option<i64> {
+    let known = known_offset?;
+    (step.action == api::WriteAction::Write
+        && step.commit.is_none()
+        && !step.data.is_empty()
+        && step.offset == known)
+        .then(|| known + step.data.len() as i64)
 }
 
 impl GrpcService for ContentService {

@@ -950,3 +950,106 @@ async fn bad_lease_ids_and_resources() {
     );
     assert_same(&stored(&mut c).await, &before);
 }
+
+/// A tmpfs of `size` mounted at `dir` for the life of the guard.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "mounting a tmpfs at {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The disk filling up in the middle of a `ctr content ingest`. berthd answers a plain
+/// write before carrying it out (write-behind), so the failure reaches the client with
+/// a later message: ctr must still get the real error, the ingest must keep exactly the
+/// bytes that reached its data file (what a resuming client is told), nothing may be
+/// committed, and the store must go on working once space is freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_the_ingest_with_its_error_and_keeps_what_was_written() {
+    let mut d = Daemon::prepare(NO_STARTUP_GC);
+    let content_root = d.root.join("io.containerd.content.v1.content");
+    let _tmpfs = Tmpfs::mount(&content_root, "6m");
+    d.spawn()
+        .unwrap_or_else(|log| panic!("berthd did not start:\n{log}"));
+    let mut c = clients(&d).await;
+    let blob: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let out = d.ctr_with_input(
+        &[
+            "content",
+            "ingest",
+            "--expected-size",
+            &blob.len().to_string(),
+            "--expected-digest",
+            &digest_of(&blob),
+            "disk-full",
+        ],
+        &blob,
+    );
+    assert!(
+        !out.status.success(),
+        "an ingest larger than the disk succeeded"
+    );
+    assert!(
+        stderr(&out)
+            .to_lowercase()
+            .contains("no space left on device"),
+        "ctr did not get the write's error: {}",
+        stderr(&out)
+    );
+
+    let status = c
+        .content
+        .status(ns(content::StatusRequest {
+            r#ref: "disk-full".into(),
+        }))
+        .await
+        .expect("the failed ingest is still there to resume or abort")
+        .into_inner()
+        .status
+        .unwrap();
+    let dirs = ingest_dirs(&d);
+    assert_eq!(dirs.len(), 1, "one ingest directory: {dirs:?}");
+    let data = std::fs::read(content_root.join("ingest").join(&dirs[0]).join("data")).unwrap();
+    assert_eq!(
+        status.offset,
+        data.len() as i64,
+        "status offset vs data file"
+    );
+    assert!(data.len() < blob.len() && data[..] == blob[..data.len()]);
+    assert!(
+        d.ctr_ok(&["content", "ls", "-q"]).trim().is_empty(),
+        "nothing committed"
+    );
+
+    // (ctr 1.6 has no command for Abort)
+    c.content
+        .abort(ns(content::AbortRequest {
+            r#ref: "disk-full".into(),
+        }))
+        .await
+        .unwrap();
+    let small = b"written after the disk was full".to_vec();
+    let out = d.ctr_with_input(&["content", "ingest", "after-full"], &small);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        d.ctr_ok(&["content", "get", &digest_of(&small)]).as_bytes(),
+        &small[..]
+    );
+    d.stop();
+}
