@@ -7,6 +7,9 @@
 #       (../shared/tools/refd.sh),
 #     - `berth content ingest` (pipelined: several Write messages in flight) → berthd and
 #       → containerd (the same client against both shows the daemons' difference),
+#     - `ctr content ingest` → discard_content (crates/services/examples): a server that
+#       receives the bytes and neither stores nor hashes them, so the time is what ctr
+#       and the socket alone cost, the floor for any daemon,
 #   RUNS times (default 5), the order rotating between runs so load changes hit every
 #   target alike. Every ingest passes --expected-digest/--expected-size; its first 16
 #   bytes are a counter, so no two ingests write the same blob; `sync` precedes every
@@ -40,6 +43,8 @@ if [[ -z ${BERTH:-} ]]; then
   BERTH=${CARGO_TARGET_DIR:-$REPO/target}/release/berth
 fi
 [[ -x $BERTHD && -x $BERTH ]] || { echo "berthd/berth not found ($BERTHD, $BERTH)" >&2; exit 1; }
+(cd "$REPO" && cargo build --release -q --locked -p berth-services --example discard_content)
+DISCARD=${CARGO_TARGET_DIR:-$REPO/target}/release/examples/discard_content
 
 OWN_WORKDIR=0
 if [[ -z ${WORKDIR:-} ]]; then
@@ -81,6 +86,11 @@ start_berthd() {  # name, binary
 }
 
 start_berthd berthd "$BERTHD"
+mkdir -p "$WORKDIR/daemons/discard"
+"$DISCARD" "$WORKDIR/daemons/discard/s.sock" >"$WORKDIR/daemons/discard/log" 2>&1 </dev/null &
+PIDS[discard]=$!
+ADDRS[discard]=$WORKDIR/daemons/discard/s.sock
+for _ in $(seq 1 500); do [[ -S ${ADDRS[discard]} ]] && break; sleep 0.02; done
 [[ -n ${BASELINE_BERTHD:-} ]] && start_berthd baseline "$BASELINE_BERTHD"
 "$REFD" start >/dev/null
 PIDS[containerd]=$(cat "$WORKDIR/ref/pid")
@@ -128,7 +138,9 @@ measure() {  # target
   ccpu=$(awk '{ printf "%d", ($1 + $2) * 1000 }' "$WORKDIR/time")
   echo "$(( (t1 - t0) / 1000000 )) $(( (c1 - c0) * 1000 / TCK )) $ccpu"
   # Untimed: the blob is there; its record goes (the file stays until a collection).
-  if [[ -n $daemon ]]; then
+  if [[ $daemon == discard ]]; then
+    :
+  elif [[ -n $daemon ]]; then
     [[ $(ctr --address "$addr" -n "$NS" content ls -q) == *"$DIGEST"* ]] \
       || { echo "$target: $DIGEST not in the store after the ingest" >&2; exit 1; }
     ctr --address "$addr" -n "$NS" content rm "$DIGEST" >/dev/null
@@ -137,7 +149,7 @@ measure() {  # target
   fi
 }
 
-targets=(dd "ctr>berthd" "ctr>containerd" "berth>berthd" "berth>containerd")
+targets=(dd "ctr>berthd" "ctr>containerd" "berth>berthd" "berth>containerd" "ctr>discard")
 [[ -n ${BASELINE_BERTHD:-} ]] && targets+=("ctr>baseline")
 declare -A results=()
 for t in "${targets[@]}"; do measure "$t" >/dev/null; done  # warm-up
@@ -170,6 +182,7 @@ for t in "${targets[@]}"; do
   pct=$(awk -v a="$dd_ms" -v m="$ms" 'BEGIN { printf "%.0f", 100 * a / m }')
   case $t in
     dd) label="dd bs=1M conv=fsync"; dcpu="—" ;;
+    *\>discard) label="\`ctr content ingest\` → discard_content (stores and hashes nothing)"; dcpu=$(col "$t" 2) ;;
     *) label="\`${t%%>*} content ingest\` → ${t#*>}"; dcpu=$(col "$t" 2) ;;
   esac
   [[ $t == *containerd ]] && label+=" 1.6.20"
