@@ -45,7 +45,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 /// Work that must happen before any thread exists, or before any plugin runs.
 fn prepare_process(config: &Config) -> anyhow::Result<()> {
     limit_malloc_arenas();
-    create_directory(Path::new(&config.root), 0o711)?;
+    // The root holds the metadata and content stores and every snapshot: nobody else
+    // needs to reach into it (CVE-2024-25621: containerd made it 0711 before 1.7.29;
+    // an existing root is tightened too). The state directory stays 0711 so that
+    // user-namespaced containers can reach their bundles, as in containerd.
+    create_directory(Path::new(&config.root), 0o700)?;
     create_directory(Path::new(&config.state), 0o711)?;
     if !config.temp.is_empty() {
         create_directory(Path::new(&config.temp), 0o700)?;

@@ -486,12 +486,62 @@ fn oom_score_opt_environment_and_json_logs() {
     );
 }
 
+fn mode_of(path: &std::path::Path) -> u32 {
+    std::fs::metadata(path).unwrap().mode() & 0o7777
+}
+
+/// CVE-2024-25621 (GHSA-pwhc-rpq9-4c8w) and CVE-2021-41103 (GHSA-c2h3-6mxw-7mvq): local
+/// users must not reach into the root (metadata, content, snapshots, which can hold
+/// setuid binaries) nor list the state directory. The root is 0700, also when an older
+/// release left it more open; the state directory is 0711 (traversable, as containerd
+/// keeps it for user-namespaced containers, not listable); every plugin directory in
+/// the root is closed to others.
 #[test]
-fn directories_are_created_0711() {
-    let daemon = Daemon::start("", "");
-    for name in ["root", "state"] {
-        let meta = std::fs::metadata(daemon.dir.path(name)).unwrap();
-        assert_eq!(meta.mode() & 0o777, 0o711, "{name}");
+fn root_is_0700_even_when_it_existed_wider_and_state_is_0711() {
+    let mut daemon = Daemon::start("", "");
+    let (root, state) = (daemon.dir.path("root"), daemon.dir.path("state"));
+    assert_eq!(mode_of(&root), 0o700, "root");
+    assert_eq!(mode_of(&state), 0o711, "state");
+
+    // As an older release (or containerd before 1.7.29) would have left it.
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(10)).success());
+    std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut again = Command::new(BERTHD)
+        .arg("--config")
+        .arg(daemon.dir.path("config.toml"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&daemon.socket).is_err() {
+        assert!(Instant::now() < deadline, "berthd did not start again");
+        assert!(again.try_wait().unwrap().is_none(), "berthd exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let root_mode = mode_of(&root);
+    let plugin_dirs: Vec<(String, u32)> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_dir())
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                mode_of(&e.path()),
+            )
+        })
+        .collect();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(again.id() as i32),
+        Signal::SIGTERM,
+    );
+    let _ = again.wait();
+    assert_eq!(root_mode, 0o700, "an existing 0755 root is tightened");
+    assert!(!plugin_dirs.is_empty());
+    for (name, mode) in plugin_dirs {
+        assert_eq!(mode & 0o022, 0, "{name} is writable by others: {mode:o}");
     }
 }
 

@@ -218,6 +218,64 @@ fn run_rm_output_and_exit_codes() {
     assert!(env.shim_pid("containerd-shim-berth-v2", "echo").is_none());
 }
 
+/// CVE-2020-15257 (GHSA-36xw-fx78-c5r4): containerd-shim listened on an abstract unix
+/// socket, which any process in the host's network namespace (a host-network
+/// container) could connect to and drive. The shim's socket must be a path in a
+/// directory only root can enter, and nothing of it in the abstract namespace.
+fn assert_shim_socket_is_private(shim: u32) {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let address = std::fs::read_to_string(format!("/proc/{shim}/cwd/address")).unwrap();
+    let path = address
+        .trim()
+        .strip_prefix("unix://")
+        .unwrap_or_else(|| panic!("the shim's address is not a unix path: {address:?}"));
+    assert!(path.starts_with('/'), "{path}");
+    // Seen from the shim's mount namespace (the reference containerd has a private /run).
+    let in_shim_ns =
+        |p: &std::path::Path| std::path::PathBuf::from(format!("/proc/{shim}/root{}", p.display()));
+    let socket = std::path::Path::new(path);
+    assert!(
+        std::fs::metadata(in_shim_ns(socket))
+            .unwrap()
+            .file_type()
+            .is_socket()
+    );
+    let dir = socket.parent().unwrap();
+    let dir_meta = std::fs::metadata(in_shim_ns(dir)).unwrap();
+    assert_eq!(
+        (dir_meta.uid(), dir_meta.mode() & 0o777),
+        (0, 0o700),
+        "{}",
+        dir.display()
+    );
+    // The shim's own sockets (by inode), and the names they are bound to.
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{shim}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let names: Vec<String> = std::fs::read_to_string("/proc/net/unix")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 8 && inodes.iter().any(|i| i == f[6])).then(|| f[7].to_string())
+        })
+        .collect();
+    assert!(
+        names.iter().any(|n| n == path),
+        "{path} is not bound by the shim: {names:?}"
+    );
+    assert!(
+        !names.iter().any(|n| n.starts_with('@')),
+        "abstract: {names:?}"
+    );
+}
+
 #[test]
 fn detached_task_lifecycle() {
     let env = Env::new();
@@ -227,6 +285,7 @@ fn detached_task_lifecycle() {
     let shim = env
         .shim_pid("containerd-shim-berth-v2", "d1")
         .expect("shim process");
+    assert_shim_socket_is_private(shim);
 
     let o = env.ctr(&["task", "ps", "d1"]);
     assert!(o.status.success(), "{}", show(&o));
