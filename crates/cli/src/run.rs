@@ -327,13 +327,99 @@ async fn ensure_unpacked(c: &Client, img: &LocalImage, snapshotter: &str) -> Res
     Ok(())
 }
 
+/// The most of the image's /etc/passwd or /etc/group read: larger ones are refused (a
+/// hostile image must not make `berth run` exhaust memory, GHSA-jpcc-p29g-p8mq). Real
+/// ones are a few kilobytes; 4 MiB holds tens of thousands of entries.
+pub const USER_FILE_LIMIT: u64 = 4 << 20;
+
+/// Reads `path` (relative, e.g. `etc/passwd`) of the container root `root` for
+/// resolving its user, never anything outside it and never blocking:
+///
+/// - the path is resolved with `openat2(RESOLVE_IN_ROOT)`, so symbolic links (`etc ->
+///   /`, `etc/passwd -> /etc/shadow`, `../../x`) and `..` stay inside `root`, as they
+///   would for the container's own processes; magic links are refused;
+/// - it is opened `O_NONBLOCK | O_NOCTTY` and must be a regular file (a FIFO, device,
+///   socket or directory is an error: it must be neither waited for nor read);
+/// - it must be at most [`USER_FILE_LIMIT`] bytes.
+///
+/// A missing file is empty (an image without /etc/group is fine, as for containerd);
+/// bytes that are not UTF-8 are replaced (only the lines holding them cannot match).
+pub fn read_root_file(root: &Path, path: &str) -> berth_core::Result<String> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let fail = |what: String| {
+        berth_core::Error::invalid_argument(format!(
+            "reading the image's /{path} to resolve the user: {what}"
+        ))
+    };
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_DIRECTORY | OFlag::O_PATH).bits())
+        .open(root)
+        .map_err(|e| fail(format!("opening the root {}: {e}", root.display())))?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let fd = match openat2(dir.as_raw_fd(), path, how) {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ENOENT) => return Ok(String::new()),
+        Err(e) => return Err(fail(format!("open: {e}"))),
+    };
+    // SAFETY: openat2 just returned this descriptor, which nothing else owns.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let meta = file.metadata().map_err(|e| fail(format!("fstat: {e}")))?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        let kind = if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_char_device() || ft.is_block_device() {
+            "a device"
+        } else if ft.is_dir() {
+            "a directory"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(fail(format!("it is {kind}, not a regular file")));
+    }
+    let too_big = || {
+        fail(format!(
+            "it is larger than the limit of {USER_FILE_LIMIT} bytes"
+        ))
+    };
+    if meta.len() > USER_FILE_LIMIT {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(USER_FILE_LIMIT + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(format!("read: {e}")))?;
+    if bytes.len() as u64 > USER_FILE_LIMIT {
+        return Err(too_big());
+    }
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The image's /etc/passwd and /etc/group under the container root `root` (see
+/// [`read_root_file`]).
+pub fn read_user_files(root: &Path) -> berth_core::Result<(String, String)> {
+    Ok((
+        read_root_file(root, "etc/passwd")?,
+        read_root_file(root, "etc/group")?,
+    ))
+}
+
 /// Mounts the container's prepared root read-only on a temporary directory to read its
-/// /etc/passwd and /etc/group (only for user names; numeric users need nothing).
+/// /etc/passwd and /etc/group ([`read_user_files`]): the user's ids and supplementary
+/// groups come from them, whatever the user (containerd reads them for every container).
 fn read_users(mounts: &[Mount]) -> Result<(String, String), CliError> {
     use nix::mount::{MntFlags, MsFlags};
     let [m] = mounts else {
         return Err(CliError(format!(
-            "resolving a user name needs the root file system as one mount, got {}",
+            "reading the image's users needs the root file system as one mount, got {}",
             mounts.len()
         )));
     };
@@ -365,10 +451,9 @@ fn read_users(mounts: &[Mount]) -> Result<(String, String), CliError> {
             "mounting the root file system to resolve the user: {e}"
         ))
     })?;
-    let read = |p: &str| std::fs::read_to_string(dir.path().join(p)).unwrap_or_default();
-    let users = (read("etc/passwd"), read("etc/group"));
+    let users = read_user_files(dir.path());
     let _ = nix::mount::umount2(dir.path(), MntFlags::MNT_DETACH);
-    Ok(users)
+    Ok(users?)
 }
 
 fn parse_kv(items: &[String], what: &str) -> Result<HashMap<String, String>, CliError> {
@@ -503,22 +588,14 @@ async fn create_container(
                 user: a.user.clone(),
                 cwd: a.workdir.clone(),
             };
-            let user = o.user.clone().or_else(|| {
-                img.config
-                    .config()
-                    .as_ref()
-                    .and_then(|c| c.user().clone())
-                    .filter(|u| !u.is_empty())
-            });
-            let users = match user {
-                Some(u) if !spec::user_is_numeric(&u) => Some(read_users(&mounts)?),
-                _ => None,
-            };
+            // Always read: even a numeric user (or none, which is root) gets the
+            // supplementary groups the image's /etc/group gives it (CVE-2023-25173).
+            let users = read_users(&mounts)?;
             spec::apply_image(
                 &mut spec,
                 &img.config,
                 &o,
-                users.as_ref().map(|(p, g)| (p.as_str(), g.as_str())),
+                Some((users.0.as_str(), users.1.as_str())),
             )
             .map_err(internal("run"))?;
             // As with Docker, people see which container they are in.
@@ -1000,5 +1077,176 @@ impl Proc<'_> {
         drop(raw);
         drop(fifos);
         Ok(status.min(255) as u8)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::unix::fs::symlink;
+
+    /// A fake container root `root` and, beside it (outside), a host file whose
+    /// contents must never be read through the root.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        root: PathBuf,
+        host_file: PathBuf,
+    }
+
+    const HOST_SECRET: &str = "host-secret:x:0:0::/:/bin/sh\n";
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir_all(root.join("etc")).unwrap();
+        let host_file = dir.path().join("outside").join("shadow");
+        fs::create_dir_all(host_file.parent().unwrap()).unwrap();
+        fs::write(&host_file, HOST_SECRET).unwrap();
+        Fixture {
+            _dir: dir,
+            root,
+            host_file,
+        }
+    }
+
+    /// Reads `f.root`'s user files on another thread: a read that blocks fails the test
+    /// after 10 seconds instead of hanging it.
+    fn read_within_10s(root: &Path) -> berth_core::Result<(String, String)> {
+        let root = root.to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_user_files(&root));
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("reading the image's user files blocked")
+    }
+
+    /// Item 5a (symlinks out of a malicious image's root): absolute and `..` links for
+    /// etc/passwd and etc/group resolve inside the container root, as for the
+    /// container itself; the host file they name is not read.
+    #[test]
+    fn user_file_symlinks_resolve_inside_the_root_not_on_the_host() {
+        let f = fixture();
+        // etc/passwd -> /<absolute host path>: inside the root that path holds a
+        // different file, which is the one to read.
+        symlink(&f.host_file, f.root.join("etc/passwd")).unwrap();
+        let in_root = f.root.join(f.host_file.strip_prefix("/").unwrap());
+        fs::create_dir_all(in_root.parent().unwrap()).unwrap();
+        fs::write(&in_root, "inside:x:5:5::/:/bin/sh\n").unwrap();
+        // etc/group -> ../../../../../../<host path>: `..` stops at the root, so this
+        // reaches the same in-root copy.
+        let ups = "../".repeat(f.root.components().count() + 2);
+        let rel = format!("{ups}{}", f.host_file.strip_prefix("/").unwrap().display());
+        symlink(&rel, f.root.join("etc/group")).unwrap();
+        // The relative link really names the host file from the host's point of view.
+        assert_eq!(
+            fs::read_to_string(f.root.join("etc").join(&rel)).unwrap(),
+            HOST_SECRET
+        );
+        let (passwd, group) = read_within_10s(&f.root).unwrap();
+        assert_eq!(passwd, "inside:x:5:5::/:/bin/sh\n");
+        assert_eq!(group, "inside:x:5:5::/:/bin/sh\n");
+        let r = spec::resolve_user(Some("inside"), &passwd, &group).unwrap();
+        assert_eq!((r.uid, r.gid), (5, 5));
+    }
+
+    /// Item 5a: `etc -> /` makes etc/passwd the root's /passwd, not the host's
+    /// /etc/passwd; a path missing in the root reads as empty.
+    #[test]
+    fn etc_symlinked_to_slash_stays_in_the_root() {
+        let f = fixture();
+        fs::remove_dir(f.root.join("etc")).unwrap();
+        symlink("/", f.root.join("etc")).unwrap();
+        fs::write(f.root.join("passwd"), "top:x:7:8::/:/bin/sh\n").unwrap();
+        let host_group = fs::read_to_string("/etc/group").unwrap_or_default();
+        let (passwd, group) = read_within_10s(&f.root).unwrap();
+        assert_eq!(passwd, "top:x:7:8::/:/bin/sh\n");
+        assert_eq!(group, "");
+        assert!(host_group.is_empty() || group != host_group);
+    }
+
+    /// Item 5b: a FIFO (which would block a plain open or read) or a device at
+    /// etc/group or etc/passwd is refused at once, as is a directory.
+    #[test]
+    fn user_files_that_are_fifos_devices_or_directories_are_refused_without_blocking() {
+        use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+        let f = fixture();
+        fs::write(f.root.join("etc/passwd"), "a:x:1:1::/:/bin/sh\n").unwrap();
+        nix::unistd::mkfifo(&f.root.join("etc/group"), Mode::from_bits_truncate(0o644)).unwrap();
+        let e = read_within_10s(&f.root).unwrap_err();
+        assert!(e.to_string().contains("FIFO"), "{e}");
+        assert!(e.to_string().contains("/etc/group"), "{e}");
+
+        let f = fixture();
+        // The device numbers of /dev/zero: reading it would never end.
+        mknod(
+            &f.root.join("etc/passwd"),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o644),
+            makedev(1, 5),
+        )
+        .unwrap();
+        let e = read_within_10s(&f.root).unwrap_err();
+        assert!(e.to_string().contains("device"), "{e}");
+
+        let f = fixture();
+        fs::create_dir(f.root.join("etc/passwd")).unwrap();
+        let e = read_within_10s(&f.root).unwrap_err();
+        assert!(e.to_string().contains("directory"), "{e}");
+    }
+
+    /// Item 5c (GHSA-jpcc-p29g-p8mq, memory exhaustion from a crafted image): a user
+    /// file larger than USER_FILE_LIMIT is refused with the limit in the error; one
+    /// of exactly the limit is read.
+    #[test]
+    fn user_files_over_the_size_limit_are_refused() {
+        let f = fixture();
+        let big = fs::File::create(f.root.join("etc/group")).unwrap();
+        big.set_len(USER_FILE_LIMIT + 1).unwrap();
+        let e = read_within_10s(&f.root).unwrap_err();
+        assert!(e.to_string().contains(&USER_FILE_LIMIT.to_string()), "{e}");
+        assert!(e.to_string().contains("/etc/group"), "{e}");
+
+        big.set_len(USER_FILE_LIMIT).unwrap();
+        let (_, group) = read_within_10s(&f.root).unwrap();
+        assert_eq!(group.len() as u64, USER_FILE_LIMIT);
+    }
+
+    /// An image without /etc/passwd or /etc/group is fine (as for containerd): the
+    /// files read as empty.
+    #[test]
+    fn missing_user_files_read_as_empty() {
+        let f = fixture();
+        assert_eq!(
+            read_within_10s(&f.root).unwrap(),
+            (String::new(), String::new())
+        );
+        fs::remove_dir(f.root.join("etc")).unwrap();
+        assert_eq!(
+            read_within_10s(&f.root).unwrap(),
+            (String::new(), String::new())
+        );
+    }
+
+    /// `read_users` itself: the root, given as containerd's bind mount, is mounted
+    /// read-only on a temporary directory, read with the same rules (an `etc/passwd`
+    /// link to the host file stays inside), and unmounted.
+    #[test]
+    fn read_users_mounts_the_root_and_reads_inside_it() {
+        let f = fixture();
+        symlink(&f.host_file, f.root.join("etc/passwd")).unwrap();
+        fs::write(f.root.join("etc/group"), "wheel:x:10:root\n").unwrap();
+        let m = Mount {
+            r#type: "bind".into(),
+            source: f.root.to_str().unwrap().into(),
+            options: vec!["rbind".into(), "ro".into()],
+            ..Default::default()
+        };
+        let (passwd, group) = read_users(&[m]).unwrap();
+        assert_eq!(passwd, "");
+        assert_eq!(group, "wheel:x:10:root\n");
+        let r = spec::resolve_user(None, &passwd, &group).unwrap();
+        assert_eq!(r.additional_gids, [0, 10]);
     }
 }

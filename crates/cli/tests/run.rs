@@ -493,6 +493,74 @@ fn errors_are_explained() {
     env.assert_gone("dup");
 }
 
+/// The gids of the groups `/etc/group` (`text`) lists `user` as a member of, other than
+/// the group named like it, plus `primary`: what the process should have.
+fn member_gids(text: &str, user: &str, primary: u32) -> std::collections::BTreeSet<u32> {
+    let mut gids: std::collections::BTreeSet<u32> = text
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(|f| f.len() >= 4 && f[0] != user && f[3].split(',').any(|m| m == user))
+        .map(|f| f[2].parse().unwrap())
+        .collect();
+    gids.insert(primary);
+    gids
+}
+
+fn id_groups(out: &str) -> std::collections::BTreeSet<u32> {
+    out.split_whitespace().map(|g| g.parse().unwrap()).collect()
+}
+
+/// CVE-2023-25173 (GHSA-hmfx-3pcx-653p): the container's process has the
+/// supplementary groups the image's /etc/group gives its user (root without `-u`),
+/// with or without `-u`, and they are in the container's spec (the busybox fixture
+/// lists nobody as a group member, so membership itself is covered by the unit tests
+/// of `spec::resolve_user`); CVE-2024-40635 (GHSA-265r-hfxg-fhmg): a `-u` that does not
+/// fit a 32-bit signed id fails the run (and leaves nothing) instead of running as root.
+#[test]
+fn users_get_their_groups_and_out_of_range_ids_fail() {
+    let env = Env::start("grp");
+    let etc_group = env.ok(&["run", "--rm", IMAGE, "cat", "/etc/group"]);
+    let expect_root = member_gids(&etc_group, "root", 0);
+    let out = env.ok(&["run", "--rm", IMAGE, "id", "-G"]);
+    assert_eq!(id_groups(&out), expect_root, "{out}");
+    let out = env.ok(&["run", "--rm", "-u", "0", IMAGE, "id", "-G"]);
+    assert_eq!(id_groups(&out), expect_root, "{out}");
+    let out = env.ok(&["run", "--rm", "-u", "nobody", IMAGE, "id", "-G"]);
+    assert_eq!(
+        id_groups(&out),
+        member_gids(&etc_group, "nobody", 65534),
+        "{out}"
+    );
+    env.ok(&[
+        "run", "-d", "--name", "g", "-u", "nobody", IMAGE, "sleep", "1000",
+    ]);
+    let info: serde_json::Value =
+        serde_json::from_str(&env.ctr(&["containers", "info", "g"])).unwrap();
+    let spec_gids: std::collections::BTreeSet<u32> =
+        info["Spec"]["process"]["user"]["additionalGids"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no additionalGids in {info}"))
+            .iter()
+            .map(|g| g.as_u64().unwrap() as u32)
+            .collect();
+    assert_eq!(spec_gids, member_gids(&etc_group, "nobody", 65534));
+    assert_eq!(env.ok(&["rm", "-f", "g"]), "g\n");
+    let out = env.ok(&["run", "--rm", "-u", "1234:5678", IMAGE, "id", "-G"]);
+    assert_eq!(id_groups(&out), [5678].into(), "{out}");
+
+    for user in [
+        "4294967296",
+        "4294967296:4294967296",
+        "-1",
+        "2147483648:2147483648",
+    ] {
+        // `--user=` so that clap takes "-1" as the value, not as a flag.
+        let err = env.err(&["run", "--rm", &format!("--user={user}"), IMAGE, "id", "-u"]);
+        assert!(err.contains("out of range"), "{user}: {err}");
+    }
+    assert_eq!(env.ctr(&["containers", "ls", "-q"]).trim(), "");
+}
+
 impl Env {
     /// A run whose task failed to start removes its container and snapshot again.
     fn assert_gone_after_failed_start(&self) {
