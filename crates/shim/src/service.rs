@@ -284,7 +284,9 @@ impl Service {
             terminal: req.terminal,
         };
         let result = (|| {
-            let mut prep = stdio::prepare(&io_cfg, &self.console_path(st)).map_err(internal)?;
+            let mut prep =
+                stdio::prepare(&io_cfg, &self.console_path(st), &req.id, &self.namespace)
+                    .map_err(internal)?;
             let pidfile = bundle.join("init.pid");
             let pidfile_s = pidfile.to_string_lossy().into_owned();
             let bundle_s = bundle.to_string_lossy().into_owned();
@@ -371,7 +373,8 @@ impl Service {
             ));
         }
         let spec = p.spec.clone().unwrap_or_default();
-        let mut prep = stdio::prepare(&p.io_cfg, &path).map_err(internal)?;
+        let mut prep =
+            stdio::prepare(&p.io_cfg, &path, exec_id, &self.namespace).map_err(internal)?;
         let pidfile = bundle.join(format!("{exec_id}.pid"));
         let pidfile_s = pidfile.to_string_lossy().into_owned();
         let spec_s = spec.to_string_lossy().into_owned();

@@ -66,6 +66,9 @@ pub struct Prepared {
     pub console: Option<ConsoleSocket>,
     pub stdin: Option<StdinHolder>,
     cfg: IoConfig,
+    logger: Option<BinaryLogger>,
+    /// The process and namespace a terminal's `binary://` logger is started for.
+    owner: (String, String),
 }
 
 pub struct ConsoleSocket {
@@ -79,11 +82,13 @@ impl Drop for ConsoleSocket {
     }
 }
 
-/// What stays with a process after it started: the stdin feeder and the pty master.
+/// What stays with a process after it started: the stdin feeder, the pty master and
+/// its `binary://` logger.
 #[derive(Default)]
 pub struct ProcIo {
     pub stdin: Option<StdinHolder>,
     pub console: Option<Arc<File>>,
+    logger: Option<BinaryLogger>,
 }
 
 impl ProcIo {
@@ -110,12 +115,191 @@ fn open_output(path: &str) -> io::Result<File> {
         return sys::open(p, libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND, 0o644);
     }
     if path.starts_with("binary://") {
+        // Only stdout's URI chooses a logger (as in containerd); it takes both streams.
         return Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "binary:// log URIs are not supported by the berth shim",
+            io::ErrorKind::InvalidInput,
+            format!("stderr {path:?} is a binary:// URI but stdout is not"),
         ));
     }
     sys::open(Path::new(strip_scheme(path)), libc::O_RDWR, 0)
+}
+
+/// How long a `binary://` logger gets to say it is ready before the create fails
+/// (containerd waits forever, and a logger that never answers hangs the create).
+const LOGGER_READY_TIMEOUT_MS: i32 = 30_000;
+/// How long a logger may keep running after its process is gone (containerd's 12 s).
+const LOGGER_EXIT_GRACE_MS: i32 = 12_000;
+
+/// A `binary://` logger, run as containerd's shims run one: the program at the URI's
+/// path, the query's keys and values as its arguments (in the query's order), only
+/// `CONTAINER_ID` and `CONTAINER_NAMESPACE` in its environment, the process's stdout on
+/// fd 3 and stderr on fd 4, and fd 5 to say it is ready (a byte, or closing it).
+/// nerdctl's `run -d` logs this way.
+pub struct BinaryLogger {
+    /// A pidfd, so that a late kill can never hit a recycled pid (the monitor reaps the
+    /// logger like any other child).
+    pidfd: File,
+}
+
+impl Drop for BinaryLogger {
+    /// The process is gone: the logger has its output's EOF, and gets a grace period to
+    /// drain and exit before it is killed.
+    fn drop(&mut self) {
+        let Ok(pidfd) = self.pidfd.try_clone() else {
+            return;
+        };
+        let _ = std::thread::Builder::new()
+            .name("logger-exit".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                if sys::poll_read(&[pidfd.as_raw_fd()], LOGGER_EXIT_GRACE_MS)
+                    .is_ok_and(|ready| ready.is_empty())
+                {
+                    // SAFETY: pidfd_send_signal with a valid pidfd and no siginfo.
+                    unsafe {
+                        libc::syscall(
+                            libc::SYS_pidfd_send_signal,
+                            pidfd.as_raw_fd(),
+                            libc::SIGKILL,
+                            std::ptr::null::<libc::siginfo_t>(),
+                            0,
+                        );
+                    }
+                }
+            });
+    }
+}
+
+/// Decodes `%XX` escapes (and `+` as a space in a query) of a URI component.
+fn percent_decode(s: &str, plus_is_space: bool) -> io::Result<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidInput, format!("bad escape in {s:?}"))
+                    })?;
+                out.push(hex);
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{s:?} is not UTF-8")))
+}
+
+/// The program and arguments of a `binary:///path?key=value&…` URI.
+fn parse_binary_uri(uri: &str) -> io::Result<(PathBuf, Vec<String>)> {
+    let rest = uri.strip_prefix("binary://").expect("a binary:// URI");
+    let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("{uri:?}: {why}"));
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    // binary://host/path has a host, which names no program.
+    if !path.starts_with('/') {
+        return Err(bad("expected binary:///absolute/path"));
+    }
+    let path = PathBuf::from(percent_decode(path, false)?);
+    let mut args = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        args.push(percent_decode(k, true)?);
+        args.push(percent_decode(v, true)?);
+    }
+    Ok((path, args))
+}
+
+/// Starts the logger of `uri` for process `id` of `namespace`; returns the write ends of
+/// its stdout and stderr pipes once it said it is ready.
+fn start_binary_logger(
+    uri: &str,
+    id: &str,
+    namespace: &str,
+) -> io::Result<(File, File, BinaryLogger)> {
+    let (program, args) = parse_binary_uri(uri)?;
+    let (out_r, out_w) = sys::pipe()?;
+    let (err_r, err_w) = sys::pipe()?;
+    let (ready_r, ready_w) = sys::pipe()?;
+    let env = [
+        format!("CONTAINER_ID={id}"),
+        format!("CONTAINER_NAMESPACE={namespace}"),
+    ];
+    let pid = sys::spawn_with_fds(
+        &program,
+        &args,
+        &env,
+        &[out_r.as_raw_fd(), err_r.as_raw_fd(), ready_w.as_raw_fd()],
+    )
+    .map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("starting logging binary {}: {e}", program.display()),
+        )
+    })?;
+    // SAFETY: pidfd_open on the pid of a child nobody has waited for yet (the monitor
+    // may reap it meanwhile; the pidfd then still refers to it until it is reaped, or
+    // fails, and the logger just is not killed late).
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let logger = if pidfd >= 0 {
+        // SAFETY: a new descriptor owned by nobody else.
+        Some(BinaryLogger {
+            pidfd: unsafe { File::from_raw_fd(pidfd as i32) },
+        })
+    } else {
+        None
+    };
+    drop((out_r, err_r, ready_w));
+    let kill = |logger: Option<BinaryLogger>| {
+        if let Some(l) = &logger {
+            // SAFETY: as in BinaryLogger::drop.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    l.pidfd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                );
+            }
+        }
+    };
+    match sys::poll_read(&[ready_r.as_raw_fd()], LOGGER_READY_TIMEOUT_MS) {
+        Ok(ready) if !ready.is_empty() => {}
+        Ok(_) => {
+            kill(logger);
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "logging binary {} did not get ready within {} s",
+                    program.display(),
+                    LOGGER_READY_TIMEOUT_MS / 1000
+                ),
+            ));
+        }
+        Err(e) => {
+            kill(logger);
+            return Err(e);
+        }
+    }
+    let logger = logger.ok_or_else(|| {
+        io::Error::other(format!(
+            "logging binary {} exited at once",
+            program.display()
+        ))
+    })?;
+    Ok((out_w, err_w, logger))
 }
 
 /// Copies the stdin fifo into the feed's writer until EOF or until the feed is closed.
@@ -173,9 +357,15 @@ fn spawn_stdin_copier(fifo: String, feed: StdinHolder) -> io::Result<()> {
     Ok(())
 }
 
-/// Prepares the I/O of a process about to be created; `console_path` is where a console
-/// socket goes if the process wants a terminal.
-pub fn prepare(cfg: &IoConfig, console_path: &Path) -> io::Result<Prepared> {
+/// Prepares the I/O of process `id` of `namespace`, about to be created; `console_path`
+/// is where a console socket goes if the process wants a terminal.
+pub fn prepare(
+    cfg: &IoConfig,
+    console_path: &Path,
+    id: &str,
+    namespace: &str,
+) -> io::Result<Prepared> {
+    let owner = (id.to_string(), namespace.to_string());
     if cfg.terminal {
         let _ = std::fs::remove_file(console_path);
         let listener = UnixListener::bind(console_path)?;
@@ -193,12 +383,25 @@ pub fn prepare(cfg: &IoConfig, console_path: &Path) -> io::Result<Prepared> {
             }),
             stdin: None,
             cfg: cfg.clone(),
+            logger: None,
+            owner,
         });
     }
-    let mut stdios = Stdios {
-        stdout: Some(open_output(&cfg.stdout)?),
-        stderr: Some(open_output(&cfg.stderr)?),
-        stdin: None,
+    let mut logger = None;
+    let mut stdios = if cfg.stdout.starts_with("binary://") {
+        let (out, err, l) = start_binary_logger(&cfg.stdout, id, namespace)?;
+        logger = Some(l);
+        Stdios {
+            stdout: Some(out),
+            stderr: Some(err),
+            stdin: None,
+        }
+    } else {
+        Stdios {
+            stdout: Some(open_output(&cfg.stdout)?),
+            stderr: Some(open_output(&cfg.stderr)?),
+            stdin: None,
+        }
     };
     let mut holder = None;
     if !cfg.stdin.is_empty() {
@@ -213,6 +416,8 @@ pub fn prepare(cfg: &IoConfig, console_path: &Path) -> io::Result<Prepared> {
         console: None,
         stdin: holder,
         cfg: cfg.clone(),
+        logger,
+        owner,
     })
 }
 
@@ -265,13 +470,23 @@ impl Prepared {
             return Ok(ProcIo {
                 stdin: self.stdin,
                 console: None,
+                logger: self.logger,
             });
         };
         let master = Arc::new(master);
         let mut pio = ProcIo {
             stdin: None,
             console: Some(master.clone()),
+            logger: None,
         };
+        // A terminal's output goes to the logger's stdout; its stderr stays empty.
+        let mut to_logger = None;
+        if self.cfg.stdout.starts_with("binary://") {
+            let (id, namespace) = &self.owner;
+            let (out, _stderr, logger) = start_binary_logger(&self.cfg.stdout, id, namespace)?;
+            to_logger = Some(out);
+            pio.logger = Some(logger);
+        }
         if !self.cfg.stdin.is_empty() {
             let h = StdinFeed::new(master.try_clone()?)?;
             spawn_stdin_copier(self.cfg.stdin.clone(), h.clone())?;
@@ -283,7 +498,9 @@ impl Prepared {
             .name("pty-out".into())
             .stack_size(64 * 1024)
             .spawn(move || {
-                let mut w = if out.is_empty() {
+                let mut w = if let Some(logger_stdout) = to_logger {
+                    Some(logger_stdout)
+                } else if out.is_empty() {
                     None
                 } else if out.starts_with("file://") {
                     open_output(&out).ok()

@@ -360,6 +360,114 @@ pub fn json_escape(s: &str) -> String {
     o
 }
 
+/// Starts `program` with `args`, exactly the environment `env`, stdin/stdout/stderr on
+/// /dev/null and `fds` as descriptors 3, 4, … (everything else closed on exec); returns
+/// its pid. Never waits for it: the shim's monitor reaps every child, so std's `Command`
+/// (which waits for a child whose exec failed, and panics when the monitor got there
+/// first) cannot be used. An exec failure comes back through a close-on-exec pipe.
+pub fn spawn_with_fds(
+    program: &Path,
+    args: &[String],
+    env: &[String],
+    fds: &[RawFd],
+) -> io::Result<libc::pid_t> {
+    let cstring = |s: &str| {
+        CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in argument"))
+    };
+    let path = cstr(program)?;
+    let mut argv_owned = vec![path.clone()];
+    for a in args {
+        argv_owned.push(cstring(a)?);
+    }
+    let envp_owned = env
+        .iter()
+        .map(|e| cstring(e))
+        .collect::<io::Result<Vec<_>>>()?;
+    let mut argv: Vec<*const libc::c_char> = argv_owned.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = envp_owned.iter().map(|e| e.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    assert!(
+        fds.len() <= 8,
+        "spawn_with_fds places at most 8 descriptors"
+    );
+    let devnull = open(Path::new("/dev/null"), libc::O_RDWR, 0)?;
+    let (err_r, err_w) = pipe()?;
+    // The shim blocks the signals its signalfd reads and ignores SIGPIPE; a blocked mask
+    // and ignored signals survive exec, so the child undoes both.
+    // SAFETY: sigemptyset initialises the set.
+    let mut no_signals: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::sigemptyset(&mut no_signals) };
+    // SAFETY: between fork and exec the child only makes async-signal-safe calls
+    // (fcntl, dup2, execve, write, _exit) on memory prepared before the fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        unsafe {
+            let fail = |fd: RawFd| -> ! {
+                let errno = *libc::__errno_location();
+                libc::write(fd, (&errno as *const i32).cast(), 4);
+                libc::_exit(127)
+            };
+            let err_fd = err_w.as_raw_fd();
+            if libc::sigprocmask(libc::SIG_SETMASK, &no_signals, std::ptr::null_mut()) != 0 {
+                fail(err_fd);
+            }
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            // Out of the way of 0..3+fds first, so placing one cannot clobber another.
+            let mut moved = [0 as RawFd; 8];
+            for (slot, &fd) in moved.iter_mut().zip(fds) {
+                *slot = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 64);
+                if *slot < 0 {
+                    fail(err_fd);
+                }
+            }
+            for target in 0..3 {
+                if libc::dup2(devnull.as_raw_fd(), target) < 0 {
+                    fail(err_fd);
+                }
+            }
+            for (target, &fd) in (3..).zip(&moved[..fds.len()]) {
+                if libc::dup2(fd, target) < 0 {
+                    fail(err_fd);
+                }
+            }
+            libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            fail(err_fd)
+        }
+    }
+    drop(err_w);
+    let mut errno = [0u8; 4];
+    let mut read = 0;
+    loop {
+        // SAFETY: reading into a local buffer from a descriptor we own.
+        let n = unsafe {
+            libc::read(
+                err_r.as_raw_fd(),
+                errno[read..].as_mut_ptr().cast(),
+                4 - read,
+            )
+        };
+        match n {
+            0 => break,
+            n if n > 0 => {
+                read += n as usize;
+                if read == 4 {
+                    break;
+                }
+            }
+            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+            _ => return Err(io::Error::last_os_error()),
+        }
+    }
+    if read == 4 {
+        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
+    }
+    Ok(pid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

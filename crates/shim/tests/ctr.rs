@@ -218,6 +218,90 @@ fn run_rm_output_and_exit_codes() {
     assert!(env.shim_pid("containerd-shim-berth-v2", "echo").is_none());
 }
 
+/// Waits up to 10 s for `path` to exist; returns its contents.
+fn wait_for_file(path: &Path) -> Option<String> {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// `binary://` log URIs: containerd's shim logging protocol, which nerdctl's `run -d`
+/// uses. The logger gets the query as arguments, only CONTAINER_ID and
+/// CONTAINER_NAMESPACE in its environment, the container's stdout and stderr on fds 3
+/// and 4, and says it is ready by closing fd 5. A logger that cannot start fails the
+/// task create with an error that names it.
+#[test]
+fn binary_log_uri_runs_the_logger_with_the_output() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let out = env.refd.dir.path().join("logged");
+    std::fs::create_dir_all(&out).unwrap();
+    let logger = env.refd.dir.path().join("logger.sh");
+    std::fs::write(
+        &logger,
+        format!(
+            "#!/bin/sh\n\
+             d={}\n\
+             echo \"$@\" > $d/args\n\
+             /usr/bin/env > $d/env\n\
+             exec 5>&-\n\
+             /bin/cat <&3 > $d/stdout.part &\n\
+             /bin/cat <&4 > $d/stderr.part &\n\
+             wait\n\
+             /bin/mv $d/stderr.part $d/stderr\n\
+             /bin/mv $d/stdout.part $d/stdout\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&logger, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let uri = format!("binary://{}?tag=a%20b&mode=x", logger.display());
+
+    let o = env.run(
+        &["--rm", "--log-uri", &uri],
+        "blog",
+        &["sh", "-c", "echo out; echo err >&2; exit 4"],
+    );
+    assert_eq!(o.status.code(), Some(4), "{}", show(&o));
+    assert_eq!(wait_for_file(&out.join("stdout")).as_deref(), Some("out\n"));
+    assert_eq!(
+        std::fs::read_to_string(out.join("stderr")).unwrap(),
+        "err\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("args")).unwrap(),
+        "tag a b mode x\n"
+    );
+    let logger_env = std::fs::read_to_string(out.join("env")).unwrap();
+    assert!(
+        logger_env.lines().any(|l| l == "CONTAINER_ID=blog"),
+        "{logger_env}"
+    );
+    let ns_line = format!("CONTAINER_NAMESPACE={}", env.refd.namespace());
+    assert!(logger_env.lines().any(|l| l == ns_line), "{logger_env}");
+    assert!(
+        !logger_env.contains("PATH="),
+        "the shim's environment leaked: {logger_env}"
+    );
+
+    let o = env.run(
+        &["--rm", "--log-uri", "binary:///nonexistent/logger"],
+        "blog2",
+        &["true"],
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("/nonexistent/logger"),
+        "{}",
+        show(&o)
+    );
+}
+
 /// CVE-2020-15257 (GHSA-36xw-fx78-c5r4): containerd-shim listened on an abstract unix
 /// socket, which any process in the host's network namespace (a host-network
 /// container) could connect to and drive. The shim's socket must be a path in a
