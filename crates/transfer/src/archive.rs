@@ -299,18 +299,20 @@ pub(crate) fn write_small(
     Ok(digest)
 }
 
-/// Reads a whole blob of at most `limit` bytes.
+/// Reads a whole blob of at most `limit` bytes (the size is the stored blob's, checked
+/// before anything is read; `what` names it in the error: "manifest", "image config").
 pub(crate) fn read_blob(
     t: &LocalTransfer,
     scope: &Scope,
     digest: &Digest,
+    what: &str,
     limit: u64,
 ) -> Result<Vec<u8>> {
     let r = t.content.reader_at(scope, digest)?;
     let size = r.size();
     if size < 0 || size as u64 > limit {
         return Err(Error::invalid_argument(format!(
-            "{digest}: {size} bytes is more than the {limit} allowed"
+            "{what} {digest} of {size} bytes is larger than the {limit} allowed"
         )));
     }
     let mut buf = vec![0u8; size as usize];
@@ -345,7 +347,8 @@ pub(crate) fn read(
     } else {
         reader
     };
-    let mut archive = tar::Archive::new(reader);
+    // The tar crate reads extension entries whole into memory: bounded here.
+    let mut archive = tar::Archive::new(crate::targuard::TarGuard::new(reader));
     let mut layout: Option<ImageLayout> = None;
     let mut docker: Option<Vec<DockerManifest>> = None;
     let mut index: Option<Vec<u8>> = None;
@@ -649,7 +652,7 @@ fn docker_index(
         })?;
         let digest = write_small(t, scope, &body, Labels::new())
             .map_err(|e| e.context("write docker manifest"))?;
-        let config = read_blob(t, scope, &config_digest, MAX_CONFIG)
+        let config = read_blob(t, scope, &config_digest, "image config", MAX_CONFIG)
             .map_err(|e| e.context("unable to resolve platform"))?;
         let mut desc = GoDescriptor::new(DOCKER_MANIFEST, &digest, body.len() as u64);
         desc.platform = Some(config_platform(&config));

@@ -25,6 +25,7 @@ use berth_core::labels::Labels;
 use berth_core::{Error, Result};
 use berth_diff::unpack::Unpacker;
 use berth_remotes::manifest::{self, ManifestFilter};
+use std::collections::HashSet;
 use std::io::Read;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -33,15 +34,30 @@ use std::time::SystemTime;
 const MAX_CONFIG: u64 = 16 << 20;
 
 fn read_small(t: &LocalTransfer, scope: &Scope, d: &Descriptor) -> Result<Vec<u8>> {
+    let what = if manifest::is_index(&d.media_type) {
+        "index"
+    } else {
+        "manifest"
+    };
     if d.size < 0 || d.size as u64 > manifest::MAX_MANIFEST_SIZE {
         return Err(Error::invalid_argument(format!(
-            "{}: {} bytes is not a manifest size",
-            d.digest, d.size
+            "{what} {} of {} bytes is larger than the {} allowed",
+            d.digest,
+            d.size,
+            manifest::MAX_MANIFEST_SIZE
         )));
     }
     let digest = Digest::parse(&d.digest)?;
-    let body = archive::read_blob(t, scope, &digest, manifest::MAX_MANIFEST_SIZE)
-        .map_err(|e| e.context(format!("{} is referenced but not in the archive", d.digest)))?;
+    // The stored blob's size is checked too: the descriptor's may lie. Only a missing
+    // blob is "not in the archive" (an oversized one is said to be so).
+    let body =
+        archive::read_blob(t, scope, &digest, what, manifest::MAX_MANIFEST_SIZE).map_err(|e| {
+            if e.is(ErrorKind::NotFound) {
+                e.context(format!("{} is referenced but not in the archive", d.digest))
+            } else {
+                e
+            }
+        })?;
     if body.len() as i64 != d.size {
         return Err(Error::invalid_argument(format!(
             "{}: {} bytes, the index says {}",
@@ -79,8 +95,21 @@ struct Whole {
     body: Vec<u8>,
 }
 
+/// Deepest nesting of indexes an import follows (the archive's index is depth 0).
+/// containerd's `images.Walk` has no bound; digests make cycles impossible, but a chain
+/// of distinct indexes is as long as the archive makes it.
+pub(crate) const MAX_INDEX_DEPTH: usize = 8;
+
 /// containerd's walk of the imported index through the image store's filter: labels
 /// what it visits, collects the manifests taken whole.
+///
+/// Each (blob, taken whole or not) is walked once: containerd's `images.Walk` follows
+/// every listing, so an index naming the same manifest thousands of times, or a few
+/// levels of indexes each naming the next many times, costs reads (and here, manifest
+/// bodies kept for the unpack) exponential in the archive's size — the
+/// CVE-2023-25153 class of an import made to use memory no limit on a single blob
+/// bounds. Walked once each, the work is bounded by the blobs the archive holds.
+#[allow(clippy::too_many_arguments)]
 fn walk(
     t: &LocalTransfer,
     scope: &Scope,
@@ -88,17 +117,33 @@ fn walk(
     d: &Descriptor,
     whole: bool,
     depth: usize,
+    seen: &mut HashSet<(String, bool)>,
     out: &mut Vec<Whole>,
 ) -> Result<()> {
-    if depth > 8 {
-        return Err(Error::invalid_argument("indexes nested too deeply"));
+    if depth > MAX_INDEX_DEPTH {
+        return Err(Error::invalid_argument(format!(
+            "indexes nested more than {MAX_INDEX_DEPTH} deep ({})",
+            d.digest
+        )));
+    }
+    if !seen.insert((d.digest.clone(), whole)) {
+        return Ok(());
     }
     if manifest::is_index(&d.media_type) {
         let body = read_small(t, scope, d)?;
         label(t, scope, d, &body)?;
         let index = manifest::parse_index(&body, &d.digest)?;
         for (m, whole) in filter.select(index.manifests(), &d.digest)? {
-            walk(t, scope, filter, &core_desc(&m), whole, depth + 1, out)?;
+            walk(
+                t,
+                scope,
+                filter,
+                &core_desc(&m),
+                whole,
+                depth + 1,
+                seen,
+                out,
+            )?;
         }
     } else if manifest::is_manifest(&d.media_type) {
         let body = read_small(t, scope, d)?;
@@ -180,7 +225,16 @@ async fn import_leased(
     let (read, wholes) = blocking(move || {
         let read = archive::read(&th, &sc, reader, &mt, force)?;
         let mut wholes = vec![];
-        walk(&th, &sc, &f, &read.index, true, 0, &mut wholes)?;
+        walk(
+            &th,
+            &sc,
+            &f,
+            &read.index,
+            true,
+            0,
+            &mut HashSet::new(),
+            &mut wholes,
+        )?;
         Ok((read, wholes))
     })
     .await?;
@@ -193,7 +247,7 @@ async fn import_leased(
         let config = core_desc(m.config());
         let config_body = {
             let (th, sc, c) = (this.clone(), scope.clone(), Digest::parse(&config.digest)?);
-            blocking(move || archive::read_blob(&th, &sc, &c, MAX_CONFIG)).await?
+            blocking(move || archive::read_blob(&th, &sc, &c, "image config", MAX_CONFIG)).await?
         };
         let types: Vec<&str> = m.layers().iter().map(|l| l.media_type().as_ref()).collect();
         let Some(target) = unpack::target_for(&targets, &config_body, &types)? else {

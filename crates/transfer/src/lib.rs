@@ -37,6 +37,7 @@ mod names;
 mod progress;
 mod pull;
 mod push;
+mod targuard;
 mod unpack;
 
 pub use progress::{Progress, ProgressFn, ref_key};
