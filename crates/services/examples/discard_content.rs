@@ -87,7 +87,11 @@ impl Content for Discard {
                     action: req.action,
                     offset,
                     total: req.total,
-                    digest: if commit { expected.clone() } else { String::new() },
+                    digest: if commit {
+                        expected.clone()
+                    } else {
+                        String::new()
+                    },
                     ..Default::default()
                 };
                 if tx.send(Ok(reply)).await.is_err() || commit {

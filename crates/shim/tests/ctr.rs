@@ -239,28 +239,34 @@ fn wait_for_file(path: &Path) -> Option<String> {
 fn binary_log_uri_runs_the_logger_with_the_output() {
     use std::os::unix::fs::PermissionsExt;
     let env = Env::new();
-    let out = env.refd.dir.path().join("logged");
-    std::fs::create_dir_all(&out).unwrap();
+    // The logger writes into the directory its first argument pair names.
     let logger = env.refd.dir.path().join("logger.sh");
     std::fs::write(
         &logger,
-        format!(
-            "#!/bin/sh\n\
-             d={}\n\
-             echo \"$@\" > $d/args\n\
-             /usr/bin/env > $d/env\n\
-             exec 5>&-\n\
-             /bin/cat <&3 > $d/stdout.part &\n\
-             /bin/cat <&4 > $d/stderr.part &\n\
-             wait\n\
-             /bin/mv $d/stderr.part $d/stderr\n\
-             /bin/mv $d/stdout.part $d/stdout\n",
-            out.display()
-        ),
+        "#!/bin/sh\n\
+         d=$2\n\
+         echo \"$@\" > $d/args\n\
+         /usr/bin/env > $d/env\n\
+         exec 5>&-\n\
+         /bin/cat <&3 > $d/stdout.part &\n\
+         /bin/cat <&4 > $d/stderr.part &\n\
+         wait\n\
+         /bin/mv $d/stderr.part $d/stderr\n\
+         /bin/mv $d/stdout.part $d/stdout\n",
     )
     .unwrap();
     std::fs::set_permissions(&logger, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let uri = format!("binary://{}?tag=a%20b&mode=x", logger.display());
+    let logged = |name: &str| {
+        let dir = env.refd.dir.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let uri = format!(
+            "binary://{}?dir={}&tag=a%20b",
+            logger.display(),
+            dir.display()
+        );
+        (dir, uri)
+    };
+    let (out, uri) = logged("logged");
 
     let o = env.run(
         &["--rm", "--log-uri", &uri],
@@ -275,7 +281,7 @@ fn binary_log_uri_runs_the_logger_with_the_output() {
     );
     assert_eq!(
         std::fs::read_to_string(out.join("args")).unwrap(),
-        "tag a b mode x\n"
+        format!("dir {} tag a b\n", out.display())
     );
     let logger_env = std::fs::read_to_string(out.join("env")).unwrap();
     assert!(

@@ -332,6 +332,49 @@ fn task_api_over_ttrpc() {
     d.exec_id = "ex1".into();
     assert_eq!(client.delete(ctx(), &d).unwrap().exit_status, 9);
 
+    // A terminal exec whose stdout is a binary:// logger (stock ctr ignores --log-uri
+    // with -t, so this path is driven here): the pty's output reaches the logger's fd 3.
+    let logged = dir.join("logged");
+    std::fs::create_dir_all(&logged).unwrap();
+    let logger = dir.join("logger.sh");
+    std::fs::write(
+        &logger,
+        format!(
+            "#!/bin/sh\nexec 5>&-\n/bin/cat <&3 > {0}/out.part\n/bin/mv {0}/out.part {0}/out\n",
+            logged.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&logger, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut e = api::ExecProcessRequest::new();
+    e.id = id.clone();
+    e.exec_id = "tty1".into();
+    e.terminal = true;
+    e.stdout = format!("binary://{}", logger.display());
+    let mut spec = Any::new();
+    spec.type_url = "types.containerd.io/opencontainers/runtime-spec/1/Process".into();
+    spec.value = br#"{"terminal":true,"args":["/bin/busybox","tty"],"cwd":"/","env":["PATH=/bin"],"user":{"uid":0,"gid":0}}"#.to_vec();
+    e.spec = MessageField::some(spec);
+    client.exec(ctx(), &e).unwrap();
+    let mut s = api::StartRequest::new();
+    s.id = id.clone();
+    s.exec_id = "tty1".into();
+    client.start(ctx(), &s).unwrap();
+    let mut w = api::WaitRequest::new();
+    w.id = id.clone();
+    w.exec_id = "tty1".into();
+    assert_eq!(client.wait(ctx(), &w).unwrap().exit_status, 0);
+    let t = Instant::now();
+    while !logged.join("out").exists() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let tty = std::fs::read_to_string(logged.join("out")).unwrap_or_default();
+    assert!(tty.starts_with("/dev/pts/"), "the logger got {tty:?}");
+    let mut d = api::DeleteRequest::new();
+    d.id = id.clone();
+    d.exec_id = "tty1".into();
+    client.delete(ctx(), &d).unwrap();
+
     // Deleting a running task is refused; kill, wait, delete.
     let mut d = api::DeleteRequest::new();
     d.id = id.clone();
@@ -401,10 +444,10 @@ fn task_api_over_ttrpc() {
         pos("/tasks/create") < pos("/tasks/start") && pos("/tasks/start") < pos("/tasks/delete"),
         "{topics:?}"
     );
-    // Two exits (exec, then init); the last one comes before the delete.
+    // Three exits (two execs, then init); the last one comes before the delete.
     assert_eq!(
         topics.iter().filter(|t| **t == "/tasks/exit").count(),
-        2,
+        3,
         "{topics:?}"
     );
     assert!(topics.iter().rposition(|t| *t == "/tasks/exit").unwrap() < pos("/tasks/delete"));
