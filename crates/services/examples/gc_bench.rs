@@ -37,17 +37,8 @@ fn req<T>(msg: T, lease: bool) -> Request<T> {
 }
 
 async fn channel(socket: PathBuf) -> Channel {
-    tonic::transport::Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = socket.clone();
-            async move {
-                let s = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-            }
-        }))
-        .await
-        .expect("connecting to the daemon")
+    berth_services::proxy::unix_channel(&socket.to_string_lossy())
+        .expect("a channel to berthd's socket")
 }
 
 async fn count(c: &mut ContentClient<Channel>) -> (usize, usize) {

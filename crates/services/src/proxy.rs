@@ -49,7 +49,8 @@ fn from_status(s: Status) -> Error {
     Error::with_message(kind, s.message().to_string())
 }
 
-/// A channel to a unix socket, connected on first use (the proxy may start later).
+/// A channel to a unix socket (`unix://` optional), connected on first use: a proxy
+/// plugin may start after berthd. The integration tests reach berthd with it too.
 pub fn unix_channel(address: &str) -> Result<Channel> {
     let path = PathBuf::from(address.strip_prefix("unix://").unwrap_or(address));
     let endpoint = Endpoint::try_from("http://proxy.local")

@@ -34,17 +34,8 @@ struct Clients {
 
 async fn clients(d: &Daemon) -> Clients {
     let socket = d.socket.clone();
-    let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = socket.clone();
-            async move {
-                let s = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-            }
-        }))
-        .await
-        .expect("connecting to berthd");
+    let channel = berth_services::proxy::unix_channel(&socket.to_string_lossy())
+        .expect("a channel to berthd's socket");
     Clients {
         content: ContentClient::new(channel.clone()),
         images: ImagesClient::new(channel.clone()),

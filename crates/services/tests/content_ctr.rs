@@ -148,17 +148,8 @@ impl Daemon {
 
     async fn client(&self) -> ContentClient<tonic::transport::Channel> {
         let path = self.socket();
-        let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_| {
-                let path = path.clone();
-                async move {
-                    let s = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-                }
-            }))
-            .await
-            .unwrap();
+        let channel = berth_services::proxy::unix_channel(&path.to_string_lossy())
+            .expect("a channel to berthd's socket");
         ContentClient::new(channel)
     }
 }

@@ -167,17 +167,8 @@ fn index_of(descriptors: &[String]) -> Vec<u8> {
 // ---- the import, as containerd 2.x's ctr sends it ------------------------------------
 
 async fn channel(socket: PathBuf) -> Channel {
-    tonic::transport::Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = socket.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
-        .await
-        .expect("connecting to berthd")
+    berth_services::proxy::unix_channel(&socket.to_string_lossy())
+        .expect("a channel to berthd's socket")
 }
 
 fn namespaced<T>(message: T) -> Request<T> {

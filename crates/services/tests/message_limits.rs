@@ -10,17 +10,8 @@ use tonic::Request;
 use tonic::transport::Channel;
 
 async fn images_client(socket: PathBuf) -> ImagesClient<Channel> {
-    let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = socket.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
-        .await
-        .expect("connecting to berthd");
+    let channel = berth_services::proxy::unix_channel(&socket.to_string_lossy())
+        .expect("a channel to berthd's socket");
     ImagesClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20)
