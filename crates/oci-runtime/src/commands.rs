@@ -27,6 +27,21 @@ pub const DEFAULT_ROOT: &str = "/run/berth-runc";
 // in; runc does enforce them.
 const V2_ONLY: &str = "cgroup v2 device rules need eBPF, which berth-runc is built without";
 const SECCOMP: &str = "the spec has a seccomp profile; berth-runc is built without libseccomp";
+/// libcontainer makes the root's propagation recursive whatever the spec says, knows no
+/// `r…` variant there, and puts a mount's propagation option into the bind mount's own
+/// flags, where the kernel ignores it (runc applies it with a second mount call).
+const PROPAGATION: &str = "libcontainer does not apply mount propagation as runc does; berth-runc leaves such specs to runc";
+/// The mount options that set propagation.
+const PROPAGATION_OPTIONS: [&str; 8] = [
+    "shared",
+    "rshared",
+    "slave",
+    "rslave",
+    "private",
+    "rprivate",
+    "unbindable",
+    "runbindable",
+];
 
 /// What runc would enforce and berth-runc cannot is refused, never skipped.
 fn check_supported(bundle: &str) -> Result<(), String> {
@@ -39,6 +54,27 @@ fn check_supported(bundle: &str) -> Result<(), String> {
         .map_err(|e| format!("config.json of {bundle}: {e}"))?;
     if spec.linux().as_ref().is_some_and(|l| l.seccomp().is_some()) {
         return Err(SECCOMP.into());
+    }
+    if let Some(p) = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.rootfs_propagation().clone())
+        .filter(|p| !p.is_empty())
+    {
+        return Err(format!("rootfsPropagation {p:?}: {PROPAGATION}"));
+    }
+    for m in spec.mounts().iter().flatten() {
+        if let Some(o) = m
+            .options()
+            .iter()
+            .flatten()
+            .find(|o| PROPAGATION_OPTIONS.contains(&o.as_str()))
+        {
+            return Err(format!(
+                "mount {}: option {o:?}: {PROPAGATION}",
+                m.destination().display()
+            ));
+        }
     }
     Ok(())
 }

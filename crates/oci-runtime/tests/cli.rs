@@ -305,6 +305,41 @@ fn what_it_cannot_enforce_is_refused_not_skipped() {
     );
 }
 
+/// libcontainer applies mount propagation differently from runc (the root's always
+/// recursively, a mount option's not at all), so both kinds are refused.
+#[test]
+fn mount_propagation_is_refused_not_applied_differently() {
+    for (id, edit) in [
+        ("p1", serde_json::json!({"rootfs": "rslave"})),
+        ("p2", serde_json::json!({"mount": "rshared"})),
+    ] {
+        let b = Bundle::new(&["true"], |spec| {
+            if let Some(p) = edit.get("rootfs") {
+                spec["linux"]["rootfsPropagation"] = p.clone();
+            }
+            if let Some(o) = edit.get("mount") {
+                spec["mounts"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(serde_json::json!({
+                        "destination": "/mnt",
+                        "type": "bind",
+                        "source": "/tmp",
+                        "options": ["rbind", o]
+                    }));
+            }
+        });
+        let o = b.run(
+            &["create", "--bundle", &b.dir.path().to_string_lossy(), id],
+            None,
+        );
+        assert_eq!(o.status.code(), Some(1), "{id}");
+        let log = std::fs::read_to_string(b.path("log.json")).unwrap();
+        assert!(log.contains("propagation"), "{id}: {log}");
+        assert!(!b.path(&format!("state/{id}")).exists(), "{id}: state left");
+    }
+}
+
 #[test]
 fn errors_name_the_container_and_the_problem() {
     let b = Bundle::new(&["true"], |_| {});

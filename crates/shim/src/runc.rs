@@ -45,9 +45,27 @@ fn berth_runc_cannot_run(bundle: &Path) -> Option<String> {
         return Some("cgroup v2 only host (berth-runc has no eBPF device filter)".into());
     }
     let config = std::fs::read(bundle.join("config.json")).ok()?;
-    let key = b"\"seccomp\"";
-    if config.windows(key.len()).any(|w| w == key) {
+    let has = |key: &[u8]| config.windows(key.len()).any(|w| w == key);
+    if has(b"\"seccomp\"") {
         return Some("the spec has a seccomp profile (berth-runc has no libseccomp)".into());
+    }
+    // Quoted, as a JSON key or string value: rootfsPropagation, or a propagation option
+    // of a mount (CRI gives every bind mount one).
+    const PROPAGATION: [&[u8]; 9] = [
+        b"\"rootfsPropagation\"",
+        b"\"shared\"",
+        b"\"rshared\"",
+        b"\"slave\"",
+        b"\"rslave\"",
+        b"\"private\"",
+        b"\"rprivate\"",
+        b"\"unbindable\"",
+        b"\"runbindable\"",
+    ];
+    if PROPAGATION.iter().any(|k| has(k)) {
+        return Some(
+            "the spec sets mount propagation (berth-runc cannot apply it as runc does)".into(),
+        );
     }
     None
 }

@@ -878,6 +878,22 @@ fn berth_runc_is_the_default_and_seccomp_goes_to_runc() {
     assert!(o.status.success(), "{}", show(&o));
     assert!(stdout(&o).contains('2'), "not filtered: {}", show(&o));
 
+    // Mount propagation, which berth-runc cannot apply as runc does, goes to runc too:
+    // an `rshared` bind mount is shared inside the container.
+    let shared_src = env.refd.dir.path().join("shared-src");
+    std::fs::create_dir_all(&shared_src).unwrap();
+    let mount = format!(
+        "type=bind,src={},dst=/mnt,options=rbind:rshared",
+        shared_src.display()
+    );
+    let o = env.run(
+        &["--rm", "--mount", &mount],
+        "pr",
+        &["sh", "-c", "grep ' /mnt ' /proc/self/mountinfo"],
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(stdout(&o).contains(" shared:"), "not shared: {}", show(&o));
+
     for id in ["br", "sc"] {
         let o = env.ctr(&["task", "kill", "-s", "SIGKILL", id]);
         assert!(o.status.success(), "{}", show(&o));
