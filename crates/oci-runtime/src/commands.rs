@@ -18,6 +18,7 @@ use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
 
 use crate::executor::RuncLikeExecutor;
+use crate::network;
 
 /// The state directory when no `--root` is given (runc's is /run/containerd/runc under
 /// containerd; the two must not share one, their state files differ).
@@ -43,8 +44,9 @@ const PROPAGATION_OPTIONS: [&str; 8] = [
     "runbindable",
 ];
 
-/// What runc would enforce and berth-runc cannot is refused, never skipped.
-fn check_supported(bundle: &str) -> Result<(), String> {
+/// What runc would enforce and berth-runc cannot is refused, never skipped. Returns the
+/// spec.
+fn check_supported(bundle: &str) -> Result<Spec, String> {
     match get_cgroup_setup() {
         Ok(CgroupSetup::Legacy | CgroupSetup::Hybrid) => {}
         Ok(CgroupSetup::Unified) => return Err(V2_ONLY.into()),
@@ -76,7 +78,7 @@ fn check_supported(bundle: &str) -> Result<(), String> {
             ));
         }
     }
-    Ok(())
+    Ok(spec)
 }
 
 /// Runs one command (`args` after runc's global flags) against the state under `root`.
@@ -153,8 +155,8 @@ fn dispatch(root: &Path, argv: &[&str]) -> Result<(), String> {
     match command {
         "create" => {
             let bundle = a.bundle.ok_or("create: no --bundle")?;
-            check_supported(bundle).map_err(|e| format!("create {id}: {e}"))?;
-            ContainerBuilder::new(id.to_string(), SyscallType::default())
+            let spec = check_supported(bundle).map_err(|e| format!("create {id}: {e}"))?;
+            let mut container = ContainerBuilder::new(id.to_string(), SyscallType::default())
                 .with_root_path(root)
                 .and_then(|b| b.with_pid_file(a.pid_file))
                 .map(|b| b.with_console_socket(a.console_socket))
@@ -168,6 +170,17 @@ fn dispatch(root: &Path, argv: &[&str]) -> Result<(), String> {
                         .build()
                 })
                 .map_err(|e| format!("create {id}: {e}"))?;
+            if network::creates_network_namespace(&spec) {
+                let configured = container
+                    .pid()
+                    .ok_or_else(|| "the created container has no pid".to_string())
+                    .and_then(|pid| network::bring_up_loopback(pid.as_raw()));
+                if let Err(e) = configured {
+                    // As runc does when its network setup fails: no container is left.
+                    let _ = container.delete(true);
+                    return Err(format!("create {id}: {e}"));
+                }
+            }
             Ok(())
         }
         "exec" => {

@@ -11,6 +11,7 @@
 
 mod commands;
 mod executor;
+mod network;
 mod sealed;
 
 use std::path::PathBuf;

@@ -186,6 +186,32 @@ fn create_start_delete_like_runc() {
     );
 }
 
+/// runc brings `lo` up in the network namespace it creates, so a container can use
+/// 127.0.0.1 from its first instruction; libcontainer leaves it down, berth-runc does
+/// what runc does.
+#[test]
+fn the_new_network_namespace_has_loopback_up() {
+    let b = Bundle::new(&["sh", "-c", "cat /sys/class/net/lo/flags"], |spec| {
+        let namespaces = spec["linux"]["namespaces"].as_array().unwrap();
+        assert!(
+            namespaces.iter().any(|n| n["type"] == "network"),
+            "runc spec's default has a network namespace"
+        );
+    });
+    let out = b.path("out");
+    let pid = b.create("lo1", File::create(&out).unwrap());
+    b.ok(&["start", "lo1"]);
+    wait_until("the container's process exits", || gone(pid));
+    let flags = std::fs::read_to_string(&out).unwrap();
+    let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(
+        flags & libc::IFF_UP as u32,
+        libc::IFF_UP as u32,
+        "lo is down: {flags:#x}"
+    );
+    b.ok(&["delete", "lo1"]);
+}
+
 #[test]
 fn exec_ps_pause_resume_update_kill() {
     let b = Bundle::new(&["sleep", "1000"], |_| {});
