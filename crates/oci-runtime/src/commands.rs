@@ -18,7 +18,7 @@ use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
 
 use crate::executor::RuncLikeExecutor;
-use crate::network;
+use crate::{hierarchies, network};
 
 /// The state directory when no `--root` is given (runc's is /run/containerd/runc under
 /// containerd; the two must not share one, their state files differ).
@@ -156,7 +156,26 @@ fn dispatch(root: &Path, argv: &[&str]) -> Result<(), String> {
         "create" => {
             let bundle = a.bundle.ok_or("create: no --bundle")?;
             let spec = check_supported(bundle).map_err(|e| format!("create {id}: {e}"))?;
-            let mut container = ContainerBuilder::new(id.to_string(), SyscallType::default())
+            // Absolute, as containerd always gives it; libcontainer resolves it the same.
+            let unmanaged = spec
+                .linux()
+                .as_ref()
+                .and_then(|l| l.cgroups_path().clone())
+                .filter(|p| p.is_absolute());
+            let me = std::process::id() as i32;
+            let undo = |path: &Option<PathBuf>| {
+                if let Some(path) = path {
+                    hierarchies::leave(me);
+                    let _ = hierarchies::remove(path);
+                }
+            };
+            if let Some(path) = &unmanaged
+                && let Err(e) = hierarchies::join(path, me)
+            {
+                undo(&unmanaged);
+                return Err(format!("create {id}: {e}"));
+            }
+            let built = ContainerBuilder::new(id.to_string(), SyscallType::default())
                 .with_root_path(root)
                 .and_then(|b| b.with_pid_file(a.pid_file))
                 .map(|b| b.with_console_socket(a.console_socket))
@@ -169,22 +188,35 @@ fn dispatch(root: &Path, argv: &[&str]) -> Result<(), String> {
                         .with_no_pivot(a.no_pivot)
                         .build()
                 })
-                .map_err(|e| format!("create {id}: {e}"))?;
-            if network::creates_network_namespace(&spec) {
-                let configured = container
-                    .pid()
-                    .ok_or_else(|| "the created container has no pid".to_string())
-                    .and_then(|pid| network::bring_up_loopback(pid.as_raw()));
-                if let Err(e) = configured {
-                    // As runc does when its network setup fails: no container is left.
-                    let _ = container.delete(true);
-                    return Err(format!("create {id}: {e}"));
+                .map_err(|e| format!("create {id}: {e}"));
+            let mut container = match built {
+                Ok(c) => c,
+                Err(e) => {
+                    undo(&unmanaged);
+                    return Err(e);
                 }
+            };
+            let configured = match container.pid() {
+                None => Err("the created container has no pid".to_string()),
+                Some(pid) if network::creates_network_namespace(&spec) => {
+                    network::bring_up_loopback(pid.as_raw())
+                }
+                Some(_) => Ok(()),
+            };
+            if let Err(e) = configured {
+                // As runc does when its setup fails: no container is left.
+                let _ = container.delete(true);
+                undo(&unmanaged);
+                return Err(format!("create {id}: {e}"));
             }
             Ok(())
         }
         "exec" => {
             let process = a.process.ok_or("exec: no --process")?;
+            // Joined first, so the process is born there (see `hierarchies`).
+            let path = cgroup_path(&load(root, id)?, id)?;
+            hierarchies::join(&path, std::process::id() as i32)
+                .map_err(|e| format!("exec in {id}: {e}"))?;
             ContainerBuilder::new(id.to_string(), SyscallType::default())
                 .with_root_path(root)
                 .and_then(|b| b.with_pid_file(a.pid_file))
@@ -210,9 +242,14 @@ fn dispatch(root: &Path, argv: &[&str]) -> Result<(), String> {
             }
             c.kill(signal, a.all).map_err(|e| format!("kill {id}: {e}"))
         }
-        "delete" => load(root, id)?
-            .delete(a.force)
-            .map_err(|e| format!("delete {id}: {e}")),
+        "delete" => {
+            let mut container = load(root, id)?;
+            let path = cgroup_path(&container, id)?;
+            container
+                .delete(a.force)
+                .map_err(|e| format!("delete {id}: {e}"))?;
+            hierarchies::remove(&path).map_err(|e| format!("delete {id}: {e}"))
+        }
         "pause" => load(root, id)?
             .pause()
             .map_err(|e| format!("pause {id}: {e}")),
@@ -258,11 +295,15 @@ fn load(root: &Path, id: &str) -> Result<Container, String> {
     Ok(c)
 }
 
-fn cgroup_manager(c: &Container, id: &str) -> Result<AnyCgroupManager, String> {
-    let cgroup_path = c
-        .spec()
+/// The container's cgroup path, as libcontainer resolved it at create.
+fn cgroup_path(c: &Container, id: &str) -> Result<PathBuf, String> {
+    Ok(c.spec()
         .map_err(|e| format!("config of container {id}: {e}"))?
-        .cgroup_path;
+        .cgroup_path)
+}
+
+fn cgroup_manager(c: &Container, id: &str) -> Result<AnyCgroupManager, String> {
+    let cgroup_path = cgroup_path(c, id)?;
     create_cgroup_manager(CgroupConfig {
         cgroup_path,
         systemd_cgroup: false,

@@ -11,6 +11,7 @@
 
 mod commands;
 mod executor;
+mod hierarchies;
 mod network;
 mod sealed;
 

@@ -172,6 +172,15 @@ fn create_start_delete_like_runc() {
         "init {pid} not in its cgroup {}",
         b.cgroup
     );
+    // Every hierarchy, as with runc: the v1 controllers, named ones (name=systemd) and a
+    // hybrid host's unified one (`0::`).
+    let placement = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    for line in placement.lines() {
+        assert!(
+            line.ends_with(&format!(":{}", b.cgroup)),
+            "{line} in\n{placement}"
+        );
+    }
     b.ok(&["start", "c1"]);
     wait_until("the container's process exits", || gone(pid));
     assert_eq!(
@@ -179,6 +188,10 @@ fn create_start_delete_like_runc() {
         "hi from berth-runc\n"
     );
     b.ok(&["delete", "c1"]);
+    for hierarchy in ["systemd", "unified"] {
+        let left = format!("/sys/fs/cgroup/{hierarchy}{}", b.cgroup);
+        assert!(!Path::new(&left).exists(), "{left} left behind");
+    }
     assert!(!b.path("state/c1").exists());
     assert!(
         !Path::new(&format!("/sys/fs/cgroup/memory{}", b.cgroup)).exists(),
@@ -249,9 +262,13 @@ fn exec_ps_pause_resume_update_kill() {
     wait_until("the exec'd process exits", || gone(exec_pid));
     let text = std::fs::read_to_string(&exec_out).unwrap();
     assert!(text.starts_with("in-exec\n"), "{text}");
+    let placement: Vec<&str> = text.lines().skip(1).collect();
     assert!(
-        text.contains(&b.cgroup),
-        "exec not in the container's cgroup: {text}"
+        !placement.is_empty()
+            && placement
+                .iter()
+                .all(|l| l.ends_with(&format!(":{}", b.cgroup))),
+        "exec not in the container's cgroup in every hierarchy: {text}"
     );
 
     b.ok(&["pause", "c2"]);
