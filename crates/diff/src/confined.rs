@@ -200,24 +200,47 @@ impl Root {
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                 Err(e) => return Err(resolve_err(&full, e)),
             }
+            // One component at a time from the root: each step opens a single name in
+            // the directory reached so far, so a chain of D missing directories costs D
+            // steps, not the D²/2 of resolving every prefix from the root (a hostile
+            // layer of deep chains made that quadratic, GHSA-rp3h-jf77-q9p4's class).
+            // Only a symlink is resolved through the root, as the kernel would inside it.
             let mut current = self
                 .dir(&RelPath(Vec::new()))
                 .map_err(|e| resolve_err(&RelPath(Vec::new()), e))?;
+            // The path walked so far, grown by one component per step (rebuilding it per
+            // step would be quadratic again).
+            let mut prefix = RelPath(Vec::with_capacity(path.len()));
             for i in 0..path.len() {
-                let prefix = RelPath(path[..=i].to_vec());
-                match self.dir(&prefix) {
+                let name = path[i].clone();
+                prefix.0.push(name.clone());
+                // A plain directory: stepped into without following anything (a symlink
+                // or another non-directory fails with ENOTDIR under O_DIRECTORY).
+                match open_nofollow(&current, &name, libc::O_PATH | libc::O_DIRECTORY, 0) {
                     Ok(fd) => {
                         current = fd;
                         continue;
                     }
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) => {
+                        match self.dir(&prefix) {
+                            Ok(fd) => {
+                                current = fd;
+                                continue;
+                            }
+                            // A dangling symlink: mkdirat below reports EEXIST.
+                            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                            Err(e) => return Err(resolve_err(&prefix, e)),
+                        }
+                    }
                     Err(e) => return Err(resolve_err(&prefix, e)),
                 }
-                let name = path[i].clone();
                 match mkdirat(&current, &name, 0o755) {
                     Ok(()) => {
                         on_create(&current, &name, &prefix)?;
-                        current = self.dir(&prefix).map_err(|e| resolve_err(&prefix, e))?;
+                        current =
+                            open_nofollow(&current, &name, libc::O_PATH | libc::O_DIRECTORY, 0)
+                                .map_err(|e| resolve_err(&prefix, e))?;
                     }
                     Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                         // Exists but does not resolve: a dangling symlink. Continue
