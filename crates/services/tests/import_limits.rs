@@ -13,20 +13,19 @@
 //! each import) may not grow by more than [`MAX_GROWTH`], a fraction of the input.
 //! Big entries are sparse files: they cost no disk in the test's directory.
 
+mod common;
+
 use berth_api::any;
-use berth_api::services::streaming::v1::StreamInit;
-use berth_api::services::streaming::v1::streaming_client::StreamingClient;
 use berth_api::services::transfer::v1::transfer_client::TransferClient;
 use berth_api::services::transfer::v1::{TransferOptions, TransferRequest};
 use berth_api::types::transfer as tt;
 use berth_testkit::Daemon;
-use prost_types::Any;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tokio::sync::{Mutex, MutexGuard, mpsc};
+use tokio::sync::{Mutex, MutexGuard};
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
@@ -172,62 +171,14 @@ async fn channel(socket: PathBuf) -> Channel {
 }
 
 fn namespaced<T>(message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("containerd-namespace", NS.parse().unwrap());
-    request
-}
-
-async fn open_stream(ch: &Channel, id: &str) -> (mpsc::Sender<Any>, tonic::Streaming<Any>) {
-    let (tx, rx) = mpsc::channel(16);
-    tx.send(any::pack(&StreamInit { id: id.into() }))
-        .await
-        .unwrap();
-    let mut inbound = StreamingClient::new(ch.clone())
-        .stream(namespaced(tokio_stream::wrappers::ReceiverStream::new(rx)))
-        .await
-        .expect("Streaming/Stream")
-        .into_inner();
-    let ack = inbound.message().await.unwrap().expect("stream ack");
-    assert_eq!(ack.type_url, "google.protobuf.Empty");
-    (tx, inbound)
+    common::namespaced(NS, message)
 }
 
 /// `ctr image import <archive>` of containerd 2.x into the image store `name`: the
 /// archive is read from the file in 32 KiB `Data` messages within the windows the
 /// server grants.
 async fn import(ch: &Channel, archive: &Path, name: &str) -> Result<(), tonic::Status> {
-    let id = format!("import-{}", uuid::Uuid::new_v4());
-    let (itx, mut inbound) = open_stream(ch, &id).await;
-    let mut file = File::open(archive).unwrap();
-    let sender = tokio::spawn(async move {
-        let mut window = 0i64;
-        let mut buf = vec![0u8; 32 << 10];
-        loop {
-            while window <= 0 {
-                let Ok(Some(m)) = inbound.message().await else {
-                    return;
-                };
-                let u: tt::WindowUpdate = any::unpack(&m).expect("a WindowUpdate");
-                window += i64::from(u.update);
-            }
-            let want = buf.len().min(window as usize);
-            let n = file.read(&mut buf[..want]).unwrap();
-            if n == 0 {
-                break;
-            }
-            let chunk = tt::Data {
-                data: buf[..n].to_vec(),
-            };
-            if itx.send(any::pack(&chunk)).await.is_err() {
-                return;
-            }
-            window -= n as i64;
-        }
-        drop(itx);
-        while let Ok(Some(_)) = inbound.message().await {}
-    });
+    let (id, sender) = common::send_archive(ch, NS, archive).await;
     let source = tt::ImageImportStream {
         stream: id,
         ..Default::default()

@@ -9,6 +9,8 @@
 //! registry or archive. Registries (open or behind htpasswd), skopeo pushes, Docker
 //! archives and the two-platform image come from `berth_testkit::registry`.
 
+mod common;
+
 use berth_api::any;
 use berth_api::services::streaming::v1::StreamInit;
 use berth_api::services::streaming::v1::streaming_client::StreamingClient;
@@ -18,6 +20,7 @@ use berth_api::types::Platform;
 use berth_api::types::transfer as tt;
 use berth_testkit::Daemon;
 use berth_testkit::registry::Registry;
+use common::{namespaced, open_stream, send_archive};
 use prost_types::Any;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,8 +28,8 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use tonic::Code;
 use tonic::transport::Channel;
-use tonic::{Code, Request};
 
 fn have(tool: &str) -> bool {
     berth_testkit::have(tool) && berth_testkit::registry::have_registry()
@@ -44,38 +47,6 @@ fn registry_tools_missing() -> bool {
 async fn channel(socket: PathBuf) -> Channel {
     berth_services::proxy::unix_channel(&socket.to_string_lossy())
         .expect("a channel to berthd's socket")
-}
-
-fn namespaced<T>(ns: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("containerd-namespace", ns.parse().unwrap());
-    request
-}
-
-/// A stream opened as 2.x's `streamCreator.Create` does: `StreamInit{id}` first, then
-/// the server's acknowledgement.
-async fn open_stream(
-    ch: &Channel,
-    ns: &str,
-    id: &str,
-) -> (mpsc::Sender<Any>, tonic::Streaming<Any>) {
-    let (tx, rx) = mpsc::channel(16);
-    tx.send(any::pack(&StreamInit { id: id.into() }))
-        .await
-        .unwrap();
-    let mut inbound = StreamingClient::new(ch.clone())
-        .stream(namespaced(
-            ns,
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        ))
-        .await
-        .expect("Streaming/Stream")
-        .into_inner();
-    let ack = inbound.message().await.unwrap().expect("stream ack");
-    assert_eq!(ack.type_url, "google.protobuf.Empty");
-    (tx, inbound)
 }
 
 struct Pull {
@@ -699,36 +670,9 @@ async fn import_with(
     destination: tt::ImageStore,
     force_compress: bool,
 ) -> (Result<(), tonic::Status>, Vec<tt::Progress>) {
-    let data = std::fs::read(archive).unwrap();
-    let import_id = format!("import-{}", uuid::Uuid::new_v4());
     let progress_id = format!("progress-{}", uuid::Uuid::new_v4());
     let (_ptx, mut progress) = open_stream(ch, ns, &progress_id).await;
-    let (itx, mut inbound) = open_stream(ch, ns, &import_id).await;
-    tokio::spawn(async move {
-        let mut sent = 0usize;
-        let mut window = 0i64;
-        while sent < data.len() {
-            while window <= 0 {
-                let Ok(Some(m)) = inbound.message().await else {
-                    return;
-                };
-                let u: tt::WindowUpdate = any::unpack(&m).expect("a WindowUpdate");
-                window += i64::from(u.update);
-            }
-            let n = (data.len() - sent).min(32 << 10).min(window as usize);
-            let chunk = tt::Data {
-                data: data[sent..sent + n].to_vec(),
-            };
-            if itx.send(any::pack(&chunk)).await.is_err() {
-                return;
-            }
-            sent += n;
-            window -= n as i64;
-        }
-        // Dropping the sender closes our side, as 2.x's stream.Close().
-        drop(itx);
-        while let Ok(Some(_)) = inbound.message().await {}
-    });
+    let (import_id, _sender) = send_archive(ch, ns, archive).await;
     let collected = tokio::spawn(async move {
         let mut out = vec![];
         while let Ok(Some(m)) = progress.message().await {
