@@ -24,6 +24,7 @@ pub struct DiffConfig {
 pub fn registrations() -> Vec<Registration> {
     vec![
         Registration::new(types::DIFF, "walking", |ctx: InitContext| async move {
+            ctx.platforms(ctx.daemon.platforms.clone());
             let config: DiffConfig = ctx.config()?;
             // The namespaced content store of the metadata layer.
             let md: Arc<berth_metadata::MetadataStore> = ctx.get(types::METADATA)?;

@@ -176,6 +176,7 @@ impl CgroupsMonitor {
 /// The instance is an `Arc<CgroupsMonitor>`.
 pub fn registration() -> Registration {
     Registration::new(types::MONITOR, "cgroups", |ctx: InitContext| async move {
+        ctx.platforms(ctx.daemon.platforms.clone());
         if !Path::new("/sys/fs/cgroup").is_dir() {
             return Err(berth_plugin::skip(
                 "no cgroup file system at /sys/fs/cgroup",

@@ -76,6 +76,7 @@ pub fn map(config: &V1Config) -> (V1Mapping, String) {
 /// The instance is an `Arc<V1Mapping>`, read by the v2 manager.
 pub fn registration() -> Registration {
     Registration::new(TYPE, "linux", |ctx: InitContext| async move {
+        ctx.platforms(ctx.daemon.platforms.clone());
         let config: V1Config = ctx.config()?;
         let (mapping, warning) = map(&config);
         tracing::warn!("{warning}");

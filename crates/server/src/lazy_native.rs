@@ -23,6 +23,7 @@ use tokio::sync::OnceCell;
 /// registration (same URI, config and exports).
 pub fn registration() -> Registration {
     Registration::new(types::SNAPSHOT, "native", |ctx: InitContext| async move {
+        ctx.platforms(ctx.daemon.platforms.clone());
         let config: NativeConfig = ctx.config()?;
         let root = if config.root_path.is_empty() {
             ctx.root.clone()

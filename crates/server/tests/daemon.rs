@@ -46,11 +46,20 @@ fn plugins_are_listed_ok_with_details_and_filters() {
     let daemon = Daemon::start("", "");
     let listing = daemon.ctr_ok(&["plugins", "ls"]);
     let rows = plugin_rows(&listing);
+    // Every plugin containerd 1.6 lists on such a host (Debian's build), by the same URI.
     for expected in [
         ("io.containerd.internal.v1", "opt"),
         ("io.containerd.metadata.v1", "bolt"),
         ("io.containerd.grpc.v1", "version"),
         ("io.containerd.grpc.v1", "introspection"),
+        ("io.containerd.event.v1", "exchange"),
+        ("io.containerd.service.v1", "containers-service"),
+        ("io.containerd.service.v1", "introspection-service"),
+        ("io.containerd.service.v1", "namespaces-service"),
+        ("io.containerd.service.v1", "tasks-service"),
+        ("io.containerd.grpc.v1", "containers"),
+        ("io.containerd.grpc.v1", "namespaces"),
+        ("io.containerd.grpc.v1", "tasks"),
     ] {
         assert!(
             rows.iter()
@@ -64,6 +73,21 @@ fn plugins_are_listed_ok_with_details_and_filters() {
             status == "ok" || status == "skip",
             "{t}.{id} is {status}:\n{listing}"
         );
+    }
+
+    // The platform column, as containerd fills it for these.
+    for (t, id) in [
+        ("io.containerd.differ.v1", "walking"),
+        ("io.containerd.snapshotter.v1", "overlayfs"),
+        ("io.containerd.snapshotter.v1", "native"),
+        ("io.containerd.monitor.v1", "cgroups"),
+        ("io.containerd.runtime.v1", "linux"),
+    ] {
+        let line = listing
+            .lines()
+            .find(|l| l.split_whitespace().take(2).eq([t, id]))
+            .unwrap_or_else(|| panic!("{t}.{id} missing from\n{listing}"));
+        assert!(line.contains("linux/"), "no platform for {t}.{id}: {line}");
     }
 
     let details = daemon.ctr_ok(&["plugins", "ls", "-d"]);

@@ -229,16 +229,31 @@ impl GrpcService for ContainersService {
     }
 }
 
+/// `io.containerd.service.v1.containers-service`: the service the gRPC plugin serves.
+pub fn service_registration() -> Registration {
+    Registration::new(
+        types::SERVICE,
+        "containers-service",
+        |ctx: InitContext| async move {
+            let store: Arc<MetadataStore> = ctx.get(types::METADATA)?;
+            // Containers are GC roots for their snapshot and label references.
+            store.register_gc_resource(Arc::new(records::ContainerGc));
+            let service = Arc::new(ContainersService {
+                store,
+                events: ctx.events.clone(),
+            });
+            Ok::<Instance, _>(Arc::new(service))
+        },
+    )
+    .requires(&[types::METADATA])
+}
+
+/// `io.containerd.grpc.v1.containers`.
 pub fn registration() -> Registration {
     Registration::new(types::GRPC, "containers", |ctx: InitContext| async move {
-        let store: Arc<MetadataStore> = ctx.get(types::METADATA)?;
-        // Containers are GC roots for their snapshot and label references.
-        store.register_gc_resource(Arc::new(records::ContainerGc));
-        let service = ContainersService {
-            store,
-            events: ctx.events.clone(),
-        };
-        Ok::<Instance, _>(grpc_instance(Arc::new(service)))
+        let service: Arc<ContainersService> =
+            ctx.get_by_id(types::SERVICE, "containers-service")?;
+        Ok::<Instance, _>(grpc_instance(service))
     })
-    .requires(&[types::METADATA])
+    .requires(&[types::SERVICE])
 }

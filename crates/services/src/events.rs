@@ -150,6 +150,14 @@ impl GrpcService for EventsService {
     }
 }
 
+/// `io.containerd.event.v1.exchange`: the daemon's event exchange, as containerd lists
+/// it (every plugin already reaches it through its init context).
+pub fn exchange_registration() -> Registration {
+    Registration::new(types::EVENT, "exchange", |ctx: InitContext| async move {
+        Ok::<Instance, _>(Arc::new(ctx.events.clone()))
+    })
+}
+
 pub fn registration() -> Registration {
     Registration::new(types::GRPC, "events", |ctx: InitContext| async move {
         Ok::<Instance, _>(grpc_instance(Arc::new(EventsService {

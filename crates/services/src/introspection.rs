@@ -161,19 +161,37 @@ impl GrpcService for IntrospectionService {
     }
 }
 
+/// `io.containerd.service.v1.introspection-service`: the service the gRPC plugin serves.
+pub fn service_registration() -> Registration {
+    Registration::new(
+        types::SERVICE,
+        "introspection-service",
+        |ctx: InitContext| async move {
+            // Where containerd 1.6 keeps it (the gRPC plugin's directory), so a daemon's
+            // UUID stays the same from one release to the next.
+            let uuid =
+                load_or_create_uuid(ctx.daemon.root.join("io.containerd.grpc.v1.introspection"))?;
+            let service = Arc::new(IntrospectionService {
+                records: ctx.plugin_records(),
+                uuid,
+            });
+            Ok::<Instance, _>(Arc::new(service))
+        },
+    )
+}
+
+/// `io.containerd.grpc.v1.introspection`.
 pub fn registration() -> Registration {
     Registration::new(
         types::GRPC,
         "introspection",
         |ctx: InitContext| async move {
-            let uuid = load_or_create_uuid(ctx.root.clone())?;
-            let service = IntrospectionService {
-                records: ctx.plugin_records(),
-                uuid,
-            };
-            Ok::<Instance, _>(grpc_instance(Arc::new(service)))
+            let service: Arc<IntrospectionService> =
+                ctx.get_by_id(types::SERVICE, "introspection-service")?;
+            Ok::<Instance, _>(grpc_instance(service))
         },
     )
+    .requires(&[types::SERVICE])
 }
 
 #[cfg(test)]

@@ -166,14 +166,29 @@ impl GrpcService for NamespacesService {
     }
 }
 
+/// `io.containerd.service.v1.namespaces-service`: the service the gRPC plugin serves.
+pub fn service_registration() -> Registration {
+    Registration::new(
+        types::SERVICE,
+        "namespaces-service",
+        |ctx: InitContext| async move {
+            let store: Arc<MetadataStore> = ctx.get(types::METADATA)?;
+            let service = Arc::new(NamespacesService {
+                store,
+                events: ctx.events.clone(),
+            });
+            Ok::<Instance, _>(Arc::new(service))
+        },
+    )
+    .requires(&[types::METADATA])
+}
+
+/// `io.containerd.grpc.v1.namespaces`.
 pub fn registration() -> Registration {
     Registration::new(types::GRPC, "namespaces", |ctx: InitContext| async move {
-        let store: Arc<MetadataStore> = ctx.get(types::METADATA)?;
-        let service = NamespacesService {
-            store,
-            events: ctx.events.clone(),
-        };
-        Ok::<Instance, _>(grpc_instance(Arc::new(service)))
+        let service: Arc<NamespacesService> =
+            ctx.get_by_id(types::SERVICE, "namespaces-service")?;
+        Ok::<Instance, _>(grpc_instance(service))
     })
-    .requires(&[types::METADATA])
+    .requires(&[types::SERVICE])
 }

@@ -457,12 +457,25 @@ impl GrpcService for TasksService {
     }
 }
 
+/// `io.containerd.service.v1.tasks-service`: the service the gRPC plugin serves.
+pub fn service_registration() -> Registration {
+    Registration::new(
+        types::SERVICE,
+        "tasks-service",
+        |ctx: InitContext| async move {
+            let store: Arc<MetadataStore> = ctx.get(types::METADATA)?;
+            let runtime: Arc<dyn Runtime> = ctx.get(types::RUNTIME_V2)?;
+            Ok::<Instance, _>(Arc::new(Arc::new(TasksService { store, runtime })))
+        },
+    )
+    .requires(&[types::METADATA, types::RUNTIME_V2])
+}
+
+/// `io.containerd.grpc.v1.tasks`.
 pub fn registration() -> Registration {
     Registration::new(types::GRPC, "tasks", |ctx: InitContext| async move {
-        let store: Arc<MetadataStore> = ctx.get(types::METADATA)?;
-        let runtime: Arc<dyn Runtime> = ctx.get(types::RUNTIME_V2)?;
-        let service = TasksService { store, runtime };
-        Ok::<Instance, _>(grpc_instance(Arc::new(service)))
+        let service: Arc<TasksService> = ctx.get_by_id(types::SERVICE, "tasks-service")?;
+        Ok::<Instance, _>(grpc_instance(service))
     })
-    .requires(&[types::METADATA, types::RUNTIME_V2])
+    .requires(&[types::SERVICE])
 }

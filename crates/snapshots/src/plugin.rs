@@ -27,6 +27,7 @@ pub fn registrations() -> Vec<Registration> {
             types::SNAPSHOT,
             "overlayfs",
             |ctx: InitContext| async move {
+                ctx.platforms(ctx.daemon.platforms.clone());
                 let config: OverlayConfig = ctx.config()?;
                 let root = root_of(&ctx, &config.root_path);
                 if !std::fs::read_to_string("/proc/filesystems")
@@ -46,6 +47,7 @@ pub fn registrations() -> Vec<Registration> {
         )
         .with_config::<OverlayConfig>(),
         Registration::new(types::SNAPSHOT, "native", |ctx: InitContext| async move {
+            ctx.platforms(ctx.daemon.platforms.clone());
             let config: NativeConfig = ctx.config()?;
             let root = root_of(&ctx, &config.root_path);
             let r = root.clone();
@@ -58,6 +60,7 @@ pub fn registrations() -> Vec<Registration> {
         })
         .with_config::<NativeConfig>(),
         Registration::new(types::SNAPSHOT, "btrfs", |ctx: InitContext| async move {
+            ctx.platforms(ctx.daemon.platforms.clone());
             let config: BtrfsConfig = ctx.config()?;
             let root = root_of(&ctx, &config.root_path);
             let r = root.clone();
