@@ -186,6 +186,9 @@ fn committed(d: &Daemon, ns: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_through_transfer_matches_ctr_pull_and_runs() {
+    // A namespace of this test's own: the containers it runs leave runtime state and
+    // cgroup parents named after it, removed at the end (other tests run at the same time).
+    let ns = format!("tr-pull-{}", std::process::id());
     if registry_tools_missing() {
         return;
     }
@@ -196,7 +199,7 @@ async fn pull_through_transfer_matches_ctr_pull_and_runs() {
     let d = Daemon::start();
     let ch = channel(d.socket.clone()).await;
 
-    let pull = pull_like_ctr2(&ch, "default", &reference).await;
+    let pull = pull_like_ctr2(&ch, &ns, &reference).await;
     assert!(
         pull.result.is_ok(),
         "{:?}\n{}",
@@ -243,7 +246,7 @@ async fn pull_through_transfer_matches_ctr_pull_and_runs() {
     assert!(pull.auth_requests.is_empty(), "{:?}", pull.auth_requests);
 
     // The stock ctr sees the image with the digest ctr 1.6's own pull gives.
-    assert!(images(&d, "default").contains(&(reference.clone(), digest.clone())));
+    assert!(images(&d, &ns).contains(&(reference.clone(), digest.clone())));
     d.ctr_ok(&["namespaces", "create", "reference"]);
     d.ctr_ok(&[
         "-n",
@@ -253,17 +256,17 @@ async fn pull_through_transfer_matches_ctr_pull_and_runs() {
         "--plain-http",
         &reference,
     ]);
-    assert_eq!(images(&d, "reference"), images(&d, "default"));
+    assert_eq!(images(&d, "reference"), images(&d, &ns));
     // Unpacked: the same committed chain as ctr's pull.
-    let ours = committed(&d, "default");
+    let ours = committed(&d, &ns);
     assert!(!ours.is_empty());
     assert_eq!(ours, committed(&d, "reference"));
     // No lease left behind.
-    let leases = d.ctr_ok(&["leases", "ls"]);
+    let leases = d.ctr_ok(&["-n", &ns, "leases", "ls"]);
     assert_eq!(leases.lines().count(), 1, "{leases}");
 
     // A second pull finds everything.
-    let again = pull_like_ctr2(&ch, "default", &reference).await;
+    let again = pull_like_ctr2(&ch, &ns, &reference).await;
     assert!(again.result.is_ok(), "{:?}", again.result);
     assert!(
         again
@@ -290,7 +293,7 @@ async fn pull_through_transfer_matches_ctr_pull_and_runs() {
     };
     TransferClient::new(ch.clone())
         .transfer(namespaced(
-            "default",
+            &ns,
             TransferRequest {
                 source: Some(any::pack(&push_source)),
                 destination: Some(any::pack(&push_destination)),
@@ -307,17 +310,30 @@ async fn pull_through_transfer_matches_ctr_pull_and_runs() {
     // manifest's gc.ref labels, the snapshot chain through the config's
     // gc.ref.snapshot.overlayfs): a synchronous collection triggered elsewhere changes
     // nothing in this namespace.
-    let content_before = d.ctr_ok(&["content", "ls", "-q"]);
+    let content_before = d.ctr_ok(&["-n", &ns, "content", "ls", "-q"]);
     d.ctr_ok(&["-n", "reference", "images", "rm", "--sync", &reference]);
-    assert_eq!(d.ctr_ok(&["content", "ls", "-q"]), content_before);
-    assert_eq!(committed(&d, "default"), ours);
+    assert_eq!(
+        d.ctr_ok(&["-n", &ns, "content", "ls", "-q"]),
+        content_before
+    );
+    assert_eq!(committed(&d, &ns), ours);
     assert!(committed(&d, "reference").is_empty(), "the collection ran");
 
     // Usable by ctr run.
     if berth_testkit::have("runc") {
-        let out = d.ctr_ok(&["run", "--rm", &reference, "transfer-run", "echo", "hello"]);
+        let out = d.ctr_ok(&[
+            "-n",
+            &ns,
+            "run",
+            "--rm",
+            &reference,
+            "transfer-run",
+            "echo",
+            "hello",
+        ]);
         assert_eq!(out, "hello\n");
     }
+    berth_testkit::remove_namespace_leftovers(&ns);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -707,11 +723,14 @@ async fn import_with(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_stream_like_ctr2_names_unpacks_and_runs() {
+    // A namespace of this test's own: the containers it runs leave runtime state and
+    // cgroup parents named after it, removed at the end (other tests run at the same time).
+    let ns = format!("tr-import-{}", std::process::id());
     let fixtures = berth_testkit::fixtures();
     let archive = fixtures.join("busybox.oci.tar");
     let d = Daemon::start();
     let ch = channel(d.socket.clone()).await;
-    let (result, progress) = import_like_ctr2(&ch, "default", &archive).await;
+    let (result, progress) = import_like_ctr2(&ch, &ns, &archive).await;
     assert!(
         result.is_ok(),
         "{result:?}\n{}",
@@ -735,7 +754,7 @@ async fn import_stream_like_ctr2_names_unpacks_and_runs() {
         .unwrap()
         .to_string();
     let name = "import.local/busybox:latest".to_string();
-    assert_eq!(images(&d, "default"), [(name.clone(), digest.clone())]);
+    assert_eq!(images(&d, &ns), [(name.clone(), digest.clone())]);
     d.ctr_ok(&["namespaces", "create", "reference"]);
     d.ctr_ok(&[
         "-n",
@@ -744,21 +763,30 @@ async fn import_stream_like_ctr2_names_unpacks_and_runs() {
         "import",
         archive.to_str().unwrap(),
     ]);
-    assert_eq!(images(&d, "reference"), images(&d, "default"));
-    let ours = committed(&d, "default");
+    assert_eq!(images(&d, "reference"), images(&d, &ns));
+    let ours = committed(&d, &ns);
     assert!(!ours.is_empty());
     assert_eq!(ours, committed(&d, "reference"));
-    let leases = d.ctr_ok(&["leases", "ls"]);
+    let leases = d.ctr_ok(&["-n", &ns, "leases", "ls"]);
     assert_eq!(leases.lines().count(), 1, "{leases}");
     if berth_testkit::have("runc") {
-        let out = d.ctr_ok(&["run", "--rm", &name, "import-run", "echo", "imported"]);
+        let out = d.ctr_ok(&[
+            "-n",
+            &ns,
+            "run",
+            "--rm",
+            &name,
+            "import-run",
+            "echo",
+            "imported",
+        ]);
         assert_eq!(out, "imported\n");
     }
 
     // Export it again (2.x's `ctr image export`: the client grants windows, the server
     // sends Data): an OCI archive with Docker's manifest.json that ctr 1.6 imports with
     // the same digest.
-    let exported = export_like_ctr2(&ch, "default", &name).await;
+    let exported = export_like_ctr2(&ch, &ns, &name).await;
     let file = d.dir.path().join("exported.tar");
     std::fs::write(&file, &exported).unwrap();
     let listing = Command::new("tar").arg("-tf").arg(&file).output().unwrap();
@@ -778,7 +806,7 @@ async fn import_stream_like_ctr2_names_unpacks_and_runs() {
     d.ctr_ok(&["-n", "exported", "images", "import", file.to_str().unwrap()]);
     assert_eq!(images(&d, "exported"), [(name.clone(), digest.clone())]);
     // A missing image: NotFound, and the client's stream ends.
-    let e = export_result(&ch, "default", "example.com/missing:1")
+    let e = export_result(&ch, &ns, "example.com/missing:1")
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
@@ -794,6 +822,7 @@ async fn import_stream_like_ctr2_names_unpacks_and_runs() {
     assert!(images(&d, "cut").is_empty());
     let leases = d.ctr_ok(&["-n", "cut", "leases", "ls"]);
     assert_eq!(leases.lines().count(), 1, "{leases}");
+    berth_testkit::remove_namespace_leftovers(&ns);
 }
 
 /// `ctr image export` of containerd 2.x over the wire (its `ReceiveStream`: 64 KiB window
@@ -950,6 +979,9 @@ fn arm64() -> Platform {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_archive_import_matches_ctr_import_and_runs() {
+    // A namespace of this test's own: the containers it runs leave runtime state and
+    // cgroup parents named after it, removed at the end (other tests run at the same time).
+    let ns = format!("tr-docker-{}", std::process::id());
     if registry_tools_missing() {
         return;
     }
@@ -967,7 +999,7 @@ async fn docker_archive_import_matches_ctr_import_and_runs() {
     assert!(listing.iter().any(|e| e == "manifest.json"), "{listing:?}");
     assert!(!listing.iter().any(|e| e == "index.json"), "{listing:?}");
     let ch = channel(d.socket.clone()).await;
-    let (result, progress) = import_like_ctr2(&ch, "default", &archive).await;
+    let (result, progress) = import_like_ctr2(&ch, &ns, &archive).await;
     assert!(
         result.is_ok(),
         "{result:?}\n{}",
@@ -998,13 +1030,13 @@ async fn docker_archive_import_matches_ctr_import_and_runs() {
         "import",
         archive.to_str().unwrap(),
     ]);
-    let ours = images(&d, "default");
+    let ours = images(&d, &ns);
     assert_eq!(ours.len(), 2, "{ours:?}");
     assert_eq!(ours, images(&d, "reference"));
     assert_eq!(ours[0].0, "docker.io/library/busybox:1");
     assert_eq!(ours[1].0, "import.local/busybox:latest");
     assert_eq!(ours[0].1, ours[1].1);
-    let manifest = blob_json(&d, "default", &ours[0].1);
+    let manifest = blob_json(&d, &ns, &ours[0].1);
     assert_eq!(
         manifest["mediaType"],
         "application/vnd.docker.distribution.manifest.v2+json"
@@ -1017,15 +1049,15 @@ async fn docker_archive_import_matches_ctr_import_and_runs() {
         manifest["layers"][0]["mediaType"],
         "application/vnd.docker.image.rootfs.diff.tar"
     );
-    let snapshots = committed(&d, "default");
+    let snapshots = committed(&d, &ns);
     assert!(!snapshots.is_empty());
     assert_eq!(snapshots, committed(&d, "reference"));
-    let leases = d.ctr_ok(&["leases", "ls"]);
+    let leases = d.ctr_ok(&["-n", &ns, "leases", "ls"]);
     assert_eq!(leases.lines().count(), 1, "{leases}");
     // Only what the images refer to survives a collection (the legacy layer directories'
     // `json` and `VERSION` files, `repositories`, the unnamed index were stored under the
     // lease only).
-    collect_garbage(&d, "default", "import.local/busybox:latest");
+    collect_garbage(&d, &ns, "import.local/busybox:latest");
     let mut kept = vec![
         ours[0].1.clone(),
         manifest["config"]["digest"].as_str().unwrap().to_string(),
@@ -1034,9 +1066,11 @@ async fn docker_archive_import_matches_ctr_import_and_runs() {
         kept.push(l["digest"].as_str().unwrap().to_string());
     }
     kept.sort();
-    assert_eq!(content(&d, "default"), kept);
+    assert_eq!(content(&d, &ns), kept);
     if berth_testkit::have("runc") {
         let out = d.ctr_ok(&[
+            "-n",
+            &ns,
             "run",
             "--rm",
             "docker.io/library/busybox:1",
@@ -1168,6 +1202,7 @@ async fn docker_archive_import_matches_ctr_import_and_runs() {
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("unrecognized image format"), "{e:?}");
     assert!(images(&d, "junk").is_empty());
+    berth_testkit::remove_namespace_leftovers(&ns);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
