@@ -36,6 +36,7 @@ cleanup() {
     if mountpoint -q "$d"; then umount "$d" || umount -l "$d"; fi
   done
   rm -f "$WORKDIR/berth.ext4" "$WORKDIR/ref.ext4"
+  remove_runtime_leftovers cb-berth
 }
 trap cleanup EXIT
 

@@ -34,3 +34,19 @@ mount_fresh_ext4() {
   mkdir -p "$dir"
   mount -o loop "$img" "$dir"
 }
+
+# remove_runtime_leftovers NS…: removes what containers of namespace NS leave on the host
+# once they are gone: the empty runtime roots /run/berth-runc/NS and
+# /run/containerd/runc/NS and the empty cgroup parents /NS in every hierarchy (runc and
+# berth-runc remove a container's own directories, not the namespace's).
+remove_runtime_leftovers() {
+  local ns h
+  for ns in "$@"; do
+    [[ -n $ns && $ns != */* && $ns != .* ]] || continue
+    rmdir "/run/berth-runc/$ns" "/run/containerd/runc/$ns" 2>/dev/null || true
+    for h in /sys/fs/cgroup/*/ /sys/fs/cgroup/unified/; do
+      [[ -d $h$ns ]] && find "$h$ns" -depth -type d -exec rmdir {} \; 2>/dev/null
+    done
+  done
+  return 0
+}

@@ -76,6 +76,7 @@ cleanup() {
   # ended the cleanup before the reference containerd was stopped.
   { grep -o " $B/[^ ]*" /proc/self/mounts || true; } | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
   "$REFD" stop >/dev/null 2>&1 || true
+  remove_runtime_leftovers rt
   if [[ $OWN_WORKDIR == 1 ]]; then
     "$REFD" clean >/dev/null 2>&1 || true
     rm -rf --one-file-system "$WORKDIR"

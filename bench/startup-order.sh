@@ -32,6 +32,7 @@ cleanup() {
   sleep 0.5
   { grep -o " $work/[^ ]*" /proc/self/mounts || true; } | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
   rm -rf --one-file-system "$work"
+  remove_runtime_leftovers order
 }
 trap cleanup EXIT
 # build-release strips its output; the symbols are in cargo's own copy (deps/).
