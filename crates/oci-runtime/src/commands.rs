@@ -109,6 +109,10 @@ struct Args<'a> {
     no_pivot: bool,
     force: bool,
     all: bool,
+    /// `list --format`: "table" (the default) or "json".
+    format: Option<&'a str>,
+    /// `list -q`: IDs only.
+    quiet: bool,
     positional: Vec<&'a str>,
 }
 
@@ -116,6 +120,10 @@ fn parse<'a>(args: &[&'a str]) -> Result<Args<'a>, String> {
     let mut a = Args::default();
     let mut it = args.iter().copied();
     while let Some(arg) = it.next() {
+        if arg == "-q" {
+            a.quiet = true;
+            continue;
+        }
         let Some(flag) = arg.strip_prefix("--") else {
             a.positional.push(arg);
             continue;
@@ -130,9 +138,8 @@ fn parse<'a>(args: &[&'a str]) -> Result<Args<'a>, String> {
             "console-socket" => a.console_socket = Some(value()?),
             "process" => a.process = Some(value()?),
             "resources" => a.resources = Some(value()?),
-            "format" => {
-                value()?;
-            }
+            "format" => a.format = Some(value()?),
+            "quiet" => a.quiet = true,
             "no-pivot" => a.no_pivot = true,
             // libcontainer never makes a session keyring of its own; --detach is how the shim
             // runs exec, and the only way berth-runc runs it.
@@ -148,6 +155,9 @@ fn parse<'a>(args: &[&'a str]) -> Result<Args<'a>, String> {
 fn dispatch(root: &Path, argv: &[&str]) -> Result<(), String> {
     let (&command, rest) = argv.split_first().ok_or("no command")?;
     let a = parse(rest)?;
+    if command == "list" {
+        return list(root, a.format.unwrap_or("table"), a.quiet);
+    }
     let id = *a
         .positional
         .first()
@@ -231,6 +241,12 @@ fn dispatch(root: &Path, argv: &[&str]) -> Result<(), String> {
                 .map_err(|e| format!("exec in {id}: {e}"))?;
             Ok(())
         }
+        "state" => {
+            let state = state_of(&load(root, id)?, root)?;
+            let text = serde_json::to_string_pretty(&state).map_err(|e| e.to_string())?;
+            let _ = writeln!(std::io::stdout(), "{text}");
+            Ok(())
+        }
         "start" => load(root, id)?
             .start()
             .map_err(|e| format!("start {id}: {e}")),
@@ -293,6 +309,98 @@ fn load(root: &Path, id: &str) -> Result<Container, String> {
     c.refresh_status()
         .map_err(|e| format!("status of container {id}: {e}"))?;
     Ok(c)
+}
+
+/// `state`'s JSON, in runc's shape (the OCI state plus `rootfs`, `created`, `owner`).
+fn state_of(c: &Container, root: &Path) -> Result<serde_json::Value, String> {
+    use std::os::unix::fs::MetadataExt;
+    let bundle = c.bundle();
+    let spec = Spec::load(bundle.join("config.json")).ok();
+    let rootfs = spec
+        .as_ref()
+        .and_then(|s| s.root().as_ref().map(|r| r.path().clone()))
+        .map(|p| if p.is_absolute() { p } else { bundle.join(p) })
+        .unwrap_or_default();
+    let owner = match std::fs::metadata(root.join(c.id())).map(|m| m.uid()) {
+        Ok(0) => "root".to_string(),
+        Ok(uid) => uid.to_string(),
+        Err(_) => String::new(),
+    };
+    Ok(serde_json::json!({
+        "ociVersion": spec.as_ref().map(|s| s.version().clone()).unwrap_or_default(),
+        "id": c.id(),
+        "pid": c.pid().map(|p| p.as_raw()).unwrap_or(0),
+        "status": c.status().to_string().to_lowercase(),
+        "bundle": bundle,
+        "rootfs": rootfs,
+        "created": serde_json::to_value(c.created()).unwrap_or_default(),
+        "owner": owner,
+    }))
+}
+
+/// `list`: every container under `root`, as runc prints them.
+fn list(root: &Path, format: &str, quiet: bool) -> Result<(), String> {
+    let mut states = Vec::new();
+    let mut ids: Vec<String> = match std::fs::read_dir(root) {
+        Ok(entries) => entries
+            .flatten()
+            .filter(|e| e.path().join("state.json").is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(format!("list: reading {}: {e}", root.display())),
+    };
+    ids.sort();
+    for id in &ids {
+        // A container deleted meanwhile is simply not listed.
+        if let Ok(c) = load(root, id) {
+            states.push(state_of(&c, root)?);
+        }
+    }
+    let mut out = String::new();
+    if quiet {
+        for s in &states {
+            out.push_str(s["id"].as_str().unwrap_or_default());
+            out.push('\n');
+        }
+    } else if format == "json" {
+        out = serde_json::to_string(&states).map_err(|e| e.to_string())? + "\n";
+    } else if format == "table" {
+        let header = ["ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"];
+        let mut rows = vec![header.map(String::from).to_vec()];
+        for s in &states {
+            let field = |k: &str| match &s[k] {
+                serde_json::Value::String(v) => v.clone(),
+                other => other.to_string(),
+            };
+            rows.push(header.map(|h| field(&h.to_lowercase())).to_vec());
+        }
+        // runc's tabwriter: columns at least 12 wide, 3 spaces of padding.
+        let widths: Vec<usize> = (0..header.len())
+            .map(|i| {
+                rows.iter()
+                    .map(|r| r[i].len() + 3)
+                    .max()
+                    .unwrap_or(0)
+                    .max(12)
+            })
+            .collect();
+        for row in rows {
+            let last = row.len() - 1;
+            for (i, cell) in row.iter().enumerate() {
+                if i == last {
+                    out.push_str(cell);
+                } else {
+                    out.push_str(&format!("{cell:<w$}", w = widths[i]));
+                }
+            }
+            out.push('\n');
+        }
+    } else {
+        return Err(format!("list: invalid format {format:?}"));
+    }
+    let _ = std::io::stdout().write_all(out.as_bytes());
+    Ok(())
 }
 
 /// The container's cgroup path, as libcontainer resolved it at create.

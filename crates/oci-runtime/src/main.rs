@@ -1,5 +1,5 @@
 //! `berth-runc`: an OCI runtime with runc's command line (the part a containerd shim
-//! uses), built on youki's libcontainer. Berth's shim runs it instead of runc by default.
+//! uses, and `state`/`list` for operators), built on youki's libcontainer. Berth's shim runs it instead of runc by default.
 //!
 //! Why: runc is a Go program, and starting one costs ~12 ms on the hosts Berth is
 //! measured on; a `ctr run --rm` starts runc three times (create, start, delete) plus

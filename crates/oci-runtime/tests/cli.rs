@@ -225,6 +225,54 @@ fn the_new_network_namespace_has_loopback_up() {
     b.ok(&["delete", "lo1"]);
 }
 
+/// `state` and `list`, which operators run against a runtime's root, in runc's shapes.
+#[test]
+fn state_and_list_like_runc() {
+    let b = Bundle::new(&["sleep", "30"], |_| {});
+    let pid = b.create("s1", File::create(b.path("out")).unwrap());
+    let state: serde_json::Value = serde_json::from_str(&b.ok(&["state", "s1"])).unwrap();
+    assert_eq!(state["id"], "s1");
+    assert_eq!(state["status"], "created");
+    assert_eq!(state["pid"], pid);
+    assert_eq!(state["bundle"], b.dir.path().to_string_lossy().as_ref());
+    assert!(
+        state["rootfs"].as_str().unwrap().ends_with("rootfs"),
+        "{state}"
+    );
+    assert!(
+        state["created"].as_str().is_some_and(|c| c.contains('T')),
+        "{state}"
+    );
+    assert_eq!(state["owner"], "root");
+
+    b.ok(&["start", "s1"]);
+    let table = b.ok(&["list"]);
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"]
+    );
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        row[..3],
+        ["s1", pid.to_string().as_str(), "running"],
+        "{table}"
+    );
+    assert_eq!(b.ok(&["list", "-q"]), "s1\n");
+    let json: serde_json::Value =
+        serde_json::from_str(&b.ok(&["list", "--format", "json"])).unwrap();
+    assert_eq!(json[0]["id"], "s1");
+    assert_eq!(json[0]["status"], "running");
+
+    b.ok(&["kill", "s1", "KILL"]);
+    wait_until("the container's process exits", || gone(pid));
+    b.ok(&["delete", "s1"]);
+    assert_eq!(b.ok(&["list", "-q"]), "");
+    let o = b.run(&["state", "s1"], None);
+    assert!(!o.status.success(), "state of a deleted container");
+}
+
 #[test]
 fn exec_ps_pause_resume_update_kill() {
     let b = Bundle::new(&["sleep", "1000"], |_| {});
