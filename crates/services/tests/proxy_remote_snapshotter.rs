@@ -335,9 +335,17 @@ async fn remote_layers_are_linked_not_applied() {
     d.ctr_ok(&["images", "unmount", "--rm", mnt.to_str().unwrap()]);
     assert!(has_busybox, "the linked layer holds bin/busybox");
     if berth_testkit::have("runc") && berth_testkit::have("containerd-shim-runc-v2") {
+        // The runtime's state and the cgroup under this daemon's own names: the
+        // namespace is `default`, which other daemons on the host may use too.
+        let runc_root = d.dir.path().join("runc");
+        let cgroup = format!("/berth-remote-{}/remote-run", std::process::id());
         let out = d.ctr_ok(&[
             "run",
             "--rm",
+            "--runc-root",
+            runc_root.to_str().unwrap(),
+            "--cgroup",
+            &cgroup,
             "--snapshotter",
             "remote",
             name,
@@ -345,6 +353,10 @@ async fn remote_layers_are_linked_not_applied() {
             "echo",
             "hi",
         ]);
+        berth_testkit::remove_runtime_leftovers(
+            "",
+            &format!("/berth-remote-{}", std::process::id()),
+        );
         assert_eq!(out, "hi\n");
     } else {
         eprintln!("not running a container: needs runc and containerd-shim-runc-v2");
