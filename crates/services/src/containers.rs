@@ -19,7 +19,7 @@ use berth_core::events::{EventPublisher, Exchange};
 use berth_core::filters::Filter;
 use berth_metadata::MetadataStore;
 use berth_metadata::containers::{self as records, ContainerRuntime};
-use berth_plugin::{GrpcService, InitContext, Instance, Registration, grpc_instance, types};
+use berth_plugin::{GrpcService, InitContext, Instance, Registration, types};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -238,11 +238,10 @@ pub fn service_registration() -> Registration {
             let store: Arc<MetadataStore> = ctx.get(types::METADATA)?;
             // Containers are GC roots for their snapshot and label references.
             store.register_gc_resource(Arc::new(records::ContainerGc));
-            let service = Arc::new(ContainersService {
+            Ok::<Instance, _>(Arc::new(ContainersService {
                 store,
                 events: ctx.events.clone(),
-            });
-            Ok::<Instance, _>(Arc::new(service))
+            }))
         },
     )
     .requires(&[types::METADATA])
@@ -250,10 +249,5 @@ pub fn service_registration() -> Registration {
 
 /// `io.containerd.grpc.v1.containers`.
 pub fn registration() -> Registration {
-    Registration::new(types::GRPC, "containers", |ctx: InitContext| async move {
-        let service: Arc<ContainersService> =
-            ctx.get_by_id(types::SERVICE, "containers-service")?;
-        Ok::<Instance, _>(grpc_instance(service))
-    })
-    .requires(&[types::SERVICE])
+    crate::grpc_over_service::<ContainersService>("containers", "containers-service")
 }

@@ -9,9 +9,7 @@ use berth_api::types;
 use berth_core::content::{Descriptor, Scope};
 use berth_core::diff::{ApplyConfig, DiffConfig, Differ};
 use berth_core::error::ErrorKind;
-use berth_plugin::{
-    GrpcService, InitContext, Instance, Registration, grpc_instance, types as plugin_types,
-};
+use berth_plugin::{GrpcService, InitContext, Instance, Registration, types as plugin_types};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -166,9 +164,5 @@ pub fn service_registration() -> Registration {
 
 /// `io.containerd.grpc.v1.diff`.
 pub fn registration() -> Registration {
-    Registration::new(plugin_types::GRPC, "diff", |ctx: InitContext| async move {
-        let service: DiffService = ctx.get_by_id(plugin_types::SERVICE, "diff-service")?;
-        Ok::<Instance, _>(grpc_instance(Arc::new(service)))
-    })
-    .requires(&[plugin_types::SERVICE])
+    crate::grpc_over_service::<DiffService>("diff", "diff-service")
 }

@@ -12,7 +12,7 @@ use berth_core::events::{EventPublisher, Exchange};
 use berth_metadata::MetadataStore;
 use berth_metadata::gc::GcScheduler;
 use berth_metadata::images::Image;
-use berth_plugin::{GrpcService, InitContext, Instance, Registration, grpc_instance, types};
+use berth_plugin::{GrpcService, InitContext, Instance, Registration, types};
 use std::sync::Arc;
 use std::time::SystemTime;
 use tonic::{Request, Response, Status};
@@ -201,9 +201,5 @@ pub fn service_registration() -> Registration {
 
 /// `io.containerd.grpc.v1.images`.
 pub fn registration() -> Registration {
-    Registration::new(types::GRPC, "images", |ctx: InitContext| async move {
-        let service: ImagesService = ctx.get_by_id(types::SERVICE, "images-service")?;
-        Ok::<Instance, _>(grpc_instance(Arc::new(service)))
-    })
-    .requires(&[types::SERVICE])
+    crate::grpc_over_service::<ImagesService>("images", "images-service")
 }

@@ -13,7 +13,7 @@ use berth_core::filters::Filter;
 use berth_core::{Error, Result};
 use berth_plugin::{
     GrpcService, InitContext, Instance, PluginRecord, PluginRecords, Registration,
-    Status as PluginStatus, grpc_instance, types,
+    Status as PluginStatus, types,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -171,27 +171,17 @@ pub fn service_registration() -> Registration {
             // UUID stays the same from one release to the next.
             let uuid =
                 load_or_create_uuid(ctx.daemon.root.join("io.containerd.grpc.v1.introspection"))?;
-            let service = Arc::new(IntrospectionService {
+            Ok::<Instance, _>(Arc::new(IntrospectionService {
                 records: ctx.plugin_records(),
                 uuid,
-            });
-            Ok::<Instance, _>(Arc::new(service))
+            }))
         },
     )
 }
 
 /// `io.containerd.grpc.v1.introspection`.
 pub fn registration() -> Registration {
-    Registration::new(
-        types::GRPC,
-        "introspection",
-        |ctx: InitContext| async move {
-            let service: Arc<IntrospectionService> =
-                ctx.get_by_id(types::SERVICE, "introspection-service")?;
-            Ok::<Instance, _>(grpc_instance(service))
-        },
-    )
-    .requires(&[types::SERVICE])
+    crate::grpc_over_service::<IntrospectionService>("introspection", "introspection-service")
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use berth_api::timestamp;
 use berth_metadata::MetadataStore;
 use berth_metadata::gc::GcScheduler;
 use berth_metadata::leases::{Lease, Resource};
-use berth_plugin::{GrpcService, InitContext, Instance, Registration, grpc_instance, types};
+use berth_plugin::{GrpcService, InitContext, Instance, Registration, types};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -152,9 +152,5 @@ pub fn service_registration() -> Registration {
 
 /// `io.containerd.grpc.v1.leases`.
 pub fn registration() -> Registration {
-    Registration::new(types::GRPC, "leases", |ctx: InitContext| async move {
-        let service: LeasesService = ctx.get_by_id(types::SERVICE, "leases-service")?;
-        Ok::<Instance, _>(grpc_instance(Arc::new(service)))
-    })
-    .requires(&[types::SERVICE])
+    crate::grpc_over_service::<LeasesService>("leases", "leases-service")
 }

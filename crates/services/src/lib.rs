@@ -70,6 +70,21 @@ pub fn registrations() -> Vec<berth_plugin::Registration> {
     ]
 }
 
+/// `io.containerd.grpc.v1.<id>`, serving what the service plugin
+/// `io.containerd.service.v1.<service_id>` provides: containerd's layering, where the
+/// service plugin holds the logic and the gRPC plugin only exposes it.
+fn grpc_over_service<S: berth_plugin::GrpcService + Clone + 'static>(
+    id: &'static str,
+    service_id: &'static str,
+) -> berth_plugin::Registration {
+    use berth_plugin::{InitContext, Instance, Registration, grpc_instance, types};
+    Registration::new(types::GRPC, id, move |ctx: InitContext| async move {
+        let service: S = ctx.get_by_id(types::SERVICE, service_id)?;
+        Ok::<Instance, _>(grpc_instance(std::sync::Arc::new(service)))
+    })
+    .requires(&[types::SERVICE])
+}
+
 /// Maps an error to the gRPC status containerd's `errdefs.ToGRPC` would send; the message
 /// is kept verbatim so `ctr` prints what containerd's would.
 pub fn status(err: Error) -> Status {

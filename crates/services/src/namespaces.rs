@@ -13,7 +13,7 @@ use berth_core::filters::Filter;
 use berth_core::labels::Labels;
 use berth_core::{Error, fieldpath};
 use berth_metadata::MetadataStore;
-use berth_plugin::{GrpcService, InitContext, Instance, Registration, grpc_instance, types};
+use berth_plugin::{GrpcService, InitContext, Instance, Registration, types};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -173,11 +173,10 @@ pub fn service_registration() -> Registration {
         "namespaces-service",
         |ctx: InitContext| async move {
             let store: Arc<MetadataStore> = ctx.get(types::METADATA)?;
-            let service = Arc::new(NamespacesService {
+            Ok::<Instance, _>(Arc::new(NamespacesService {
                 store,
                 events: ctx.events.clone(),
-            });
-            Ok::<Instance, _>(Arc::new(service))
+            }))
         },
     )
     .requires(&[types::METADATA])
@@ -185,10 +184,5 @@ pub fn service_registration() -> Registration {
 
 /// `io.containerd.grpc.v1.namespaces`.
 pub fn registration() -> Registration {
-    Registration::new(types::GRPC, "namespaces", |ctx: InitContext| async move {
-        let service: Arc<NamespacesService> =
-            ctx.get_by_id(types::SERVICE, "namespaces-service")?;
-        Ok::<Instance, _>(grpc_instance(service))
-    })
-    .requires(&[types::SERVICE])
+    crate::grpc_over_service::<NamespacesService>("namespaces", "namespaces-service")
 }

@@ -23,7 +23,7 @@ use berth_core::mount::Mount;
 use berth_core::runtime::{CreateOpts, IoConfig, ProcessState, Runtime, Task, TaskStatus};
 use berth_core::{Error, Result};
 use berth_metadata::MetadataStore;
-use berth_plugin::{GrpcService, InitContext, Instance, Registration, grpc_instance, types};
+use berth_plugin::{GrpcService, InitContext, Instance, Registration, types};
 use prost_types::Any;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -465,7 +465,7 @@ pub fn service_registration() -> Registration {
         |ctx: InitContext| async move {
             let store: Arc<MetadataStore> = ctx.get(types::METADATA)?;
             let runtime: Arc<dyn Runtime> = ctx.get(types::RUNTIME_V2)?;
-            Ok::<Instance, _>(Arc::new(Arc::new(TasksService { store, runtime })))
+            Ok::<Instance, _>(Arc::new(TasksService { store, runtime }))
         },
     )
     .requires(&[types::METADATA, types::RUNTIME_V2])
@@ -473,9 +473,5 @@ pub fn service_registration() -> Registration {
 
 /// `io.containerd.grpc.v1.tasks`.
 pub fn registration() -> Registration {
-    Registration::new(types::GRPC, "tasks", |ctx: InitContext| async move {
-        let service: Arc<TasksService> = ctx.get_by_id(types::SERVICE, "tasks-service")?;
-        Ok::<Instance, _>(grpc_instance(service))
-    })
-    .requires(&[types::SERVICE])
+    crate::grpc_over_service::<TasksService>("tasks", "tasks-service")
 }
