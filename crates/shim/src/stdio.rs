@@ -155,16 +155,7 @@ impl Drop for BinaryLogger {
                 if sys::poll_read(&[pidfd.as_raw_fd()], LOGGER_EXIT_GRACE_MS)
                     .is_ok_and(|ready| ready.is_empty())
                 {
-                    // SAFETY: pidfd_send_signal with a valid pidfd and no siginfo.
-                    unsafe {
-                        libc::syscall(
-                            libc::SYS_pidfd_send_signal,
-                            pidfd.as_raw_fd(),
-                            libc::SIGKILL,
-                            std::ptr::null::<libc::siginfo_t>(),
-                            0,
-                        );
-                    }
+                    sys::kill_through_pidfd(&pidfd);
                 }
             });
     }
@@ -263,16 +254,7 @@ fn start_binary_logger(
     drop((out_r, err_r, ready_w));
     let kill = |logger: Option<BinaryLogger>| {
         if let Some(l) = &logger {
-            // SAFETY: as in BinaryLogger::drop.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    l.pidfd.as_raw_fd(),
-                    libc::SIGKILL,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                );
-            }
+            sys::kill_through_pidfd(&l.pidfd);
         }
     };
     match sys::poll_read(&[ready_r.as_raw_fd()], LOGGER_READY_TIMEOUT_MS) {

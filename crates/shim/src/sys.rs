@@ -360,6 +360,20 @@ pub fn json_escape(s: &str) -> String {
     o
 }
 
+/// SIGKILLs the process `pidfd` refers to (never a process that reused its pid).
+pub fn kill_through_pidfd(pidfd: &File) {
+    // SAFETY: pidfd_send_signal with a descriptor we hold and no siginfo.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        );
+    }
+}
+
 /// Starts `program` with `args`, exactly the environment `env`, stdin/stdout/stderr on
 /// /dev/null and `fds` as descriptors 3, 4, … (everything else closed on exec); returns
 /// its pid. Never waits for it: the shim's monitor reaps every child, so std's `Command`

@@ -88,6 +88,15 @@ impl Env {
         self.ctr(&a)
     }
 
+    /// `ctr task pause`, then `resume`, each seen in `task ls`.
+    fn pause_and_resume(&self, id: &str) {
+        for (action, status) in [("pause", "PAUSED"), ("resume", "RUNNING")] {
+            let o = self.ctr(&["task", action, id]);
+            assert!(o.status.success(), "{}", show(&o));
+            assert_eq!(self.task_status(id).as_deref(), Some(status));
+        }
+    }
+
     fn task_status(&self, id: &str) -> Option<String> {
         let out = self.ctr(&["task", "ls"]);
         String::from_utf8_lossy(&out.stdout)
@@ -455,12 +464,7 @@ fn detached_task_lifecycle() {
     assert!(o.status.success(), "{}", show(&o));
     assert_eq!(ex.wait().unwrap().code(), Some(137));
 
-    let o = env.ctr(&["task", "pause", "d1"]);
-    assert!(o.status.success(), "{}", show(&o));
-    assert_eq!(env.task_status("d1").as_deref(), Some("PAUSED"));
-    let o = env.ctr(&["task", "resume", "d1"]);
-    assert!(o.status.success(), "{}", show(&o));
-    assert_eq!(env.task_status("d1").as_deref(), Some("RUNNING"));
+    env.pause_and_resume("d1");
 
     let o = env.ctr(&["task", "metrics", "d1"]);
     assert!(o.status.success(), "{}", show(&o));
@@ -851,12 +855,7 @@ fn berth_runc_is_the_default_and_seccomp_goes_to_runc() {
         state.display()
     );
     // The whole task API works through it (the other tests here run on it too).
-    let o = env.ctr(&["task", "pause", "br"]);
-    assert!(o.status.success(), "{}", show(&o));
-    assert_eq!(env.task_status("br").as_deref(), Some("PAUSED"));
-    let o = env.ctr(&["task", "resume", "br"]);
-    assert!(o.status.success(), "{}", show(&o));
-    assert_eq!(env.task_status("br").as_deref(), Some("RUNNING"));
+    env.pause_and_resume("br");
 
     // berth-runc has no seccomp: such a spec runs under runc instead, never unfiltered.
     let o = env.run(&["-d", "--seccomp"], "sc", &["sleep", "1000"]);
