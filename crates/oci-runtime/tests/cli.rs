@@ -2,6 +2,7 @@
 //! busybox-static, config.json from `runc spec`), real namespaces, mounts and cgroups.
 //! Needs root.
 
+use berth_testkit::process_gone;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -138,20 +139,6 @@ fn nix_is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-fn gone(pid: u32) -> bool {
-    // The container's init is reparented to our init process, which reaps it; a zombie
-    // counts as gone.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-        .unwrap_or(true)
-}
-
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let t = Instant::now();
     while !done() {
@@ -165,7 +152,7 @@ fn create_start_delete_like_runc() {
     let b = Bundle::new(&["sh", "-c", "echo hi from berth-runc"], |_| {});
     let out = b.path("out");
     let pid = b.create("c1", File::create(&out).unwrap());
-    assert!(!gone(pid), "init {pid} must wait for start");
+    assert!(!process_gone(pid), "init {pid} must wait for start");
     assert!(
         b.cgroup_file("memory", "cgroup.procs")
             .contains(&pid.to_string()),
@@ -182,7 +169,7 @@ fn create_start_delete_like_runc() {
         );
     }
     b.ok(&["start", "c1"]);
-    wait_until("the container's process exits", || gone(pid));
+    wait_until("the container's process exits", || process_gone(pid));
     assert_eq!(
         std::fs::read_to_string(&out).unwrap(),
         "hi from berth-runc\n"
@@ -214,7 +201,7 @@ fn the_new_network_namespace_has_loopback_up() {
     let out = b.path("out");
     let pid = b.create("lo1", File::create(&out).unwrap());
     b.ok(&["start", "lo1"]);
-    wait_until("the container's process exits", || gone(pid));
+    wait_until("the container's process exits", || process_gone(pid));
     let flags = std::fs::read_to_string(&out).unwrap();
     let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap();
     assert_eq!(
@@ -266,7 +253,7 @@ fn state_and_list_like_runc() {
     assert_eq!(json[0]["status"], "running");
 
     b.ok(&["kill", "s1", "KILL"]);
-    wait_until("the container's process exits", || gone(pid));
+    wait_until("the container's process exits", || process_gone(pid));
     b.ok(&["delete", "s1"]);
     assert_eq!(b.ok(&["list", "-q"]), "");
     let o = b.run(&["state", "s1"], None);
@@ -307,7 +294,7 @@ fn exec_ps_pause_resume_update_kill() {
         .trim()
         .parse()
         .unwrap();
-    wait_until("the exec'd process exits", || gone(exec_pid));
+    wait_until("the exec'd process exits", || process_gone(exec_pid));
     let text = std::fs::read_to_string(&exec_out).unwrap();
     assert!(text.starts_with("in-exec\n"), "{text}");
     let placement: Vec<&str> = text.lines().skip(1).collect();
@@ -338,7 +325,7 @@ fn exec_ps_pause_resume_update_kill() {
     assert_eq!(b.cgroup_file("pids", "pids.max").trim(), "50");
 
     b.ok(&["kill", "c2", "9"]);
-    wait_until("the container stops", || gone(pid));
+    wait_until("the container stops", || process_gone(pid));
     let o = b.run(&["kill", "c2", "KILL"], None);
     assert!(!o.status.success(), "killing a stopped container must fail");
     b.ok(&["delete", "c2"]);
@@ -360,7 +347,7 @@ fn the_init_cannot_be_used_to_overwrite_the_host_binary() {
         .open(format!("/proc/{pid}/exe"))
         .unwrap();
     b.ok(&["delete", "--force", "c3"]);
-    wait_until("the init is killed", || gone(pid));
+    wait_until("the init is killed", || process_gone(pid));
     let reopen = std::fs::OpenOptions::new()
         .write(true)
         .open(format!("/proc/self/fd/{}", handle.as_raw_fd()));

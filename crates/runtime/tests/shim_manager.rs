@@ -252,17 +252,7 @@ async fn dead_shims_are_cleaned_up_and_their_exit_reported() {
     assert!(m.get(&ns, "victim").await.is_err());
     // The container's process was killed by `shim delete` (it may linger as a zombie of
     // PID 1, which is not ours to reap).
-    let gone = || {
-        std::fs::read_to_string(format!("/proc/{task_pid}/stat"))
-            .map(|s| {
-                s.rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z')
-            })
-            .unwrap_or(true)
-    };
+    let gone = || berth_testkit::process_gone(task_pid);
     for _ in 0..50 {
         if gone() {
             break;

@@ -378,6 +378,20 @@ fn remove_empty_tree(dir: &Path) {
     }
 }
 
+/// Whether process `pid` has exited: no longer in /proc, or a zombie (a container's
+/// init reparented to a PID 1 that is not ours to reap).
+pub fn process_gone(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(true)
+}
+
 /// Kills every process whose cwd or executable lies under `dir`.
 pub fn kill_processes_under(dir: &Path) {
     let Ok(entries) = std::fs::read_dir("/proc") else {
