@@ -21,7 +21,7 @@ use berth_api::services::images::v1::GetImageRequest;
 use berth_api::services::leases::v1::{CreateRequest as LeaseCreate, DeleteRequest as LeaseDelete};
 use berth_api::services::snapshots::v1::snapshots_client::SnapshotsClient;
 use berth_api::services::snapshots::v1::{
-    PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+    MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
 };
 use berth_api::services::tasks::v1::tasks_client::TasksClient;
 use berth_api::services::tasks::v1::{
@@ -122,7 +122,7 @@ pub struct ExecArgs {
     /// Set an environment variable (K=V), may be repeated
     #[arg(long = "env", short = 'e', value_name = "K=V")]
     pub env: Vec<String>,
-    /// Run as UID or UID:GID instead of the container's user
+    /// Run as USER[:GROUP] (names or ids, from the container's /etc/passwd and /etc/group)
     #[arg(long, short = 'u')]
     pub user: Option<String>,
     /// Working directory instead of the container's
@@ -429,7 +429,8 @@ fn read_users(mounts: &[Mount]) -> Result<(String, String), CliError> {
         .map_err(|e| CliError(format!("temporary mount point: {e}")))?;
     let mut flags = MsFlags::MS_RDONLY;
     let mut data = vec![];
-    for o in &m.options {
+    let options = read_only_overlay(&m.options);
+    for o in &options {
         match o.as_str() {
             "ro" | "rw" => {}
             "bind" => flags |= MsFlags::MS_BIND,
@@ -454,6 +455,23 @@ fn read_users(mounts: &[Mount]) -> Result<(String, String), CliError> {
     let users = read_user_files(dir.path());
     let _ = nix::mount::umount2(dir.path(), MntFlags::MNT_DETACH);
     Ok(users?)
+}
+
+/// An overlay's options without its upper and work directories, the upper one becoming
+/// the top lower layer (containerd's `tryReadonlyMounts`): the same files, read-only,
+/// and mountable while the container's own overlay uses that upper directory.
+fn read_only_overlay(options: &[String]) -> Vec<String> {
+    let Some(upper) = options.iter().find_map(|o| o.strip_prefix("upperdir=")) else {
+        return options.to_vec();
+    };
+    options
+        .iter()
+        .filter(|o| !o.starts_with("upperdir=") && !o.starts_with("workdir="))
+        .map(|o| match o.strip_prefix("lowerdir=") {
+            Some(lower) => format!("lowerdir={upper}:{lower}"),
+            None => o.clone(),
+        })
+        .collect()
 }
 
 fn parse_kv(items: &[String], what: &str) -> Result<HashMap<String, String>, CliError> {
@@ -832,6 +850,26 @@ pub async fn exec(address: &str, ns: &str, a: ExecArgs) -> Result<(), CliError> 
             return Err(CliError(format!("--env {e:?}: expected K=V")));
         }
     }
+    // As `ctr task exec --user`: the user is resolved against the container's own
+    // /etc/passwd and /etc/group, read from its snapshot.
+    let users = match &a.user {
+        Some(_) => {
+            let mounts = snapshots(&c)
+                .mounts(c.request(MountsRequest {
+                    snapshotter: container.snapshotter.clone(),
+                    key: container.snapshot_key.clone(),
+                }))
+                .await
+                .map_err(grpc(&format!(
+                    "exec --user: the mounts of snapshot {}",
+                    container.snapshot_key
+                )))?
+                .into_inner()
+                .mounts;
+            Some(read_users(&mounts)?)
+        }
+        None => None,
+    };
     let process = spec::exec_process(
         &spec,
         &Overrides {
@@ -843,6 +881,7 @@ pub async fn exec(address: &str, ns: &str, a: ExecArgs) -> Result<(), CliError> 
             cwd: a.workdir.clone(),
             entrypoint: None,
         },
+        users.as_ref().map(|(p, g)| (p.as_str(), g.as_str())),
     )
     .map_err(internal("exec"))?;
     let process = prost_types::Any {
@@ -1227,6 +1266,25 @@ mod tests {
             read_within_10s(&f.root).unwrap(),
             (String::new(), String::new())
         );
+    }
+
+    #[test]
+    fn the_upper_directory_becomes_the_top_lower_layer_when_reading_users() {
+        let o = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            read_only_overlay(&o(&[
+                "index=off",
+                "workdir=/s/3/work",
+                "upperdir=/s/3/fs",
+                "lowerdir=/s/2/fs:/s/1/fs",
+            ])),
+            o(&["index=off", "lowerdir=/s/3/fs:/s/2/fs:/s/1/fs"])
+        );
+        // A view (lower layers only) and a bind mount are already read-only views.
+        let view = o(&["lowerdir=/s/2/fs:/s/1/fs"]);
+        assert_eq!(read_only_overlay(&view), view);
+        let bind = o(&["rbind", "rw"]);
+        assert_eq!(read_only_overlay(&bind), bind);
     }
 
     /// `read_users` itself: the root, given as containerd's bind mount, is mounted

@@ -502,9 +502,10 @@ fn set_console_size(p: &mut Process, terminal: bool, size: Option<(u32, u32)>) {
 
 /// The process of an exec in a container whose spec is `spec`: its user, env, cwd,
 /// capabilities and limits (what `ctr task exec` starts from), with the args, terminal
-/// and `o`'s env, user and cwd applied. The user must be numeric: names would need the
-/// container's /etc/passwd, which is inside its running root file system.
-pub fn exec_process(spec: &Spec, o: &Overrides) -> Result<Process> {
+/// and `o`'s env, user and cwd applied. `users` are the container's /etc/passwd and
+/// /etc/group (`None`: treated as empty), which `o.user` is resolved against as
+/// `ctr task exec --user` does (a name, or a lone uid's primary group).
+pub fn exec_process(spec: &Spec, o: &Overrides, users: Option<(&str, &str)>) -> Result<Process> {
     let mut p = spec
         .process()
         .clone()
@@ -521,21 +522,14 @@ pub fn exec_process(spec: &Spec, o: &Overrides) -> Result<Process> {
     }
     p.set_env(Some(e));
     if let Some(user) = &o.user {
-        let (uid, gid) = match parse_user(user)? {
-            (Id::Num(uid), None) => (uid, 0),
-            (Id::Num(uid), Some(Id::Num(gid))) => (uid, gid),
-            _ => {
-                return Err(Error::invalid_argument(format!(
-                    "exec --user {user:?}: give a numeric UID[:GID] (names are resolved only by run)"
-                )));
-            }
-        };
+        let (passwd, group) = users.unwrap_or(("", ""));
+        let r = resolve_user(Some(user), passwd, group)?;
         // As containerd's WithUser: the container user's supplementary groups are not
         // the exec'd user's; only its primary group is kept.
         let u = p.user_mut();
-        u.set_uid(uid);
-        u.set_gid(gid);
-        u.set_additional_gids(Some(vec![gid]));
+        u.set_uid(r.uid);
+        u.set_gid(r.gid);
+        u.set_additional_gids(Some(vec![r.gid]));
     }
     if let Some(cwd) = &o.cwd {
         p.set_cwd(cwd.into());
@@ -746,7 +740,7 @@ mod tests {
             user: Some("5:6".into()),
             ..Default::default()
         };
-        let p = exec_process(&s, &o).unwrap();
+        let p = exec_process(&s, &o, Some((PASSWD, GROUP))).unwrap();
         assert_eq!(p.user().additional_gids().as_deref(), Some(&[6][..]));
     }
 
@@ -805,7 +799,7 @@ mod tests {
             let e = apply_image(&mut s, &img, &o, Some((PASSWD, GROUP))).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidArgument, "run {user:?}: {e}");
             let s = default_spec("default", "x").unwrap();
-            let e = exec_process(&s, &o).unwrap_err();
+            let e = exec_process(&s, &o, Some((PASSWD, GROUP))).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidArgument, "exec {user:?}: {e}");
             assert!(e.to_string().contains("out of range"), "exec {user:?}: {e}");
         }
@@ -917,7 +911,7 @@ mod tests {
             env: vec!["B=2".into()],
             ..Default::default()
         };
-        let p = exec_process(&s, &o).unwrap();
+        let p = exec_process(&s, &o, None).unwrap();
         assert_eq!(p.args().as_ref().unwrap(), &["id"]);
         assert_eq!((p.user().uid(), p.user().gid()), (7, 8));
         assert_eq!(p.cwd().to_str(), Some("/srv"));
@@ -932,15 +926,39 @@ mod tests {
             cwd: Some("/tmp".into()),
             ..Default::default()
         };
-        let p = exec_process(&s, &o).unwrap();
+        let p = exec_process(&s, &o, None).unwrap();
         assert_eq!((p.user().uid(), p.user().gid()), (5, 0));
         assert_eq!(p.cwd().to_str(), Some("/tmp"));
-        let o = Overrides {
+        // Against the container's own files, as `ctr task exec --user`: a name, and a
+        // lone uid's primary group; only the primary group is kept.
+        let passwd = "root:x:0:0::/root:/bin/sh\nwww:x:33:44::/var/www:/bin/sh\n";
+        let group = "www:x:44:\nadm:x:4:www\n";
+        let named = Overrides {
             user: Some("www".into()),
+            ..o.clone()
+        };
+        let p = exec_process(&s, &named, Some((passwd, group))).unwrap();
+        assert_eq!((p.user().uid(), p.user().gid()), (33, 44));
+        assert_eq!(p.user().additional_gids().as_deref(), Some(&[44][..]));
+        let by_uid = Overrides {
+            user: Some("33".into()),
+            ..o.clone()
+        };
+        let p = exec_process(&s, &by_uid, Some((passwd, group))).unwrap();
+        assert_eq!((p.user().uid(), p.user().gid()), (33, 44));
+        let group_name = Overrides {
+            user: Some("root:adm".into()),
+            ..o.clone()
+        };
+        let p = exec_process(&s, &group_name, Some((passwd, group))).unwrap();
+        assert_eq!((p.user().uid(), p.user().gid()), (0, 4));
+        let missing = Overrides {
+            user: Some("nobody".into()),
             ..o
         };
-        let e = exec_process(&s, &o).unwrap_err();
-        assert!(e.to_string().contains("numeric"), "{e}");
+        let e = exec_process(&s, &missing, Some((passwd, group))).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+        assert!(e.to_string().contains("nobody"), "{e}");
     }
 
     #[test]

@@ -544,6 +544,31 @@ fn users_get_their_groups_and_out_of_range_ids_fail() {
             .map(|g| g.as_u64().unwrap() as u32)
             .collect();
     assert_eq!(spec_gids, member_gids(&etc_group, "nobody", 65534));
+    // exec --user by name, resolved in the running container's files (its snapshot
+    // mounted read-only beside the container's own overlay), as `ctr task exec` does.
+    let by_berth = env.ok(&["exec", "-u", "root", "g", "id"]);
+    assert!(
+        by_berth.starts_with("uid=0(root) gid=0(root)"),
+        "{by_berth}"
+    );
+    let by_ctr = env.ctr(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "u1",
+        "--user",
+        "root",
+        "g",
+        "id",
+    ]);
+    assert_eq!(by_berth, by_ctr);
+    let out = env.ok(&["exec", "-u", "0:nogroup", "g", "id", "-g"]);
+    assert_eq!(out.trim(), "65534", "the fixture's nogroup");
+    let err = env.err(&["exec", "-u", "no-such-user", "g", "id"]);
+    assert!(
+        err.contains("no-such-user") && err.contains("/etc/passwd"),
+        "{err}"
+    );
     assert_eq!(env.ok(&["rm", "-f", "g"]), "g\n");
     let out = env.ok(&["run", "--rm", "-u", "1234:5678", IMAGE, "id", "-G"]);
     assert_eq!(id_groups(&out), [5678].into(), "{out}");
