@@ -1,1 +1,124 @@
+//! Kubernetes' Container Runtime Interface: the plugin `io.containerd.grpc.v1.cri`,
+//! served on berthd's main gRPC socket as containerd 1.6's CRI plugin is.
+//!
+//! Built so far:
+//! - `runtime.v1.ImageService` in full ([`image_service`]): pulls through the
+//!   daemon-side transfer (`berth-transfer`, the same pipeline as `ctr transfer`) with
+//!   unpack into the configured snapshotter, the records containerd's CRI writes (tag,
+//!   repo digest and image ID, labelled `io.cri-containerd.image=managed`), the image
+//!   view of every record of namespace `k8s.io` ([`images`]), removal with a synchronous
+//!   collection, and the image filesystem's usage;
+//! - `runtime.v1.RuntimeService`'s `Version` and `Status` ([`runtime_service`]); every
+//!   other runtime RPC answers `Unimplemented` saying it is not built yet.
+//!
+//! The types and stubs ([`api`]) are generated at build time from the `v1.proto` the
+//! `k8s-cri` package ships (see `build.rs`).
 
+pub mod api {
+    //! The CRI `runtime.v1` messages, server and client stubs.
+    #![allow(clippy::all)]
+    tonic::include_proto!("runtime.v1");
+}
+
+pub mod auth;
+pub mod config;
+pub mod image_service;
+pub mod images;
+pub mod reference;
+pub mod runtime_service;
+
+use berth_core::events::Exchange;
+use berth_metadata::MetadataStore;
+use berth_metadata::snapshots::Snapshotters;
+use berth_plugin::{GrpcService, InitContext, Instance, Registration, grpc_instance, types};
+use berth_services::images::ImagesService;
+use berth_transfer::LocalTransfer;
+use config::CriConfig;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The containerd namespace the CRI keeps everything in.
+pub const K8S_NAMESPACE: &str = "k8s.io";
+/// containerd's label marking an image record as written by the CRI plugin.
+pub const MANAGED_LABEL: &str = "io.cri-containerd.image";
+pub const MANAGED_LABEL_VALUE: &str = "managed";
+
+/// The plugin's gRPC services (image and runtime) over the daemon's stores.
+#[derive(Clone)]
+pub struct CriService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    transfer: Arc<LocalTransfer>,
+    /// Berth's own images service: records created and removed through it publish
+    /// containerd's events, and a synchronous delete waits for the collection.
+    images: ImagesService,
+    view: Arc<images::ImageView>,
+    snapshotters: Snapshotters,
+    config: CriConfig,
+    events: Exchange,
+    /// containerd's `imageFSPath`: `{root}/io.containerd.snapshotter.v1.<snapshotter>`.
+    image_fs_path: PathBuf,
+}
+
+impl GrpcService for CriService {
+    fn register(
+        &self,
+        routes: &mut tonic::service::RoutesBuilder,
+        limits: berth_plugin::MessageLimits,
+    ) {
+        routes.add_service(
+            api::image_service_server::ImageServiceServer::new(self.clone())
+                .max_decoding_message_size(limits.max_recv)
+                .max_encoding_message_size(limits.max_send),
+        );
+        routes.add_service(
+            api::runtime_service_server::RuntimeServiceServer::new(self.clone())
+                .max_decoding_message_size(limits.max_recv)
+                .max_encoding_message_size(limits.max_send),
+        );
+    }
+}
+
+/// `io.containerd.grpc.v1.cri`.
+pub fn registration() -> Registration {
+    Registration::new(types::GRPC, "cri", |ctx: InitContext| async move {
+        let config = CriConfig::from_section(&ctx.config)?;
+        let md: Arc<MetadataStore> = ctx.get(types::METADATA)?;
+        let content = md.content_store().ok_or_else(|| {
+            berth_core::Error::failed_precondition(
+                "no content store is attached to the metadata store",
+            )
+        })?;
+        let transfer: Arc<LocalTransfer> = ctx.get_by_id(types::TRANSFER, "local")?;
+        let images: ImagesService = ctx.get_by_id(types::SERVICE, "images-service")?;
+        let snapshotters: Snapshotters = ctx.get_by_id(types::SERVICE, "snapshots-service")?;
+        // The snapshotter must exist now: a typo should show in `ctr plugins ls`, not at
+        // the first pull.
+        snapshotters
+            .get(&config.containerd.snapshotter)
+            .map_err(|e| {
+                e.context("[plugins.\"io.containerd.grpc.v1.cri\".containerd] snapshotter")
+            })?;
+        let image_fs_path = ctx.daemon.root.join(format!(
+            "{}.{}",
+            types::SNAPSHOT,
+            config.containerd.snapshotter
+        ));
+        let service = CriService {
+            inner: Arc::new(Inner {
+                transfer,
+                images,
+                view: Arc::new(images::ImageView::new(md, content, K8S_NAMESPACE)),
+                snapshotters,
+                config,
+                events: ctx.events.clone(),
+                image_fs_path,
+            }),
+        };
+        Ok::<Instance, _>(grpc_instance(Arc::new(service)))
+    })
+    .requires(&[types::METADATA, types::SERVICE, types::TRANSFER])
+    .with_config::<CriConfig>()
+}

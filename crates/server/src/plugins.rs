@@ -19,6 +19,7 @@ pub fn all_registrations() -> Vec<Registration> {
     registrations.push(crate::lazy_native::registration());
     registrations.extend(berth_diff::registrations());
     registrations.extend(berth_runtime::registrations());
+    registrations.push(berth_cri::registration());
     registrations
 }
 
