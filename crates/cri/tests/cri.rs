@@ -48,9 +48,7 @@ fn hosts_dir(dir: &Path, registry: &Registry) {
         std::fs::create_dir_all(dir.join(&name)).unwrap();
         std::fs::write(
             dir.join(&name).join("hosts.toml"),
-            format!(
-                "server = \"http://{host}\"\n\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-            ),
+            format!("server = \"http://{host}\"\n"),
         )
         .unwrap();
     }
@@ -345,7 +343,7 @@ async fn pull_list_status_fsinfo_and_remove_like_containerd() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pull_from_a_registry_with_basic_auth_uses_the_request_auth() {
+async fn pull_from_a_registry_with_basic_auth_uses_the_request_or_configured_auth() {
     if registry_tools_missing() {
         return;
     }
@@ -389,8 +387,10 @@ async fn pull_from_a_registry_with_basic_auth_uses_the_request_auth() {
         ),
     ] {
         let err = pull(auth).await.unwrap_err();
+        // What the registry answered, after what the CRI was doing.
         assert!(
-            err.message().starts_with("failed to pull and unpack image"),
+            err.message().starts_with("failed to pull and unpack image")
+                && err.message().contains("401 Unauthorized"),
             "{what}: {err}"
         );
         assert!(k8s_records(&daemon).is_empty(), "{what}");
@@ -421,6 +421,48 @@ async fn pull_from_a_registry_with_basic_auth_uses_the_request_auth() {
         .into_inner()
         .image_ref;
     assert_eq!(again, id);
+    drop(daemon);
+
+    // Without auth in the request, the config's `registry.configs.<host>.auth` is used.
+    let configured = format!(
+        "{}[plugins.\"io.containerd.grpc.v1.cri\".registry.configs.{:?}.auth]\n  username = \"kube\"\n  password = \"s3cret\"\n",
+        cri_config(hosts.path()),
+        registry.host()
+    );
+    let daemon = Daemon::start_with_config(&configured);
+    let pulled = ImageServiceClient::new(channel(&daemon))
+        .pull_image(api::PullImageRequest {
+            image: spec(&reference),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("PullImage with configured auth: {s}\n{}", daemon.log()))
+        .into_inner();
+    assert_eq!(pulled.image_ref, id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deprecated_registry_mirrors_are_honoured() {
+    if registry_tools_missing() {
+        return;
+    }
+    let fixtures = berth_testkit::fixtures();
+    let registry = Registry::start();
+    registry.push_oci_archive(&fixtures.join("busybox.oci.tar"), "library/busybox:latest");
+    // containerd 1.6's older form, which berthd turns into a hosts directory at start.
+    let daemon = Daemon::start_with_config(&format!(
+        "[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"docker.io\"]\n  endpoint = [\"http://{}\"]\n",
+        registry.host()
+    ));
+    let pulled = ImageServiceClient::new(channel(&daemon))
+        .pull_image(api::PullImageRequest {
+            image: spec("busybox:latest"),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("PullImage through a mirror: {s}\n{}", daemon.log()));
+    assert!(pulled.into_inner().image_ref.starts_with("sha256:"));
+    assert!(k8s_records(&daemon).iter().any(|(name, _)| name == TAG));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
