@@ -23,7 +23,9 @@ fn a_crash_during_unpack_leaves_a_store_the_next_import_and_gc_repair() {
     let tar = fx.join("layers.oci.tar");
     let expected = std::fs::read_to_string(fx.join("layers.expected")).unwrap();
     let mut d = Daemon::start();
-    let snapshot_dirs = d.root.join("io.containerd.snapshotter.v1.overlayfs/snapshots");
+    let snapshot_dirs = d
+        .root
+        .join("io.containerd.snapshotter.v1.overlayfs/snapshots");
     let blobs = d.root.join("io.containerd.content.v1.content/blobs/sha256");
     // Round n kills the daemon once the import has made n snapshot directories: during
     // the ingest (n = 0, after 100 ms), then as soon as the n-th layer's extraction
@@ -61,7 +63,12 @@ fn a_crash_during_unpack_leaves_a_store_the_next_import_and_gc_repair() {
         d.spawn()
             .unwrap_or_else(|log| panic!("round {made}: berthd did not start again:\n{log}"));
         let finished = wait_or_kill(&mut import, Duration::from_secs(60));
-        if !finished || !d.ctr_ok(&["images", "ls", "-q"]).lines().any(|l| l == IMAGE) {
+        if !finished
+            || !d
+                .ctr_ok(&["images", "ls", "-q"])
+                .lines()
+                .any(|l| l == IMAGE)
+        {
             let out = d.ctr_ok(&["images", "import", tar.to_str().unwrap()]);
             assert!(out.contains("done"), "round {made}: {out}");
         }
