@@ -10,7 +10,7 @@ use berth_core::{Error, Result};
 use berth_metadata::MetadataStore;
 use berth_remotes::Platform;
 use berth_remotes::manifest::{is_index, parse_index, parse_manifest, select_platform};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 /// Manifests, indexes and configs larger than this are refused rather than read.
@@ -65,7 +65,7 @@ impl ImageView {
     pub fn list(&self) -> Result<Vec<CriImage>> {
         let records = self.md.list_images(&self.namespace, &[])?;
         let mut by_id: BTreeMap<String, CriImage> = BTreeMap::new();
-        let mut seen_targets = Vec::with_capacity(records.len());
+        let mut seen_targets = HashSet::with_capacity(records.len());
         for record in records {
             let facts = match self.facts_for(&record.target) {
                 Ok(facts) => facts,
@@ -74,7 +74,7 @@ impl ImageView {
                     continue;
                 }
             };
-            seen_targets.push(record.target.digest.clone());
+            seen_targets.insert(record.target.digest.clone());
             by_id
                 .entry(facts.id.clone())
                 .or_insert_with(|| CriImage {
@@ -129,6 +129,7 @@ impl ImageView {
         Ok(found)
     }
 
+    /// What the content of an image record's `target` says (cached by its digest).
     pub fn facts_for(&self, target: &berth_core::content::Descriptor) -> Result<Arc<ImageFacts>> {
         if let Some(facts) = self.facts.lock().unwrap().get(&target.digest) {
             return Ok(facts.clone());

@@ -466,7 +466,7 @@ async fn deprecated_registry_mirrors_are_honoured() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runtime_service_answers_version_and_status_and_nothing_it_cannot_do() {
+async fn version_status_and_an_empty_image_service_and_nothing_it_cannot_do() {
     let daemon = Daemon::start();
     let mut runtime = RuntimeServiceClient::new(channel(&daemon));
     let version = runtime
@@ -512,6 +512,28 @@ async fn runtime_service_answers_version_and_status_and_nothing_it_cannot_do() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented, "{err}");
+
+    // The image service on a daemon that has no k8s.io namespace yet.
+    let mut images = ImageServiceClient::new(channel(&daemon));
+    let listed = images
+        .list_images(api::ListImagesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.images.is_empty());
+    assert!(status_of(&mut images, "busybox").await.is_none());
+    images
+        .remove_image(api::RemoveImageRequest {
+            image: spec("busybox"),
+        })
+        .await
+        .unwrap();
+    let fs = images
+        .image_fs_info(api::ImageFsInfoRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fs.image_filesystems[0].used_bytes.unwrap().value, 0);
 
     // The plugin is listed as containerd lists its CRI plugin.
     let listing = daemon.ctr_ok(&["plugins", "ls", "id==cri"]);
