@@ -48,6 +48,10 @@ impl DaemonState {
         }
     }
 
+    pub fn version(&self) -> &'static str {
+        self.inner.version
+    }
+
     pub fn uptime_seconds(&self) -> f64 {
         self.inner.started.elapsed().as_secs_f64()
     }
@@ -108,7 +112,7 @@ impl DaemonState {
         );
         let _ = writeln!(
             out,
-            "grpc calls in flight: {}; event subscribers: {}; tasks: not tracked yet (no runtime plugin)",
+            "grpc calls in flight: {}; event subscribers: {}",
             self.in_flight(),
             self.event_subscribers()
         );

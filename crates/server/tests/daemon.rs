@@ -436,6 +436,17 @@ fn free_tcp_port() -> u16 {
         .port()
 }
 
+/// The whole HTTP response of a GET on the debug socket.
+fn debug_get(socket: &std::path::Path, path: &str) -> String {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
 #[test]
 fn metrics_debug_socket_and_sigusr1_dump() {
     let port = free_tcp_port();
@@ -462,11 +473,52 @@ fn metrics_debug_socket_and_sigusr1_dump() {
         "{response}"
     );
 
-    // The debug socket answers with the state dump.
-    let mut debug = std::os::unix::net::UnixStream::connect(daemon.dir.path("debug.sock")).unwrap();
-    let mut dump = String::new();
-    debug.read_to_string(&mut dump).unwrap();
+    // The debug socket speaks containerd's HTTP: the stock `ctr pprof goroutines` gets
+    // the state dump and the daemon's threads, `/debug/vars` expvar's JSON object, a Go
+    // runtime profile a 501 that says why, and no client can hold a connection open.
+    let debug_socket = daemon.dir.path("debug.sock");
+    let socket = debug_socket.to_str().unwrap();
+    let dump = daemon.ctr_ok(&["pprof", "--debug-socket", socket, "goroutines"]);
     assert!(dump.contains("io.containerd.metadata.v1.bolt ok"), "{dump}");
+    assert!(dump.contains("threads:\n  thread "), "{dump}");
+    let heap = daemon.ctr(&["pprof", "--debug-socket", socket, "heap"]);
+    let stderr = String::from_utf8_lossy(&heap.stderr);
+    assert!(
+        !heap.status.success() && stderr.contains("501 Not Implemented"),
+        "{stderr}"
+    );
+    let heap = debug_get(&debug_socket, "/debug/pprof/heap");
+    assert!(heap.contains("not a Go program"), "{heap}");
+    let vars = debug_get(&debug_socket, "/debug/vars");
+    assert!(vars.starts_with("HTTP/1.1 200 OK"), "{vars}");
+    let body = vars.split_once("\r\n\r\n").unwrap().1;
+    let vars: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        vars["berth"]["pid"].as_u64(),
+        Some(daemon.pid() as u64),
+        "{vars}"
+    );
+    assert!(
+        vars["cmdline"][0].as_str().unwrap().ends_with("berthd"),
+        "{vars}"
+    );
+    assert!(
+        vars["berth"]["plugins"]["loaded"].as_u64().unwrap() > 20,
+        "{vars}"
+    );
+    assert!(debug_get(&debug_socket, "/debug/pprof/profile?seconds=1").starts_with("HTTP/1.1 501"));
+    assert!(debug_get(&debug_socket, "/nope").starts_with("HTTP/1.1 404"));
+    let mut silent = std::os::unix::net::UnixStream::connect(&debug_socket).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let started = Instant::now();
+    let mut nothing = Vec::new();
+    let _ = silent.read_to_end(&mut nothing);
+    assert!(
+        nothing.is_empty() && started.elapsed() < Duration::from_secs(15),
+        "a client that sends nothing is dropped after the request timeout"
+    );
 
     // SIGUSR1 logs the same dump.
     daemon.signal(Signal::SIGUSR1);
@@ -492,9 +544,10 @@ fn oom_score_opt_environment_and_json_logs() {
     assert_eq!(adj.trim(), "123");
 
     // /proc/PID/environ shows the environment at exec; the debug dump shows the live one.
-    let mut debug = std::os::unix::net::UnixStream::connect(daemon.dir.path("debug.sock")).unwrap();
-    let mut dump = String::new();
-    debug.read_to_string(&mut dump).unwrap();
+    let dump = debug_get(
+        &daemon.dir.path("debug.sock"),
+        "/debug/pprof/goroutine?debug=2",
+    );
     let opt = daemon.dir.path("opt");
     let path_line = format!("PATH={}/bin:", opt.display());
     assert!(dump.contains(&path_line), "{dump}");
