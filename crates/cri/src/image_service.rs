@@ -77,7 +77,7 @@ impl CriService {
             .map_err(berth_services::status)
     }
 
-    async fn resolve(&self, image: &str) -> Result<Option<CriImage>, Status> {
+    pub(crate) async fn resolve(&self, image: &str) -> Result<Option<CriImage>, Status> {
         let image = image.to_string();
         let shown = image.clone();
         self.view(move |v| v.resolve(&image))

@@ -8,8 +8,13 @@
 //!   repo digest and image ID, labelled `io.cri-containerd.image=managed`), the image
 //!   view of every record of namespace `k8s.io` ([`images`]), removal with a synchronous
 //!   collection, and the image filesystem's usage;
-//! - `runtime.v1.RuntimeService`'s `Version` and `Status` ([`runtime_service`]); every
-//!   other runtime RPC answers `Unimplemented` saying it is not built yet.
+//! - `runtime.v1.RuntimeService`: `Version`, `Status` (network ready once a CNI config
+//!   loads), pod sandboxes ([`sandbox`]: network namespace and CNI ([`cni`]), the pause
+//!   container), containers ([`container`]: specs ([`spec`]), start/stop/remove, status,
+//!   CRI log files ([`io`]), `ExecSync`, `UpdateContainerResources`), all kept in
+//!   container records of `k8s.io` and status files ([`store`]) so a restart finds
+//!   them again. Streaming (`Exec`, `Attach`, `PortForward`), stats, events,
+//!   checkpoints and log reopening answer `Unimplemented`.
 //!
 //! The types and stubs ([`api`]) are generated at build time from the `v1.proto` the
 //! `k8s-cri` package ships (see `build.rs`).
@@ -21,19 +26,27 @@ pub mod api {
 }
 
 pub mod auth;
+pub mod cni;
 pub mod config;
+pub mod container;
 pub mod image_service;
 pub mod images;
+pub mod io;
 pub mod reference;
 pub mod runtime_service;
+pub mod sandbox;
+pub mod spec;
+pub mod store;
 
 use berth_core::events::Exchange;
+use berth_core::runtime::Runtime;
 use berth_metadata::MetadataStore;
 use berth_metadata::snapshots::Snapshotters;
 use berth_plugin::{GrpcService, InitContext, Instance, Registration, grpc_instance, types};
 use berth_services::images::ImagesService;
 use berth_transfer::LocalTransfer;
 use config::CriConfig;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -60,6 +73,23 @@ struct Inner {
     events: Exchange,
     /// containerd's `imageFSPath`: `{root}/io.containerd.snapshotter.v1.<snapshotter>`.
     image_fs_path: PathBuf,
+    md: Arc<MetadataStore>,
+    runtime: Arc<dyn Runtime>,
+    /// `{root}/io.containerd.grpc.v1.cri`: sandbox files, container status files.
+    root: PathBuf,
+    /// `{state}/io.containerd.grpc.v1.cri`: network namespaces, shm mounts, fifos.
+    state: PathBuf,
+    /// One lifecycle change at a time per sandbox or container.
+    locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Reserved names → IDs (containerd's registrar).
+    names: std::sync::Mutex<HashMap<String, String>>,
+    /// Serialises status file updates.
+    status_lock: std::sync::Mutex<()>,
+}
+
+/// A Berth error as the gRPC status containerd would send.
+pub(crate) fn to_status(e: berth_core::Error) -> tonic::Status {
+    berth_services::status(e)
 }
 
 impl GrpcService for CriService {
@@ -106,19 +136,35 @@ pub fn registration() -> Registration {
             types::SNAPSHOT,
             config.containerd.snapshotter
         ));
+        let runtime: Arc<dyn Runtime> = ctx.get(types::RUNTIME_V2)?;
         let service = CriService {
             inner: Arc::new(Inner {
                 transfer,
                 images,
-                view: Arc::new(images::ImageView::new(md, content, K8S_NAMESPACE)),
+                view: Arc::new(images::ImageView::new(md.clone(), content, K8S_NAMESPACE)),
                 snapshotters,
                 config,
                 events: ctx.events.clone(),
                 image_fs_path,
+                md,
+                runtime,
+                root: ctx.root.clone(),
+                state: ctx.state.clone(),
+                locks: Default::default(),
+                names: Default::default(),
+                status_lock: Default::default(),
             }),
         };
+        // Containers that were running when the daemon stopped: waiters and logs back.
+        let recovering = service.clone();
+        tokio::spawn(async move { recovering.recover().await });
         Ok::<Instance, _>(grpc_instance(Arc::new(service)))
     })
-    .requires(&[types::METADATA, types::SERVICE, types::TRANSFER])
+    .requires(&[
+        types::METADATA,
+        types::SERVICE,
+        types::TRANSFER,
+        types::RUNTIME_V2,
+    ])
     .with_config::<CriConfig>()
 }

@@ -1,6 +1,8 @@
 //! `runtime.v1.RuntimeService`: `Version` and `Status` answer as containerd 1.6's CRI
-//! does (the network condition says why it is not ready); everything about sandboxes,
-//! containers, streaming and stats answers `Unimplemented`, saying it is not built yet.
+//! does (the network condition says why it is not ready); sandboxes and containers are
+//! served by [`crate::sandbox`] and [`crate::container`]; streaming, stats, events,
+//! checkpoints, log reopening and runtime config updates answer `Unimplemented`, saying
+//! they are not built yet.
 
 use crate::CriService;
 use crate::api::{self, runtime_service_server::RuntimeService};
@@ -16,12 +18,18 @@ const RUNTIME_API_VERSION: &str = "v1";
 
 /// Why the network is not ready, in containerd's words (`NetworkPluginNotReady`).
 const NETWORK_NOT_READY_REASON: &str = "NetworkPluginNotReady";
-const NETWORK_NOT_READY_MESSAGE: &str = "Network plugin returns error: CNI is not built yet in berthd (the CRI plugin serves images only so far)";
 
 fn not_built(rpc: &str) -> Status {
     Status::unimplemented(format!(
-        "{rpc} is not built yet in berthd: its CRI plugin serves the image service, Version and Status only (pod sandboxes, containers, streaming, stats and CNI are not built yet)"
+        "{rpc} is not built yet in berthd: its CRI plugin serves images, pod sandboxes, containers and ExecSync (streaming, stats, events, checkpoints and log reopening are not built yet)"
     ))
+}
+
+/// Runs one of the hand-written RPCs.
+macro_rules! rpc {
+    ($e:expr) => {
+        $e.map(Response::new)
+    };
 }
 
 /// The runtime version: Berth's, marked as such (`0.1.0+berth`: still a semantic
@@ -53,18 +61,26 @@ macro_rules! runtime_service {
                 &self,
                 request: Request<api::StatusRequest>,
             ) -> Result<Response<api::StatusResponse>, Status> {
+                let network = match crate::cni::load(&self.inner.config.cni) {
+                    Ok(_) => api::RuntimeCondition {
+                        r#type: "NetworkReady".into(),
+                        status: true,
+                        ..Default::default()
+                    },
+                    Err(e) => api::RuntimeCondition {
+                        r#type: "NetworkReady".into(),
+                        status: false,
+                        reason: NETWORK_NOT_READY_REASON.into(),
+                        message: format!("Network plugin returns error: {e}"),
+                    },
+                };
                 let conditions = vec![
                     api::RuntimeCondition {
                         r#type: "RuntimeReady".into(),
                         status: true,
                         ..Default::default()
                     },
-                    api::RuntimeCondition {
-                        r#type: "NetworkReady".into(),
-                        status: false,
-                        reason: NETWORK_NOT_READY_REASON.into(),
-                        message: NETWORK_NOT_READY_MESSAGE.into(),
-                    },
+                    network,
                 ];
                 let mut info = std::collections::HashMap::new();
                 if request.into_inner().verbose {
@@ -95,6 +111,101 @@ macro_rules! runtime_service {
                 Err(not_built("GetContainerEvents"))
             }
 
+            async fn run_pod_sandbox(
+                &self,
+                request: Request<api::RunPodSandboxRequest>,
+            ) -> Result<Response<api::RunPodSandboxResponse>, Status> {
+                rpc!(self.run_sandbox(request.into_inner()).await)
+            }
+
+            async fn stop_pod_sandbox(
+                &self,
+                request: Request<api::StopPodSandboxRequest>,
+            ) -> Result<Response<api::StopPodSandboxResponse>, Status> {
+                let id = request.into_inner().pod_sandbox_id;
+                rpc!(self.stop_sandbox(&id).await.map(|()| api::StopPodSandboxResponse {}))
+            }
+
+            async fn remove_pod_sandbox(
+                &self,
+                request: Request<api::RemovePodSandboxRequest>,
+            ) -> Result<Response<api::RemovePodSandboxResponse>, Status> {
+                let id = request.into_inner().pod_sandbox_id;
+                rpc!(self.remove_sandbox(&id).await.map(|()| api::RemovePodSandboxResponse {}))
+            }
+
+            async fn pod_sandbox_status(
+                &self,
+                request: Request<api::PodSandboxStatusRequest>,
+            ) -> Result<Response<api::PodSandboxStatusResponse>, Status> {
+                rpc!(self.sandbox_status(request.into_inner()).await)
+            }
+
+            async fn list_pod_sandbox(
+                &self,
+                request: Request<api::ListPodSandboxRequest>,
+            ) -> Result<Response<api::ListPodSandboxResponse>, Status> {
+                rpc!(self.list_sandboxes(request.into_inner()).await)
+            }
+
+            async fn create_container(
+                &self,
+                request: Request<api::CreateContainerRequest>,
+            ) -> Result<Response<api::CreateContainerResponse>, Status> {
+                rpc!(CriService::create_container(self, request.into_inner()).await)
+            }
+
+            async fn start_container(
+                &self,
+                request: Request<api::StartContainerRequest>,
+            ) -> Result<Response<api::StartContainerResponse>, Status> {
+                let id = request.into_inner().container_id;
+                rpc!(CriService::start_container(self, &id).await.map(|()| api::StartContainerResponse {}))
+            }
+
+            async fn stop_container(
+                &self,
+                request: Request<api::StopContainerRequest>,
+            ) -> Result<Response<api::StopContainerResponse>, Status> {
+                rpc!(CriService::stop_container(self, request.into_inner()).await.map(|()| api::StopContainerResponse {}))
+            }
+
+            async fn remove_container(
+                &self,
+                request: Request<api::RemoveContainerRequest>,
+            ) -> Result<Response<api::RemoveContainerResponse>, Status> {
+                let id = request.into_inner().container_id;
+                rpc!(CriService::remove_container(self, &id).await.map(|()| api::RemoveContainerResponse {}))
+            }
+
+            async fn list_containers(
+                &self,
+                request: Request<api::ListContainersRequest>,
+            ) -> Result<Response<api::ListContainersResponse>, Status> {
+                rpc!(CriService::list_containers(self, request.into_inner()).await)
+            }
+
+            async fn container_status(
+                &self,
+                request: Request<api::ContainerStatusRequest>,
+            ) -> Result<Response<api::ContainerStatusResponse>, Status> {
+                rpc!(CriService::container_status(self, request.into_inner()).await)
+            }
+
+            async fn update_container_resources(
+                &self,
+                request: Request<api::UpdateContainerResourcesRequest>,
+            ) -> Result<Response<api::UpdateContainerResourcesResponse>, Status> {
+                rpc!(self.update_resources(request.into_inner()).await.map(|()| api::UpdateContainerResourcesResponse {}))
+            }
+
+            async fn exec_sync(
+                &self,
+                request: Request<api::ExecSyncRequest>,
+            ) -> Result<Response<api::ExecSyncResponse>, Status> {
+                rpc!(CriService::exec_sync(self, request.into_inner()).await)
+            }
+
             $(
                 async fn $method(
                     &self,
@@ -108,20 +219,7 @@ macro_rules! runtime_service {
 }
 
 runtime_service! {
-    run_pod_sandbox => "RunPodSandbox": RunPodSandboxRequest -> RunPodSandboxResponse,
-    stop_pod_sandbox => "StopPodSandbox": StopPodSandboxRequest -> StopPodSandboxResponse,
-    remove_pod_sandbox => "RemovePodSandbox": RemovePodSandboxRequest -> RemovePodSandboxResponse,
-    pod_sandbox_status => "PodSandboxStatus": PodSandboxStatusRequest -> PodSandboxStatusResponse,
-    list_pod_sandbox => "ListPodSandbox": ListPodSandboxRequest -> ListPodSandboxResponse,
-    create_container => "CreateContainer": CreateContainerRequest -> CreateContainerResponse,
-    start_container => "StartContainer": StartContainerRequest -> StartContainerResponse,
-    stop_container => "StopContainer": StopContainerRequest -> StopContainerResponse,
-    remove_container => "RemoveContainer": RemoveContainerRequest -> RemoveContainerResponse,
-    list_containers => "ListContainers": ListContainersRequest -> ListContainersResponse,
-    container_status => "ContainerStatus": ContainerStatusRequest -> ContainerStatusResponse,
-    update_container_resources => "UpdateContainerResources": UpdateContainerResourcesRequest -> UpdateContainerResourcesResponse,
     reopen_container_log => "ReopenContainerLog": ReopenContainerLogRequest -> ReopenContainerLogResponse,
-    exec_sync => "ExecSync": ExecSyncRequest -> ExecSyncResponse,
     exec => "Exec": ExecRequest -> ExecResponse,
     attach => "Attach": AttachRequest -> AttachResponse,
     port_forward => "PortForward": PortForwardRequest -> PortForwardResponse,

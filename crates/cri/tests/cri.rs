@@ -467,7 +467,12 @@ async fn deprecated_registry_mirrors_are_honoured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn version_status_and_an_empty_image_service_and_nothing_it_cannot_do() {
-    let daemon = Daemon::start();
+    // No CNI configuration (an empty private conf_dir): the network is not ready.
+    let net_d = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start_with_config(&format!(
+        "[plugins.\"io.containerd.grpc.v1.cri\".cni]\n  conf_dir = {:?}\n",
+        net_d.path().display()
+    ));
     let mut runtime = RuntimeServiceClient::new(channel(&daemon));
     let version = runtime
         .version(api::VersionRequest::default())
@@ -491,20 +496,18 @@ async fn version_status_and_an_empty_image_service_and_nothing_it_cannot_do() {
     assert!(!network.status);
     assert_eq!(network.reason, "NetworkPluginNotReady");
     assert!(
-        network.message.contains("CNI is not built yet"),
+        network
+            .message
+            .starts_with("Network plugin returns error: cni plugin not initialized"),
         "{network:?}"
     );
     let config: serde_json::Value = serde_json::from_str(&status.info["config"]).unwrap();
     assert_eq!(config["containerd"]["snapshotter"], "overlayfs");
 
-    let err = runtime
-        .run_pod_sandbox(api::RunPodSandboxRequest::default())
-        .await
-        .unwrap_err();
+    let err = runtime.exec(api::ExecRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
     assert!(
-        err.message()
-            .starts_with("RunPodSandbox is not built yet in berthd"),
+        err.message().starts_with("Exec is not built yet in berthd"),
         "{err}"
     );
     let err = runtime

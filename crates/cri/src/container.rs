@@ -1,0 +1,1133 @@
+//! Containers of pod sandboxes, as containerd 1.6's CRI makes and runs them
+//! (`pkg/cri/server/container_*.go`): the spec from the image config and the CRI
+//! `ContainerConfig` joined to the pause task's namespaces, the log copied from the
+//! shim's fifos into the kubelet's log file, exits recorded by a waiter per task.
+
+use crate::api;
+use crate::io;
+use crate::sandbox::{self, CONTAINER_TYPE, SANDBOX_ID, SANDBOX_NAME, SANDBOX_NAMESPACE};
+use crate::spec;
+use crate::store::{self, ContainerMeta, KIND_CONTAINER, NS, Status as CStatus};
+use crate::{CriService, to_status};
+use berth_core::runtime::{CreateOpts, IoConfig, Task, TaskStatus};
+use berth_metadata::containers::Container;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tonic::Status;
+
+pub const CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
+pub const IMAGE_NAME: &str = "io.kubernetes.cri.image-name";
+
+/// containerd's exit code and reason for a container whose start failed.
+const START_ERROR_CODE: i32 = 128;
+const START_ERROR_REASON: &str = "StartError";
+/// Exit code of a container whose end nobody saw (containerd's `unknownExitCode`).
+const UNKNOWN_EXIT_CODE: i32 = 255;
+
+fn unknown(message: impl std::fmt::Display) -> Status {
+    Status::unknown(message.to_string())
+}
+
+pub fn container_not_found(id: &str) -> Status {
+    Status::not_found(format!(
+        "an error occurred when try to find container {id:?}: not found"
+    ))
+}
+
+fn state_name(state: api::ContainerState) -> &'static str {
+    match state {
+        api::ContainerState::ContainerCreated => "CONTAINER_CREATED",
+        api::ContainerState::ContainerRunning => "CONTAINER_RUNNING",
+        api::ContainerState::ContainerExited => "CONTAINER_EXITED",
+        api::ContainerState::ContainerUnknown => "CONTAINER_UNKNOWN",
+    }
+}
+
+/// A file of the root file system the mounts make, read without mounting them: the
+/// upper then lower directories of an overlay, or a bind's source.
+fn read_rootfs_file(mounts: &[berth_core::mount::Mount], rel: &str) -> Option<String> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for m in mounts {
+        if m.r#type == "overlay" {
+            if let Some(upper) = m.option("upperdir") {
+                dirs.push(upper.into());
+            }
+            if let Some(lower) = m.option("lowerdir") {
+                dirs.extend(lower.split(':').map(PathBuf::from));
+            }
+        } else if m.r#type == "bind" || m.options.iter().any(|o| o == "bind" || o == "rbind") {
+            dirs.push(m.source.clone().into());
+        }
+    }
+    dirs.iter()
+        .find_map(|d| std::fs::read_to_string(d.join(rel)).ok())
+}
+
+/// Signal numbers by name (`SIGTERM`, `TERM`, `15`).
+fn parse_signal(name: &str) -> Option<i32> {
+    if name.is_empty() {
+        return None;
+    }
+    if let Ok(n) = name.parse() {
+        return Some(n);
+    }
+    let upper = name.to_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    full.parse::<nix::sys::signal::Signal>()
+        .ok()
+        .map(|s| s as i32)
+}
+
+impl CriService {
+    fn container_root(&self, id: &str) -> PathBuf {
+        self.inner.root.join("containers").join(id)
+    }
+
+    fn container_io(&self, id: &str) -> PathBuf {
+        self.inner.state.join("containers").join(id).join("io")
+    }
+
+    pub(crate) async fn find_container(
+        &self,
+        id: &str,
+    ) -> Result<(Container, ContainerMeta), Status> {
+        let all = store::containers(&self.inner.md).await.map_err(to_status)?;
+        store::find(&all, id, |(c, _)| c.id.as_str())
+            .cloned()
+            .ok_or_else(|| container_not_found(id))
+    }
+
+    /// A per-object lock: one lifecycle change at a time.
+    pub(crate) async fn lock(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .inner
+            .locks
+            .lock()
+            .unwrap()
+            .entry(id.to_string())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
+    pub(crate) async fn create_container(
+        &self,
+        r: api::CreateContainerRequest,
+    ) -> Result<api::CreateContainerResponse, Status> {
+        let (sb_record, sb_meta) = self.find_sandbox(&r.pod_sandbox_id).await.map_err(|_| {
+            Status::not_found(format!(
+                "failed to find sandbox id {:?}: not found",
+                r.pod_sandbox_id
+            ))
+        })?;
+        let config = r
+            .config
+            .ok_or_else(|| Status::invalid_argument("container config must not be nil"))?;
+        let sb_config = r.sandbox_config.unwrap_or_else(|| sb_meta.config());
+        let meta = config
+            .metadata
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("container config must include metadata"))?;
+        let sb_pod = sb_meta.config().metadata.unwrap_or_default();
+        let name = format!(
+            "{}_{}_{}_{}_{}",
+            meta.name, sb_pod.name, sb_pod.namespace, sb_pod.uid, meta.attempt
+        );
+        let (ready, pid) = self.sandbox_ready(&sb_record.id).await;
+        if !ready || pid == 0 {
+            return Err(unknown(format!(
+                "failed to get sandbox container task: sandbox {:?} is not running",
+                sb_record.id
+            )));
+        }
+        if config.tty {
+            return Err(Status::unimplemented(
+                "tty containers are not built yet in berthd (no console socket for CRI containers)",
+            ));
+        }
+        let image_name = config
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .unwrap_or_default();
+        let image = self.resolve(&image_name).await?.ok_or_else(|| {
+            Status::not_found(format!("failed to resolve image {image_name:?}: not found"))
+        })?;
+        let id = sandbox::generate_id();
+        self.reserve_name(&name, &id).await?;
+        let result = self
+            .create_reserved(
+                &id,
+                &name,
+                &config,
+                &sb_record,
+                &sb_meta,
+                &sb_config,
+                pid,
+                &image,
+                &image_name,
+            )
+            .await;
+        if let Err(e) = result {
+            self.release_name(&name);
+            self.remove_snapshot(&self.inner.config.containerd.snapshotter, &id)
+                .await;
+            let rid = id.clone();
+            let _ = store::blocking(&self.inner.md, move |md| md.delete_container(NS, &rid)).await;
+            let _ = std::fs::remove_dir_all(self.container_root(&id));
+            return Err(e);
+        }
+        Ok(api::CreateContainerResponse { container_id: id })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn create_reserved(
+        &self,
+        id: &str,
+        name: &str,
+        config: &api::ContainerConfig,
+        sb_record: &Container,
+        sb_meta: &store::SandboxMeta,
+        sb_config: &api::PodSandboxConfig,
+        pause_pid: u32,
+        image: &crate::images::CriImage,
+        image_name: &str,
+    ) -> Result<(), Status> {
+        let image_config = spec::image_config(&image.facts.config);
+        let snapshotter = self.inner.config.containerd.snapshotter.clone();
+        // The record first: the snapshot is referenced from the moment it exists.
+        let mut meta = ContainerMeta {
+            id: id.to_string(),
+            name: name.to_string(),
+            sandbox_id: sb_record.id.clone(),
+            image_ref: image.facts.id.clone(),
+            stop_signal: image_config["StopSignal"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            ..Default::default()
+        };
+        meta.set_config(config);
+        if !sb_config.log_directory.is_empty() && !config.log_path.is_empty() {
+            meta.log_path = Path::new(&sb_config.log_directory)
+                .join(&config.log_path)
+                .display()
+                .to_string();
+        }
+        let mut extensions = HashMap::new();
+        let (k, v) = store::extension(false, &meta);
+        extensions.insert(k, v);
+        let record = Container {
+            id: id.to_string(),
+            labels: sandbox::build_labels(&config.labels, &image_config, KIND_CONTAINER),
+            image: image
+                .references
+                .first()
+                .cloned()
+                .unwrap_or_else(|| image.facts.id.clone()),
+            runtime: sb_record.runtime.clone(),
+            // Replaced by the real spec once the snapshot (and the image's users) exist.
+            spec: Some(prost_types::Any {
+                type_url: spec::SPEC_TYPE_URL.into(),
+                value: b"{}".to_vec(),
+            }),
+            snapshotter,
+            snapshot_key: id.to_string(),
+            extensions,
+            sandbox: String::new(),
+            ..Default::default()
+        };
+        let rec = record.clone();
+        store::blocking(&self.inner.md, move |md| md.create_container(NS, rec))
+            .await
+            .map_err(to_status)?;
+        let mounts = self
+            .prepare_snapshot(id, &image.facts.chain_id)
+            .await
+            .map_err(|e| {
+                unknown(format!(
+                    "failed to create containerd container: {}",
+                    e.message()
+                ))
+            })?;
+        let s = self.container_spec(
+            id,
+            config,
+            sb_record,
+            sb_meta,
+            sb_config,
+            pause_pid,
+            &image_config,
+            &mounts,
+            image_name,
+        )?;
+        let mut updated = record;
+        updated.spec = Some(prost_types::Any {
+            type_url: spec::SPEC_TYPE_URL.into(),
+            value: serde_json::to_vec(&s).unwrap(),
+        });
+        store::blocking(&self.inner.md, move |md| {
+            md.update_container(NS, updated, &["spec".to_string()])
+        })
+        .await
+        .map_err(to_status)?;
+        let status = CStatus {
+            created_at: store::nanos(SystemTime::now()),
+            ..Default::default()
+        };
+        store::write_status(&self.container_root(id), &status)
+            .map_err(|e| unknown(format!("failed to write container status: {e}")))?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn container_spec(
+        &self,
+        id: &str,
+        config: &api::ContainerConfig,
+        sb_record: &Container,
+        sb_meta: &store::SandboxMeta,
+        sb_config: &api::PodSandboxConfig,
+        pause_pid: u32,
+        image_config: &Value,
+        mounts: &[berth_core::mount::Mount],
+        image_name: &str,
+    ) -> Result<Value, Status> {
+        let mut s = spec::base_spec(NS, id);
+        let args = spec::process_args(&config.command, &config.args, image_config);
+        if args.is_empty() {
+            return Err(Status::invalid_argument("no command specified"));
+        }
+        s["process"]["args"] = json!(args);
+        let cwd = if config.working_dir.is_empty() {
+            image_config["WorkingDir"]
+                .as_str()
+                .unwrap_or("/")
+                .to_string()
+        } else {
+            config.working_dir.clone()
+        };
+        s["process"]["cwd"] = json!(if cwd.is_empty() { "/".to_string() } else { cwd });
+        let hostname = std::fs::read_to_string(self.sandbox_root(&sb_record.id).join("hostname"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let mut env = spec::image_env(image_config);
+        env.push(format!("HOSTNAME={hostname}"));
+        env.extend(
+            config
+                .envs
+                .iter()
+                .map(|kv| format!("{}={}", kv.key, kv.value)),
+        );
+        spec::set_env(&mut s, &env);
+        let linux = config.linux.clone().unwrap_or_default();
+        let sc = linux.security_context.clone().unwrap_or_default();
+        let sb_linux = sb_config.linux.clone().unwrap_or_default();
+        let sb_sc = sb_linux.security_context.clone().unwrap_or_default();
+        if sc.privileged && !sb_sc.privileged {
+            return Err(unknown("no privileged container allowed in sandbox"));
+        }
+        let sb_ns = sb_sc.namespace_options.clone().unwrap_or_default();
+        let ns = sc.namespace_options.clone().unwrap_or_default();
+        // Mounts: the CRI's, then the sandbox's files unless the CRI mounted over them.
+        let mut user_dests = Vec::new();
+        for m in &config.mounts {
+            let src = Path::new(&m.host_path);
+            if !src.exists() {
+                std::fs::create_dir_all(src)
+                    .map_err(|e| unknown(format!("failed to mkdir {:?}: {e}", m.host_path)))?;
+            }
+            let src = std::fs::canonicalize(src).map_err(|e| {
+                unknown(format!("failed to resolve symlink {:?}: {e}", m.host_path))
+            })?;
+            let propagation = match api::MountPropagation::try_from(m.propagation) {
+                Ok(api::MountPropagation::PropagationBidirectional) => "rshared",
+                Ok(api::MountPropagation::PropagationHostToContainer) => "rslave",
+                _ => "rprivate",
+            };
+            let mut options = vec!["rbind".to_string(), propagation.to_string()];
+            options.push(if m.readonly { "ro" } else { "rw" }.to_string());
+            spec::bind_mount(
+                &mut s,
+                &src.display().to_string(),
+                &m.container_path,
+                options,
+            );
+            user_dests.push(m.container_path.clone());
+        }
+        let ro = if sc.readonly_rootfs { "ro" } else { "rw" };
+        let sb_root = self.sandbox_root(&sb_record.id);
+        for (file, dest) in [
+            ("hostname", "/etc/hostname"),
+            ("hosts", "/etc/hosts"),
+            ("resolv.conf", "/etc/resolv.conf"),
+        ] {
+            if !user_dests.iter().any(|d| d == dest) {
+                spec::bind_mount(
+                    &mut s,
+                    &sb_root.join(file).display().to_string(),
+                    dest,
+                    vec!["rbind".into(), "rprivate".into(), ro.into()],
+                );
+            }
+        }
+        if !user_dests.iter().any(|d| d == "/dev/shm") {
+            let shm = if sb_ns.ipc == api::NamespaceMode::Node as i32 {
+                "/dev/shm".to_string()
+            } else {
+                self.sandbox_state(&sb_record.id)
+                    .join("shm")
+                    .display()
+                    .to_string()
+            };
+            spec::bind_mount(
+                &mut s,
+                &shm,
+                "/dev/shm",
+                vec!["rbind".into(), "rprivate".into(), "rw".into()],
+            );
+        }
+        let cgroup_ro = if sc.privileged { "rw" } else { "ro" };
+        s["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+            "options": ["nosuid", "noexec", "nodev", "relatime", cgroup_ro]
+        }));
+        if sc.readonly_rootfs {
+            s["root"]["readonly"] = json!(true);
+        }
+        // Security.
+        if sc.privileged {
+            spec::set_capabilities(
+                &mut s,
+                &spec::ALL_CAPS
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>(),
+            );
+            s["linux"]["maskedPaths"] = json!([]);
+            s["linux"]["readonlyPaths"] = json!([]);
+            for m in s["mounts"].as_array_mut().unwrap() {
+                if m["type"] == "sysfs"
+                    && let Some(opts) = m["options"].as_array_mut()
+                {
+                    opts.retain(|o| o != "ro");
+                    opts.push(json!("rw"));
+                }
+            }
+        } else {
+            let caps = sc.capabilities.clone().unwrap_or_default();
+            spec::set_capabilities(
+                &mut s,
+                &spec::capabilities(&caps.add_capabilities, &caps.drop_capabilities),
+            );
+            if !sc.masked_paths.is_empty() {
+                s["linux"]["maskedPaths"] = json!(sc.masked_paths);
+            }
+            if !sc.readonly_paths.is_empty() {
+                s["linux"]["readonlyPaths"] = json!(sc.readonly_paths);
+            }
+        }
+        s["process"]["noNewPrivileges"] = json!(sc.no_new_privs);
+        // The user: CRI's uid or name, else the image's; groups from the image's files.
+        let passwd = read_rootfs_file(mounts, "etc/passwd").unwrap_or_default();
+        let group = read_rootfs_file(mounts, "etc/group").unwrap_or_default();
+        let (mut uid, mut gid, mut username) = (0u32, 0u32, String::new());
+        if let Some(u) = &sc.run_as_user {
+            uid = u.value as u32;
+            gid = spec::passwd_lookup(&passwd, None, Some(uid)).map_or(0, |(_, g)| g);
+            username = passwd_name(&passwd, uid).unwrap_or_default();
+        } else if !sc.run_as_username.is_empty() {
+            let (u, g) =
+                spec::passwd_lookup(&passwd, Some(&sc.run_as_username), None).ok_or_else(|| {
+                    unknown(format!("no users found matching {:?}", sc.run_as_username))
+                })?;
+            (uid, gid, username) = (u, g, sc.run_as_username.clone());
+        } else if let Some(user) = image_config["User"].as_str().filter(|u| !u.is_empty()) {
+            let (u, g) = user
+                .split_once(':')
+                .map_or((user, None), |(u, g)| (u, Some(g)));
+            match u.parse::<u32>() {
+                Ok(n) => {
+                    uid = n;
+                    gid = spec::passwd_lookup(&passwd, None, Some(n)).map_or(0, |(_, g)| g);
+                    username = passwd_name(&passwd, n).unwrap_or_default();
+                }
+                Err(_) => {
+                    let (a, b) = spec::passwd_lookup(&passwd, Some(u), None)
+                        .ok_or_else(|| unknown(format!("no users found matching {u:?}")))?;
+                    (uid, gid, username) = (a, b, u.to_string());
+                }
+            }
+            if let Some(g) = g.and_then(|g| g.parse().ok()) {
+                gid = g;
+            }
+        }
+        if let Some(g) = &sc.run_as_group {
+            gid = g.value as u32;
+        }
+        let mut additional: Vec<u32> = if username.is_empty() {
+            Vec::new()
+        } else {
+            spec::member_groups(&group, &username)
+        };
+        additional.extend(sc.supplemental_groups.iter().map(|g| *g as u32));
+        additional.dedup();
+        s["process"]["user"] = json!({"uid": uid, "gid": gid, "additionalGids": additional});
+        // Namespaces of the pause task.
+        let proc_ns = |kind: &str| Some(Some(format!("/proc/{pause_pid}/ns/{kind}")));
+        let host_net = sb_ns.network == api::NamespaceMode::Node as i32;
+        spec::set_namespace(
+            &mut s,
+            "network",
+            if host_net { None } else { proc_ns("net") },
+        );
+        spec::set_namespace(&mut s, "uts", if host_net { None } else { proc_ns("uts") });
+        spec::set_namespace(
+            &mut s,
+            "ipc",
+            if sb_ns.ipc == api::NamespaceMode::Node as i32 {
+                None
+            } else {
+                proc_ns("ipc")
+            },
+        );
+        match api::NamespaceMode::try_from(ns.pid) {
+            Ok(api::NamespaceMode::Pod) => spec::set_namespace(&mut s, "pid", proc_ns("pid")),
+            Ok(api::NamespaceMode::Node) => spec::set_namespace(&mut s, "pid", None),
+            _ => {}
+        }
+        if !sb_linux.cgroup_parent.is_empty() {
+            s["linux"]["cgroupsPath"] = json!(spec::cgroups_path(&sb_linux.cgroup_parent, id));
+        }
+        if let Some(res) = &linux.resources {
+            spec::apply_resources(&mut s, &spec::resources(res));
+            if res.oom_score_adj != 0 {
+                s["process"]["oomScoreAdj"] = json!(res.oom_score_adj);
+            }
+        }
+        for d in &config.devices {
+            add_device(&mut s, d)?;
+        }
+        let mut annotations = serde_json::Map::new();
+        for (k, v) in &config.annotations {
+            annotations.insert(k.clone(), json!(v));
+        }
+        let sb_pod = sb_meta.config().metadata.unwrap_or_default();
+        annotations.insert(CONTAINER_TYPE.into(), json!("container"));
+        annotations.insert(SANDBOX_ID.into(), json!(sb_record.id));
+        annotations.insert(SANDBOX_NAME.into(), json!(sb_pod.name));
+        annotations.insert(SANDBOX_NAMESPACE.into(), json!(sb_pod.namespace));
+        annotations.insert(
+            CONTAINER_NAME.into(),
+            json!(
+                config
+                    .metadata
+                    .as_ref()
+                    .map(|m| m.name.clone())
+                    .unwrap_or_default()
+            ),
+        );
+        annotations.insert(IMAGE_NAME.into(), json!(image_name));
+        s["annotations"] = Value::Object(annotations);
+        Ok(s)
+    }
+
+    pub(crate) async fn start_container(&self, id: &str) -> Result<(), Status> {
+        let (record, meta) = self.find_container(id).await?;
+        let id = record.id.clone();
+        let _guard = self.lock(&id).await;
+        let dir = self.container_root(&id);
+        let mut status = store::read_status(&dir);
+        if status.state() != api::ContainerState::ContainerCreated {
+            return Err(unknown(format!(
+                "failed to set starting state for container {id:?}: container is in {} state",
+                state_name(status.state())
+            )));
+        }
+        let (ready, _) = self.sandbox_ready(&meta.sandbox_id).await;
+        if !ready {
+            return Err(unknown(format!(
+                "sandbox container {:?} is not running",
+                meta.sandbox_id
+            )));
+        }
+        match self.start_task(&record, &meta).await {
+            Ok(pid) => {
+                status.pid = pid;
+                status.started_at = store::nanos(SystemTime::now());
+                store::write_status(&dir, &status)
+                    .map_err(|e| unknown(format!("writing status: {e}")))?;
+                Ok(())
+            }
+            Err(e) => {
+                status.finished_at = store::nanos(SystemTime::now());
+                status.exit_code = START_ERROR_CODE;
+                status.reason = START_ERROR_REASON.into();
+                status.message = e.message().to_string();
+                let _ = store::write_status(&dir, &status);
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_task(&self, record: &Container, meta: &ContainerMeta) -> Result<u32, Status> {
+        use berth_core::snapshot::Snapshotter;
+        let id = &record.id;
+        let db = self
+            .inner
+            .snapshotters
+            .get(&record.snapshotter)
+            .map_err(to_status)?;
+        let rootfs = db
+            .namespaced(NS, None)
+            .mounts(&record.snapshot_key)
+            .await
+            .map_err(|e| unknown(format!("failed to get container mounts: {}", e.message())))?;
+        let io_dir = self.container_io(id);
+        let log = (!meta.log_path.is_empty()).then(|| PathBuf::from(&meta.log_path));
+        let readers = io::start_logging(&io_dir, log.as_deref())
+            .map_err(|e| unknown(format!("failed to create container loggers: {e}")))?;
+        let spec = record
+            .spec
+            .as_ref()
+            .map(|s| s.value.clone())
+            .unwrap_or_default();
+        let created = self
+            .inner
+            .runtime
+            .create(
+                NS,
+                id,
+                CreateOpts {
+                    spec,
+                    rootfs,
+                    io: IoConfig {
+                        stdin: String::new(),
+                        stdout: io_dir.join("stdout").display().to_string(),
+                        stderr: io_dir.join("stderr").display().to_string(),
+                        terminal: false,
+                    },
+                    runtime: record.runtime.name.clone(),
+                    ..Default::default()
+                },
+            )
+            .await;
+        let task = match created {
+            Ok(task) => task,
+            Err(e) => {
+                readers.iter().for_each(io::FifoReader::cancel);
+                return Err(unknown(format!(
+                    "failed to create containerd task: {}",
+                    e.message()
+                )));
+            }
+        };
+        let pid = match task.start("").await {
+            Ok(pid) => pid,
+            Err(e) => {
+                let _ = self.inner.runtime.delete(NS, id).await;
+                readers.iter().for_each(io::FifoReader::cancel);
+                return Err(unknown(format!(
+                    "failed to start containerd task {id:?}: {}",
+                    e.message()
+                )));
+            }
+        };
+        self.watch(id.clone(), task, readers);
+        Ok(pid)
+    }
+
+    /// Records the exit of `id`'s task when it comes, then deletes the task.
+    pub(crate) fn watch(&self, id: String, task: Arc<dyn Task>, readers: Vec<io::FifoReader>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let exit = task.wait("").await;
+            let (code, at) = match exit {
+                Ok(exit) => (exit.status as i32, exit.timestamp),
+                Err(_) => (UNKNOWN_EXIT_CODE, SystemTime::now()),
+            };
+            this.record_exit(&id, code, at);
+            let _ = this.inner.runtime.delete(NS, &id).await;
+            // The shim closed the fifos: the copies end; wait so the log is complete.
+            tokio::task::spawn_blocking(move || {
+                for r in &readers {
+                    if !r.wait(Duration::from_secs(5)) {
+                        r.cancel();
+                    }
+                }
+            });
+        });
+    }
+
+    fn record_exit(&self, id: &str, code: i32, at: SystemTime) {
+        let dir = self.container_root(id);
+        let _lock = self.inner.status_lock.lock().unwrap();
+        let mut status = store::read_status(&dir);
+        if status.finished_at != 0 || !dir.exists() {
+            return;
+        }
+        status.finished_at = store::nanos(at);
+        status.exit_code = code;
+        if status.reason.is_empty() {
+            status.reason = if code == 0 { "Completed" } else { "Error" }.into();
+        }
+        let _ = store::write_status(&dir, &status);
+    }
+
+    /// containerd's `stopContainer`: the stop signal, `timeout` seconds, then SIGKILL.
+    pub(crate) async fn stop_container_id(&self, id: &str, timeout: i64) -> Result<(), Status> {
+        let (record, meta) = self.find_container(id).await?;
+        let id = record.id.clone();
+        let status = store::read_status(&self.container_root(&id));
+        if status.state() != api::ContainerState::ContainerRunning {
+            return Ok(());
+        }
+        let task = match self.inner.runtime.get(NS, &id).await {
+            Ok(task) => task,
+            Err(_) => {
+                self.record_exit(&id, UNKNOWN_EXIT_CODE, SystemTime::now());
+                return Ok(());
+            }
+        };
+        let exited = |t: &Arc<dyn Task>| {
+            let t = t.clone();
+            async move { matches!(t.state("").await, Ok(s) if s.status == TaskStatus::Stopped) }
+        };
+        if timeout > 0 && !exited(&task).await {
+            let signal = parse_signal(&meta.stop_signal).unwrap_or(15);
+            if let Err(e) = task.kill("", signal as u32, false).await
+                && !e.is(berth_core::error::ErrorKind::NotFound)
+            {
+                return Err(unknown(format!(
+                    "failed to stop container {id:?}: {}",
+                    e.message()
+                )));
+            }
+            if let Ok(Ok(exit)) =
+                tokio::time::timeout(Duration::from_secs(timeout as u64), task.wait("")).await
+            {
+                self.record_exit(&id, exit.status as i32, exit.timestamp);
+                return Ok(());
+            }
+        }
+        match task.kill("", 9, false).await {
+            Ok(()) => {}
+            Err(e) if e.is(berth_core::error::ErrorKind::NotFound) => {}
+            Err(e) if exited(&task).await => tracing::debug!(error = %e, "kill of an exited task"),
+            Err(e) => {
+                return Err(unknown(format!(
+                    "failed to kill container {id:?}: {}",
+                    e.message()
+                )));
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(30), task.wait("")).await {
+            Ok(Ok(exit)) => {
+                self.record_exit(&id, exit.status as i32, exit.timestamp);
+                Ok(())
+            }
+            Ok(Err(e)) if e.is(berth_core::error::ErrorKind::NotFound) => Ok(()),
+            Ok(Err(e)) => Err(unknown(format!(
+                "failed to wait for container {id:?}: {}",
+                e.message()
+            ))),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "an error occurs during waiting for container {id:?} to be killed: wait container {id:?}: context deadline exceeded"
+            ))),
+        }
+    }
+
+    pub(crate) async fn stop_container(&self, r: api::StopContainerRequest) -> Result<(), Status> {
+        let (record, _) = self.find_container(&r.container_id).await?;
+        let _guard = self.lock(&record.id).await;
+        self.stop_container_id(&record.id, r.timeout).await
+    }
+
+    pub(crate) async fn remove_container_id(&self, id: &str) -> Result<(), Status> {
+        let (record, meta) = match self.find_container(id).await {
+            Ok(found) => found,
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(()),
+            Err(s) => return Err(s),
+        };
+        let id = record.id.clone();
+        // containerd stops a running (or unknown) container first.
+        self.stop_container_id(&id, 0).await?;
+        self.kill_task(&id).await?;
+        self.remove_snapshot(&record.snapshotter, &record.snapshot_key)
+            .await;
+        let rid = id.clone();
+        match store::blocking(&self.inner.md, move |md| md.delete_container(NS, &rid)).await {
+            Ok(()) => {}
+            Err(e) if e.is(berth_core::error::ErrorKind::NotFound) => {}
+            Err(e) => return Err(to_status(e)),
+        }
+        {
+            let _lock = self.inner.status_lock.lock().unwrap();
+            let _ = std::fs::remove_dir_all(self.container_root(&id));
+        }
+        let _ = std::fs::remove_dir_all(self.inner.state.join("containers").join(&id));
+        self.release_name(&meta.name);
+        Ok(())
+    }
+
+    pub(crate) async fn remove_container(&self, id: &str) -> Result<(), Status> {
+        let _guard = self.lock(id).await;
+        self.remove_container_id(id).await
+    }
+
+    fn to_container_status(
+        &self,
+        record: &Container,
+        meta: &ContainerMeta,
+    ) -> api::ContainerStatus {
+        let config = meta.config();
+        let status = store::read_status(&self.container_root(&record.id));
+        let image = config.image.clone();
+        let mounts = config
+            .mounts
+            .iter()
+            .map(|m| api::Mount {
+                container_path: m.container_path.clone(),
+                host_path: m.host_path.clone(),
+                readonly: m.readonly,
+                selinux_relabel: m.selinux_relabel,
+                propagation: m.propagation,
+                ..Default::default()
+            })
+            .collect();
+        api::ContainerStatus {
+            id: record.id.clone(),
+            metadata: config.metadata.clone(),
+            state: status.state() as i32,
+            created_at: status.created_at,
+            started_at: status.started_at,
+            finished_at: status.finished_at,
+            exit_code: status.exit_code,
+            image,
+            image_ref: meta.image_ref.clone(),
+            reason: status.reason.clone(),
+            message: status.message.clone(),
+            labels: config.labels.clone(),
+            annotations: config.annotations.clone(),
+            mounts,
+            log_path: meta.log_path.clone(),
+            ..Default::default()
+        }
+    }
+
+    pub(crate) async fn container_status(
+        &self,
+        r: api::ContainerStatusRequest,
+    ) -> Result<api::ContainerStatusResponse, Status> {
+        let (record, meta) = self.find_container(&r.container_id).await?;
+        let status = self.to_container_status(&record, &meta);
+        let mut info = HashMap::new();
+        if r.verbose {
+            let file = store::read_status(&self.container_root(&record.id));
+            let spec: Value = record
+                .spec
+                .as_ref()
+                .and_then(|s| serde_json::from_slice(&s.value).ok())
+                .unwrap_or_default();
+            let v = json!({
+                "sandboxID": meta.sandbox_id,
+                "pid": file.pid,
+                "removing": file.removing,
+                "snapshotKey": record.snapshot_key,
+                "snapshotter": record.snapshotter,
+                "runtimeType": record.runtime.name,
+                "runtimeSpec": spec,
+            });
+            info.insert("info".to_string(), v.to_string());
+        }
+        Ok(api::ContainerStatusResponse {
+            status: Some(status),
+            info,
+        })
+    }
+
+    pub(crate) async fn list_containers(
+        &self,
+        r: api::ListContainersRequest,
+    ) -> Result<api::ListContainersResponse, Status> {
+        let all = store::containers(&self.inner.md).await.map_err(to_status)?;
+        let filter = r.filter.unwrap_or_default();
+        let mut containers = Vec::new();
+        for (record, meta) in &all {
+            if !filter.id.is_empty() && !record.id.starts_with(&filter.id) {
+                continue;
+            }
+            if !filter.pod_sandbox_id.is_empty()
+                && !meta.sandbox_id.starts_with(&filter.pod_sandbox_id)
+            {
+                continue;
+            }
+            let status = self.to_container_status(record, meta);
+            if let Some(state) = &filter.state
+                && state.state != status.state
+            {
+                continue;
+            }
+            if !filter
+                .label_selector
+                .iter()
+                .all(|(k, v)| status.labels.get(k) == Some(v))
+            {
+                continue;
+            }
+            containers.push(api::Container {
+                id: status.id,
+                pod_sandbox_id: meta.sandbox_id.clone(),
+                metadata: status.metadata,
+                image: status.image,
+                image_ref: status.image_ref,
+                state: status.state,
+                created_at: status.created_at,
+                labels: status.labels,
+                annotations: status.annotations,
+                ..Default::default()
+            });
+        }
+        Ok(api::ListContainersResponse { containers })
+    }
+
+    pub(crate) async fn exec_sync(
+        &self,
+        r: api::ExecSyncRequest,
+    ) -> Result<api::ExecSyncResponse, Status> {
+        let (record, _) = self.find_container(&r.container_id).await?;
+        let id = record.id.clone();
+        let status = store::read_status(&self.container_root(&id));
+        if status.state() != api::ContainerState::ContainerRunning {
+            return Err(unknown(format!(
+                "container is in {} state",
+                state_name(status.state())
+            )));
+        }
+        if r.cmd.is_empty() {
+            return Err(Status::invalid_argument("ExecSync: cmd must not be empty"));
+        }
+        let task = self
+            .inner
+            .runtime
+            .get(NS, &id)
+            .await
+            .map_err(|e| unknown(format!("failed to load task: {}", e.message())))?;
+        let spec: Value = record
+            .spec
+            .as_ref()
+            .and_then(|s| serde_json::from_slice(&s.value).ok())
+            .unwrap_or_default();
+        let mut process = spec["process"].clone();
+        process["args"] = json!(r.cmd);
+        process["terminal"] = json!(false);
+        let exec_id = sandbox::generate_id();
+        let dir = self.inner.state.join("exec").join(&exec_id);
+        let result = self
+            .exec_in(&task, &exec_id, &dir, process, r.timeout)
+            .await;
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    async fn exec_in(
+        &self,
+        task: &Arc<dyn Task>,
+        exec_id: &str,
+        dir: &Path,
+        process: Value,
+        timeout: i64,
+    ) -> Result<api::ExecSyncResponse, Status> {
+        let out = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let err = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
+        for (name, buf) in [("stdout", out.clone()), ("stderr", err.clone())] {
+            let fifo = dir.join(name);
+            io::mkfifo(&fifo).map_err(|e| unknown(format!("failed to create exec io: {e}")))?;
+            let reader = io::FifoReader::start(&fifo, move |data| {
+                buf.lock().unwrap().extend_from_slice(data)
+            })
+            .map_err(|e| unknown(format!("failed to create exec io: {e}")))?;
+            readers.push(reader);
+        }
+        let cancel = |readers: &[io::FifoReader]| readers.iter().for_each(io::FifoReader::cancel);
+        let io_config = IoConfig {
+            stdin: String::new(),
+            stdout: dir.join("stdout").display().to_string(),
+            stderr: dir.join("stderr").display().to_string(),
+            terminal: false,
+        };
+        let any = prost_types::Any {
+            type_url: spec::PROCESS_TYPE_URL.into(),
+            value: serde_json::to_vec(&process).unwrap(),
+        };
+        if let Err(e) = task.exec(exec_id, io_config, any).await {
+            cancel(&readers);
+            return Err(unknown(format!(
+                "failed to exec in container: failed to create exec {exec_id:?}: {}",
+                e.message()
+            )));
+        }
+        if let Err(e) = task.start(exec_id).await {
+            let _ = task.delete_process(exec_id).await;
+            cancel(&readers);
+            return Err(unknown(format!(
+                "failed to exec in container: failed to start exec {exec_id:?}: {}",
+                e.message()
+            )));
+        }
+        let wait = task.wait(exec_id);
+        let exit = if timeout > 0 {
+            match tokio::time::timeout(Duration::from_secs(timeout as u64), wait).await {
+                Ok(exit) => exit,
+                Err(_) => {
+                    let _ = task.kill(exec_id, 9, false).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(10), task.wait(exec_id)).await;
+                    let _ = task.delete_process(exec_id).await;
+                    cancel(&readers);
+                    return Err(Status::deadline_exceeded(format!(
+                        "failed to exec in container: timeout {timeout}s exceeded: context deadline exceeded"
+                    )));
+                }
+            }
+        } else {
+            wait.await
+        };
+        let exit =
+            exit.map_err(|e| unknown(format!("failed to exec in container: {}", e.message())))?;
+        let _ = task.delete_process(exec_id).await;
+        // The shim closed its ends: the readers finish with everything written.
+        let readers = tokio::task::spawn_blocking(move || {
+            for r in &readers {
+                if !r.wait(Duration::from_secs(5)) {
+                    r.cancel();
+                }
+            }
+        });
+        let _ = readers.await;
+        let stdout = std::mem::take(&mut *out.lock().unwrap());
+        let stderr = std::mem::take(&mut *err.lock().unwrap());
+        Ok(api::ExecSyncResponse {
+            stdout,
+            stderr,
+            exit_code: exit.status as i32,
+        })
+    }
+
+    pub(crate) async fn update_resources(
+        &self,
+        r: api::UpdateContainerResourcesRequest,
+    ) -> Result<(), Status> {
+        let (mut record, _) = self.find_container(&r.container_id).await?;
+        let id = record.id.clone();
+        let _guard = self.lock(&id).await;
+        let Some(linux) = r.linux else {
+            return Ok(());
+        };
+        let mut s: Value = record
+            .spec
+            .as_ref()
+            .and_then(|s| serde_json::from_slice(&s.value).ok())
+            .unwrap_or_default();
+        spec::apply_resources(&mut s, &spec::resources(&linux));
+        if linux.oom_score_adj != 0 {
+            s["process"]["oomScoreAdj"] = json!(linux.oom_score_adj);
+        }
+        let resources = s["linux"]["resources"].clone();
+        record.spec = Some(prost_types::Any {
+            type_url: spec::SPEC_TYPE_URL.into(),
+            value: serde_json::to_vec(&s).unwrap(),
+        });
+        store::blocking(&self.inner.md, move |md| {
+            md.update_container(NS, record, &["spec".to_string()])
+        })
+        .await
+        .map_err(to_status)?;
+        if store::read_status(&self.container_root(&id)).state()
+            == api::ContainerState::ContainerRunning
+            && let Ok(task) = self.inner.runtime.get(NS, &id).await
+        {
+            let any = prost_types::Any {
+                type_url: spec::RESOURCES_TYPE_URL.into(),
+                value: serde_json::to_vec(&resources).unwrap(),
+            };
+            task.update(Some(any), HashMap::new())
+                .await
+                .map_err(|e| unknown(format!("failed to update resources: {}", e.message())))?;
+        }
+        Ok(())
+    }
+
+    /// After a restart: running containers get their waiter and log copy back; those
+    /// whose task is gone are recorded as exited with an unknown code.
+    pub(crate) async fn recover(&self) {
+        let Ok(all) = store::containers(&self.inner.md).await else {
+            return;
+        };
+        for (record, meta) in all {
+            let status = store::read_status(&self.container_root(&record.id));
+            if status.state() != api::ContainerState::ContainerRunning {
+                continue;
+            }
+            match self.inner.runtime.get(NS, &record.id).await {
+                Ok(task) => {
+                    let log = (!meta.log_path.is_empty()).then(|| PathBuf::from(&meta.log_path));
+                    let readers = io::start_logging(&self.container_io(&record.id), log.as_deref())
+                        .unwrap_or_default();
+                    self.watch(record.id.clone(), task, readers);
+                }
+                Err(_) => self.record_exit(&record.id, UNKNOWN_EXIT_CODE, SystemTime::now()),
+            }
+        }
+    }
+}
+
+fn passwd_name(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() > 2 && f[2].parse() == Ok(uid)).then(|| f[0].to_string())
+    })
+}
+
+/// A host device for the container (containerd's `WithDevices`): node and cgroup rule.
+fn add_device(s: &mut Value, d: &api::Device) -> Result<(), Status> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let md = std::fs::metadata(&d.host_path)
+        .map_err(|e| unknown(format!("failed to generate device {:?}: {e}", d.host_path)))?;
+    let kind = if md.file_type().is_char_device() {
+        "c"
+    } else if md.file_type().is_block_device() {
+        "b"
+    } else {
+        return Err(unknown(format!("{:?} is not a device node", d.host_path)));
+    };
+    let rdev = md.rdev();
+    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let perms = if d.permissions.is_empty() {
+        "rwm".to_string()
+    } else {
+        d.permissions.clone()
+    };
+    if !s["linux"]["devices"].is_array() {
+        s["linux"]["devices"] = json!([]);
+    }
+    s["linux"]["devices"].as_array_mut().unwrap().push(json!({
+        "path": d.container_path, "type": kind, "major": major, "minor": minor,
+        "fileMode": md.mode() & 0o777, "uid": md.uid(), "gid": md.gid()
+    }));
+    s["linux"]["resources"]["devices"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({
+            "allow": true, "type": kind, "major": major, "minor": minor, "access": perms
+        }));
+    Ok(())
+}

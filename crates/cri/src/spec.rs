@@ -1,0 +1,368 @@
+//! OCI runtime specs for sandboxes (the pause container) and containers, with
+//! containerd 1.6's CRI defaults (`pkg/cri/server/sandbox_run_linux.go`,
+//! `container_create_linux.go`, `pkg/cri/opts`), as JSON.
+
+use crate::api;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+pub const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+pub const PROCESS_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
+pub const RESOURCES_TYPE_URL: &str =
+    "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources";
+
+/// containerd's default capabilities.
+pub const DEFAULT_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// Every capability (privileged containers), in kernel order.
+pub const ALL_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+pub const DEFAULT_MASKED: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/sys/firmware",
+    "/proc/scsi",
+];
+pub const DEFAULT_READONLY: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// The image config's `config` object (Env, Entrypoint, Cmd, WorkingDir, User, …).
+pub fn image_config(config: &[u8]) -> Value {
+    serde_json::from_slice::<Value>(config)
+        .ok()
+        .map(|v| v["config"].clone())
+        .unwrap_or(Value::Null)
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// containerd's `getCgroupsPath`: systemd slices as `slice:cri-containerd:id`.
+pub fn cgroups_path(parent: &str, id: &str) -> String {
+    if parent.ends_with(".slice") {
+        format!("{parent}:cri-containerd:{id}")
+    } else {
+        format!("{}/{id}", parent.trim_end_matches('/'))
+    }
+}
+
+/// The default spec containerd's `oci.GenerateSpec` makes (mounts, rlimits, masked and
+/// read-only paths, default capabilities), before the CRI options.
+pub fn base_spec(namespace: &str, id: &str) -> Value {
+    let caps = json!(DEFAULT_CAPS);
+    json!({
+        "ociVersion": "1.0.2-dev",
+        "process": {
+            "user": {"uid": 0, "gid": 0},
+            "cwd": "/",
+            "args": [],
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": true
+        },
+        "root": {"path": "rootfs"},
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}
+        ],
+        "linux": {
+            "resources": {"devices": [{"allow": false, "access": "rwm"}]},
+            "cgroupsPath": format!("/{namespace}/{id}"),
+            "namespaces": [
+                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}
+            ],
+            "maskedPaths": DEFAULT_MASKED,
+            "readonlyPaths": DEFAULT_READONLY
+        }
+    })
+}
+
+/// Replaces (or adds, or with `path: None` for `Some`, removes) namespace `kind`.
+pub fn set_namespace(spec: &mut Value, kind: &str, entry: Option<Option<String>>) {
+    let list = spec["linux"]["namespaces"].as_array_mut().unwrap();
+    list.retain(|n| n["type"] != kind);
+    match entry {
+        None => {}
+        Some(None) => list.push(json!({"type": kind})),
+        Some(Some(path)) => list.push(json!({"type": kind, "path": path})),
+    }
+}
+
+fn remove_mount(spec: &mut Value, destination: &str) {
+    if let Some(mounts) = spec["mounts"].as_array_mut() {
+        mounts.retain(|m| m["destination"] != destination);
+    }
+}
+
+/// Adds a bind mount (replacing one at the same destination).
+pub fn bind_mount(spec: &mut Value, source: &str, destination: &str, options: Vec<String>) {
+    remove_mount(spec, destination);
+    spec["mounts"].as_array_mut().unwrap().push(
+        json!({"destination": destination, "type": "bind", "source": source, "options": options}),
+    );
+}
+
+/// `process.env` with `entries` set (replacing same-named ones, as containerd's `WithEnv`).
+pub fn set_env(spec: &mut Value, entries: &[String]) {
+    let mut env = strings(&spec["process"]["env"]);
+    for entry in entries {
+        let key = entry.split('=').next().unwrap_or(entry);
+        env.retain(|e| e.split('=').next() != Some(key));
+        env.push(entry.clone());
+    }
+    spec["process"]["env"] = json!(env);
+}
+
+/// A user from the image: `(uid, gid, additional gids)`.
+#[derive(Debug, Clone, Default)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+}
+
+/// `/etc/passwd`-like lookups: by name or by uid → `(uid, gid)`.
+pub fn passwd_lookup(passwd: &str, name: Option<&str>, uid: Option<u32>) -> Option<(u32, u32)> {
+    passwd.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() < 4 {
+            return None;
+        }
+        let (u, g) = (f[2].parse().ok()?, f[3].parse().ok()?);
+        let hit = name.is_some_and(|n| n == f[0]) || uid.is_some_and(|x| x == u);
+        hit.then_some((u, g))
+    })
+}
+
+/// The groups of `/etc/group` naming `user` as a member.
+pub fn member_groups(group: &str, user: &str) -> Vec<u32> {
+    group
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            (f.len() >= 4 && f[3].split(',').any(|m| m == user)).then(|| f[2].parse().ok())?
+        })
+        .collect()
+}
+
+/// CRI `LinuxContainerResources` → OCI `LinuxResources` (the fields set).
+pub fn resources(r: &api::LinuxContainerResources) -> Value {
+    let mut out = json!({});
+    let mut cpu = serde_json::Map::new();
+    if r.cpu_shares != 0 {
+        cpu.insert("shares".into(), json!(r.cpu_shares));
+    }
+    if r.cpu_quota != 0 {
+        cpu.insert("quota".into(), json!(r.cpu_quota));
+    }
+    if r.cpu_period != 0 {
+        cpu.insert("period".into(), json!(r.cpu_period));
+    }
+    if !r.cpuset_cpus.is_empty() {
+        cpu.insert("cpus".into(), json!(r.cpuset_cpus));
+    }
+    if !r.cpuset_mems.is_empty() {
+        cpu.insert("mems".into(), json!(r.cpuset_mems));
+    }
+    if !cpu.is_empty() {
+        out["cpu"] = Value::Object(cpu);
+    }
+    if r.memory_limit_in_bytes != 0 {
+        out["memory"] = json!({"limit": r.memory_limit_in_bytes});
+        if r.memory_swap_limit_in_bytes != 0 {
+            out["memory"]["swap"] = json!(r.memory_swap_limit_in_bytes);
+        }
+    }
+    if !r.hugepage_limits.is_empty() {
+        out["hugepageLimits"] = r
+            .hugepage_limits
+            .iter()
+            .map(|h| json!({"pageSize": h.page_size, "limit": h.limit}))
+            .collect();
+    }
+    if !r.unified.is_empty() {
+        out["unified"] = json!(r.unified.iter().collect::<BTreeMap<_, _>>());
+    }
+    out
+}
+
+/// Merges `update` into `spec.linux.resources` (keeps the device rules).
+pub fn apply_resources(spec: &mut Value, update: &Value) {
+    if let Some(map) = update.as_object() {
+        for (k, v) in map {
+            spec["linux"]["resources"][k] = v.clone();
+        }
+    }
+}
+
+/// Capabilities after CRI's add/drop (containerd's `WithCapabilities`: `ALL` first).
+pub fn capabilities(add: &[String], drop: &[String]) -> Vec<String> {
+    let norm = |c: &String| {
+        let c = c.to_uppercase();
+        if c.starts_with("CAP_") {
+            c
+        } else {
+            format!("CAP_{c}")
+        }
+    };
+    let mut caps: Vec<String> = DEFAULT_CAPS.iter().map(|s| s.to_string()).collect();
+    if add.iter().any(|c| c.eq_ignore_ascii_case("ALL")) {
+        caps = ALL_CAPS.iter().map(|s| s.to_string()).collect();
+    }
+    if drop.iter().any(|c| c.eq_ignore_ascii_case("ALL")) {
+        caps.clear();
+    }
+    for c in add
+        .iter()
+        .filter(|c| !c.eq_ignore_ascii_case("ALL"))
+        .map(norm)
+    {
+        if !caps.contains(&c) {
+            caps.push(c);
+        }
+    }
+    let dropped: Vec<String> = drop
+        .iter()
+        .filter(|c| !c.eq_ignore_ascii_case("ALL"))
+        .map(norm)
+        .collect();
+    caps.retain(|c| !dropped.contains(c));
+    caps
+}
+
+pub fn set_capabilities(spec: &mut Value, caps: &[String]) {
+    let caps = json!(caps);
+    spec["process"]["capabilities"] =
+        json!({"bounding": caps, "effective": caps, "permitted": caps});
+}
+
+/// The process args from the CRI command/args and the image (containerd's
+/// `getProcessArgs`... in `WithProcessArgs`).
+pub fn process_args(command: &[String], args: &[String], image: &Value) -> Vec<String> {
+    let (mut command, mut args) = (command.to_vec(), args.to_vec());
+    if command.is_empty() {
+        if args.is_empty() {
+            args = strings(&image["Cmd"]);
+        }
+        command = strings(&image["Entrypoint"]);
+    }
+    command.extend(args);
+    command
+}
+
+pub fn image_env(image: &Value) -> Vec<String> {
+    strings(&image["Env"])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities_add_drop_all() {
+        let caps = capabilities(&["NET_ADMIN".into()], &["CAP_KILL".into()]);
+        assert!(caps.contains(&"CAP_NET_ADMIN".to_string()));
+        assert!(!caps.contains(&"CAP_KILL".to_string()));
+        assert_eq!(capabilities(&[], &["ALL".into()]), Vec::<String>::new());
+        assert_eq!(capabilities(&["ALL".into()], &[]).len(), ALL_CAPS.len());
+    }
+
+    #[test]
+    fn args_follow_containerd() {
+        let image = json!({"Entrypoint": ["/e"], "Cmd": ["c"]});
+        assert_eq!(process_args(&[], &[], &image), ["/e", "c"]);
+        assert_eq!(process_args(&[], &["a".into()], &image), ["/e", "a"]);
+        assert_eq!(process_args(&["x".into()], &[], &image), ["x"]);
+        assert_eq!(cgroups_path("/kubepods", "id"), "/kubepods/id");
+        assert_eq!(cgroups_path("k.slice", "id"), "k.slice:cri-containerd:id");
+    }
+
+    #[test]
+    fn users_from_passwd_and_group() {
+        let passwd = "root:x:0:0::/:/bin/sh\nu:x:1000:100::/:/bin/sh\n";
+        assert_eq!(passwd_lookup(passwd, Some("u"), None), Some((1000, 100)));
+        assert_eq!(passwd_lookup(passwd, None, Some(0)), Some((0, 0)));
+        assert_eq!(member_groups("g:x:5:u,v\nh:x:6:v\n", "u"), vec![5]);
+    }
+}
