@@ -46,9 +46,17 @@ fn state_name(state: api::ContainerState) -> &'static str {
     }
 }
 
-/// A file of the root file system the mounts make, read without mounting them: the
-/// upper then lower directories of an overlay, or a bind's source.
-fn read_rootfs_file(mounts: &[berth_core::mount::Mount], rel: &str) -> Option<String> {
+/// The most of an image's /etc/passwd or /etc/group read (a hostile image must not
+/// make the daemon exhaust its memory, GHSA-jpcc-p29g-p8mq): 4 MiB.
+pub const USER_FILE_LIMIT: u64 = 4 << 20;
+
+/// A file of the root file system the mounts make (`rel`, e.g. `etc/passwd`), read
+/// without mounting them: the overlay's upper then lower directories in order (a bind's
+/// source), the first that has it wins, a whiteout ends the search. In each layer the
+/// path is resolved with `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`, so links
+/// never lead outside it; it is opened non-blocking and must be a regular file of at
+/// most [`USER_FILE_LIMIT`] bytes. Missing is empty.
+fn read_rootfs_file(mounts: &[berth_core::mount::Mount], rel: &str) -> Result<String, Status> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     for m in mounts {
         if m.r#type == "overlay" {
@@ -62,8 +70,95 @@ fn read_rootfs_file(mounts: &[berth_core::mount::Mount], rel: &str) -> Option<St
             dirs.push(m.source.clone().into());
         }
     }
-    dirs.iter()
-        .find_map(|d| std::fs::read_to_string(d.join(rel)).ok())
+    for dir in dirs {
+        match read_layer_file(&dir, rel)? {
+            LayerFile::Missing => continue,
+            LayerFile::Whiteout => return Ok(String::new()),
+            LayerFile::Text(text) => return Ok(text),
+        }
+    }
+    Ok(String::new())
+}
+
+enum LayerFile {
+    Missing,
+    Whiteout,
+    Text(String),
+}
+
+fn read_layer_file(dir: &Path, rel: &str) -> Result<LayerFile, Status> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    let fail = |what: String| {
+        Status::invalid_argument(format!(
+            "reading the image's /{rel} to resolve the user: {what}"
+        ))
+    };
+    let root = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_DIRECTORY | OFlag::O_PATH).bits())
+        .open(dir)
+    {
+        Ok(root) => root,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(LayerFile::Missing),
+        Err(e) => return Err(fail(format!("opening {}: {e}", dir.display()))),
+    };
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let fd = match openat2(root.as_raw_fd(), rel, how) {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ENOENT) | Err(nix::errno::Errno::ENOTDIR) => {
+            return Ok(LayerFile::Missing);
+        }
+        // A whiteout (0/0 character device) cannot be opened on every kernel.
+        Err(nix::errno::Errno::ENXIO) | Err(nix::errno::Errno::ENODEV) => {
+            return Ok(LayerFile::Whiteout);
+        }
+        Err(e) => return Err(fail(format!("open: {e}"))),
+    };
+    // SAFETY: openat2 just returned this descriptor, which nothing else owns.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let meta = file.metadata().map_err(|e| fail(format!("fstat: {e}")))?;
+    let ft = meta.file_type();
+    if ft.is_char_device() && meta.rdev() == 0 {
+        return Ok(LayerFile::Whiteout);
+    }
+    if !ft.is_file() {
+        return Err(fail("it is not a regular file".into()));
+    }
+    if meta.len() > USER_FILE_LIMIT {
+        return Err(fail(format!(
+            "it is larger than the limit of {USER_FILE_LIMIT} bytes"
+        )));
+    }
+    let mut bytes = Vec::new();
+    file.take(USER_FILE_LIMIT + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(format!("read: {e}")))?;
+    if bytes.len() as u64 > USER_FILE_LIMIT {
+        return Err(fail(format!(
+            "it is larger than the limit of {USER_FILE_LIMIT} bytes"
+        )));
+    }
+    Ok(LayerFile::Text(
+        String::from_utf8_lossy(&bytes).into_owned(),
+    ))
+}
+
+/// A user or group ID from the CRI or the image: 0..=2³¹−1, never wrapped
+/// (CVE-2024-40635: a value beyond 32 bits must not become root).
+fn id_in_range(value: i64, what: &str) -> Result<u32, Status> {
+    if (0..=i64::from(i32::MAX)).contains(&value) {
+        Ok(value as u32)
+    } else {
+        Err(Status::invalid_argument(format!(
+            "{what} {value} is out of range (0 to {})",
+            i32::MAX
+        )))
+    }
 }
 
 /// Signal numbers by name (`SIGTERM`, `TERM`, `15`).
@@ -437,16 +532,19 @@ impl CriService {
         }
         s["process"]["noNewPrivileges"] = json!(sc.no_new_privs);
         // The user: CRI's uid or name, else the image's; groups from the image's files.
-        let passwd = read_rootfs_file(mounts, "etc/passwd").unwrap_or_default();
-        let group = read_rootfs_file(mounts, "etc/group").unwrap_or_default();
+        let passwd = read_rootfs_file(mounts, "etc/passwd")?;
+        let group = read_rootfs_file(mounts, "etc/group")?;
         let (mut uid, mut gid, mut username) = (0u32, 0u32, String::new());
         if let Some(u) = &sc.run_as_user {
-            uid = u.value as u32;
-            gid = spec::passwd_lookup(&passwd, None, Some(uid)).map_or(0, |(_, g)| g);
+            uid = id_in_range(u.value, "run_as_user")?;
+            gid = spec::passwd_lookup(&passwd, None, Some(uid))
+                .map_err(Status::invalid_argument)?
+                .map_or(0, |(_, g)| g);
             username = passwd_name(&passwd, uid).unwrap_or_default();
         } else if !sc.run_as_username.is_empty() {
-            let (u, g) =
-                spec::passwd_lookup(&passwd, Some(&sc.run_as_username), None).ok_or_else(|| {
+            let (u, g) = spec::passwd_lookup(&passwd, Some(&sc.run_as_username), None)
+                .map_err(Status::invalid_argument)?
+                .ok_or_else(|| {
                     unknown(format!("no users found matching {:?}", sc.run_as_username))
                 })?;
             (uid, gid, username) = (u, g, sc.run_as_username.clone());
@@ -454,31 +552,41 @@ impl CriService {
             let (u, g) = user
                 .split_once(':')
                 .map_or((user, None), |(u, g)| (u, Some(g)));
-            match u.parse::<u32>() {
+            match u.parse::<i64>() {
                 Ok(n) => {
+                    let n = id_in_range(n, "the image's user ID")?;
                     uid = n;
-                    gid = spec::passwd_lookup(&passwd, None, Some(n)).map_or(0, |(_, g)| g);
+                    gid = spec::passwd_lookup(&passwd, None, Some(n))
+                        .map_err(Status::invalid_argument)?
+                        .map_or(0, |(_, g)| g);
                     username = passwd_name(&passwd, n).unwrap_or_default();
                 }
                 Err(_) => {
                     let (a, b) = spec::passwd_lookup(&passwd, Some(u), None)
+                        .map_err(Status::invalid_argument)?
                         .ok_or_else(|| unknown(format!("no users found matching {u:?}")))?;
                     (uid, gid, username) = (a, b, u.to_string());
                 }
             }
-            if let Some(g) = g.and_then(|g| g.parse().ok()) {
-                gid = g;
+            if let Some(g) = g {
+                gid = match g.parse::<i64>() {
+                    Ok(n) => id_in_range(n, "the image's group ID")?,
+                    Err(_) => group_id(&group, g)
+                        .ok_or_else(|| unknown(format!("no groups found matching {g:?}")))?,
+                };
             }
         }
         if let Some(g) = &sc.run_as_group {
-            gid = g.value as u32;
+            gid = id_in_range(g.value, "run_as_group")?;
         }
         let mut additional: Vec<u32> = if username.is_empty() {
             Vec::new()
         } else {
             spec::member_groups(&group, &username)
         };
-        additional.extend(sc.supplemental_groups.iter().map(|g| *g as u32));
+        for g in &sc.supplemental_groups {
+            additional.push(id_in_range(*g, "supplemental group")?);
+        }
         additional.dedup();
         s["process"]["user"] = json!({"uid": uid, "gid": gid, "additionalGids": additional});
         // Namespaces of the pause task.
@@ -946,16 +1054,18 @@ impl CriService {
         process: Value,
         timeout: i64,
     ) -> Result<api::ExecSyncResponse, Status> {
-        let out = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let err = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let out = Arc::new(std::sync::Mutex::new(io::CappedBuffer::new(
+            io::EXEC_STREAM_LIMIT,
+        )));
+        let err = Arc::new(std::sync::Mutex::new(io::CappedBuffer::new(
+            io::EXEC_STREAM_LIMIT,
+        )));
         let mut readers = Vec::new();
         for (name, buf) in [("stdout", out.clone()), ("stderr", err.clone())] {
             let fifo = dir.join(name);
             io::mkfifo(&fifo).map_err(|e| unknown(format!("failed to create exec io: {e}")))?;
-            let reader = io::FifoReader::start(&fifo, move |data| {
-                buf.lock().unwrap().extend_from_slice(data)
-            })
-            .map_err(|e| unknown(format!("failed to create exec io: {e}")))?;
+            let reader = io::FifoReader::start(&fifo, move |data| buf.lock().unwrap().write(data))
+                .map_err(|e| unknown(format!("failed to create exec io: {e}")))?;
             readers.push(reader);
         }
         let cancel = |readers: &[io::FifoReader]| readers.iter().for_each(io::FifoReader::cancel);
@@ -1013,8 +1123,8 @@ impl CriService {
             }
         });
         let _ = readers.await;
-        let stdout = std::mem::take(&mut *out.lock().unwrap());
-        let stderr = std::mem::take(&mut *err.lock().unwrap());
+        let stdout = std::mem::take(&mut out.lock().unwrap().bytes);
+        let stderr = std::mem::take(&mut err.lock().unwrap().bytes);
         Ok(api::ExecSyncResponse {
             stdout,
             stderr,
@@ -1090,6 +1200,14 @@ impl CriService {
     }
 }
 
+/// A group's ID by name in /etc/group.
+fn group_id(group: &str, name: &str) -> Option<u32> {
+    group.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() > 2 && f[0] == name).then(|| f[2].parse().ok())?
+    })
+}
+
 fn passwd_name(passwd: &str, uid: u32) -> Option<String> {
     passwd.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
@@ -1130,4 +1248,88 @@ fn add_device(s: &mut Value, d: &api::Device) -> Result<(), Status> {
             "allow": true, "type": kind, "major": major, "minor": minor, "access": perms
         }));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_core::mount::Mount;
+
+    fn layer(dir: &Path) -> Vec<Mount> {
+        vec![Mount::bind(dir.display().to_string(), true)]
+    }
+
+    #[test]
+    fn user_files_stay_in_the_layer_and_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        // A link to a host file resolves inside the layer: nothing there, so empty.
+        std::os::unix::fs::symlink("/etc/hostname", etc.join("passwd")).unwrap();
+        assert_eq!(
+            read_rootfs_file(&layer(dir.path()), "etc/passwd").unwrap(),
+            ""
+        );
+        // `etc` itself a link to `/`: still inside.
+        let dir2 = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/", dir2.path().join("etc")).unwrap();
+        assert_eq!(
+            read_rootfs_file(&layer(dir2.path()), "etc/passwd").unwrap(),
+            ""
+        );
+        // A FIFO is refused at once, never waited for.
+        nix::unistd::mkfifo(
+            &etc.join("group"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        let err = read_rootfs_file(&layer(dir.path()), "etc/group").unwrap_err();
+        assert!(err.message().contains("not a regular file"), "{err:?}");
+        // Oversized files are refused.
+        std::fs::remove_file(etc.join("passwd")).unwrap();
+        let f = std::fs::File::create(etc.join("passwd")).unwrap();
+        f.set_len(USER_FILE_LIMIT + 1).unwrap();
+        let err = read_rootfs_file(&layer(dir.path()), "etc/passwd").unwrap_err();
+        assert!(err.message().contains("larger than the limit"), "{err:?}");
+    }
+
+    #[test]
+    fn upper_layers_win_and_whiteouts_hide() {
+        let upper = tempfile::tempdir().unwrap();
+        let lower = tempfile::tempdir().unwrap();
+        std::fs::create_dir(upper.path().join("etc")).unwrap();
+        std::fs::create_dir(lower.path().join("etc")).unwrap();
+        std::fs::write(lower.path().join("etc/passwd"), "lower").unwrap();
+        std::fs::write(lower.path().join("etc/group"), "lower").unwrap();
+        std::fs::write(upper.path().join("etc/passwd"), "upper").unwrap();
+        nix::sys::stat::mknod(
+            &upper.path().join("etc/group"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            0,
+        )
+        .unwrap();
+        let mounts = vec![Mount {
+            r#type: "overlay".into(),
+            source: "overlay".into(),
+            target: String::new(),
+            options: vec![
+                format!("upperdir={}", upper.path().display()),
+                format!("lowerdir={}", lower.path().display()),
+            ],
+        }];
+        assert_eq!(read_rootfs_file(&mounts, "etc/passwd").unwrap(), "upper");
+        assert_eq!(read_rootfs_file(&mounts, "etc/group").unwrap(), "");
+    }
+
+    #[test]
+    fn ids_out_of_range_are_invalid_never_wrapped() {
+        assert_eq!(id_in_range(1000, "x").unwrap(), 1000);
+        for bad in [-1, i64::from(i32::MAX) + 1, 1 << 32] {
+            assert_eq!(
+                id_in_range(bad, "x").unwrap_err().code(),
+                tonic::Code::InvalidArgument
+            );
+        }
+    }
 }

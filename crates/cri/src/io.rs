@@ -10,6 +10,32 @@ use std::time::SystemTime;
 /// containerd's `maxContainerLogLineSize`... the CRI logger splits longer lines (`P`).
 const MAX_LINE: usize = 16 * 1024;
 
+/// The most of each stream `ExecSync` keeps (containerd's `maxStreamSize`): the rest
+/// is read and dropped, so a command printing without end cannot exhaust the daemon's
+/// memory (CVE-2022-31030).
+pub const EXEC_STREAM_LIMIT: usize = 16 << 20;
+
+/// A buffer that keeps the first `limit` bytes written to it.
+#[derive(Debug, Default)]
+pub struct CappedBuffer {
+    pub bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl CappedBuffer {
+    pub fn new(limit: usize) -> Self {
+        CappedBuffer {
+            bytes: Vec::new(),
+            limit,
+        }
+    }
+
+    pub fn write(&mut self, data: &[u8]) {
+        let room = self.limit.saturating_sub(self.bytes.len());
+        self.bytes.extend_from_slice(&data[..room.min(data.len())]);
+    }
+}
+
 /// Makes a fifo at `path` (absent parent directories too).
 pub fn mkfifo(path: &Path) -> std::io::Result<()> {
     if let Some(parent) = path.parent() {
@@ -213,6 +239,15 @@ pub fn start_logging(io_dir: &Path, log: Option<&Path>) -> std::io::Result<Vec<F
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capped_buffers_keep_the_first_bytes_only() {
+        let mut b = CappedBuffer::new(10);
+        b.write(b"12345678");
+        b.write(b"9abcdef");
+        b.write(b"more");
+        assert_eq!(b.bytes, b"123456789a");
+    }
 
     #[test]
     fn go_rfc3339_nano() {

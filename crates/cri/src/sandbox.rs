@@ -41,7 +41,14 @@ fn unknown(message: impl std::fmt::Display) -> Status {
     Status::unknown(message.to_string())
 }
 
-/// containerd's `buildLabels`: the image's labels, the CRI's over them, and the kind.
+/// Label prefixes an image's `LABEL`s never bring onto a container record: those
+/// Berth or containerd act on (`containerd.io/restart.loguri` would make the restart
+/// monitor run a `binary://` logger named by the image, GHSA-xhf5-7wjv-pqxp) and the
+/// CRI's own.
+const RESERVED_LABEL_PREFIXES: &[&str] = &["containerd.io/", "io.cri-containerd."];
+
+/// containerd's `buildLabels`: the image's labels (but reserved ones), the CRI's over
+/// them, and the kind.
 pub fn build_labels(
     config_labels: &HashMap<String, String>,
     image_config: &serde_json::Value,
@@ -50,6 +57,10 @@ pub fn build_labels(
     let mut labels = berth_core::labels::Labels::new();
     if let Some(map) = image_config["Labels"].as_object() {
         for (k, v) in map {
+            if RESERVED_LABEL_PREFIXES.iter().any(|p| k.starts_with(p)) {
+                tracing::warn!(label = %k, "an image label with a reserved prefix is not copied onto the container");
+                continue;
+            }
             if let Some(v) = v.as_str() {
                 labels.insert(k.clone(), v.to_string());
             }
@@ -707,5 +718,52 @@ impl CriService {
             });
         }
         Ok(api::ListPodSandboxResponse { items })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_labels_never_bring_reserved_labels() {
+        let image = json!({"Labels": {
+            "containerd.io/restart.loguri": "binary:///bin/sh?-c=touch /pwned",
+            "containerd.io/restart.status": "running",
+            "io.cri-containerd.kind": "sandbox",
+            "org.example/harmless": "yes",
+            "app": "image"
+        }});
+        let labels = build_labels(
+            &HashMap::from([("app".into(), "cri".into())]),
+            &image,
+            "container",
+        );
+        assert_eq!(
+            labels.get("org.example/harmless").map(String::as_str),
+            Some("yes")
+        );
+        assert_eq!(labels.get("app").map(String::as_str), Some("cri"));
+        assert_eq!(
+            labels.get(KIND_LABEL).map(String::as_str),
+            Some("container")
+        );
+        assert!(
+            !labels.keys().any(|k| k.starts_with("containerd.io/")),
+            "{labels:?}"
+        );
+    }
+
+    #[test]
+    fn resolv_conf_from_dns_config() {
+        let dns = api::DnsConfig {
+            servers: vec!["1.1.1.1".into()],
+            searches: vec!["a".into(), "b".into()],
+            options: vec!["ndots:2".into()],
+        };
+        assert_eq!(
+            resolv_conf(&dns),
+            "search a b\nnameserver 1.1.1.1\noptions ndots:2\n"
+        );
     }
 }

@@ -202,17 +202,35 @@ pub struct User {
     pub additional_gids: Vec<u32>,
 }
 
-/// `/etc/passwd`-like lookups: by name or by uid → `(uid, gid)`.
-pub fn passwd_lookup(passwd: &str, name: Option<&str>, uid: Option<u32>) -> Option<(u32, u32)> {
-    passwd.lines().find_map(|line| {
+/// `/etc/passwd` lookups: by name or by uid → `(uid, gid)`. A matching entry whose IDs
+/// are not in 0..=2³¹−1 is an error, never wrapped (CVE-2024-40635).
+pub fn passwd_lookup(
+    passwd: &str,
+    name: Option<&str>,
+    uid: Option<u32>,
+) -> Result<Option<(u32, u32)>, String> {
+    for line in passwd.lines() {
         let f: Vec<&str> = line.split(':').collect();
         if f.len() < 4 {
-            return None;
+            continue;
         }
-        let (u, g) = (f[2].parse().ok()?, f[3].parse().ok()?);
-        let hit = name.is_some_and(|n| n == f[0]) || uid.is_some_and(|x| x == u);
-        hit.then_some((u, g))
-    })
+        let (Ok(u), Ok(g)) = (f[2].parse::<i64>(), f[3].parse::<i64>()) else {
+            continue;
+        };
+        let hit = name.is_some_and(|n| n == f[0]) || uid.is_some_and(|x| i64::from(x) == u);
+        if !hit {
+            continue;
+        }
+        let range = 0..=i64::from(i32::MAX);
+        if !range.contains(&u) || !range.contains(&g) {
+            return Err(format!(
+                "the image's /etc/passwd entry {:?} has IDs out of range ({u}:{g})",
+                f[0]
+            ));
+        }
+        return Ok(Some((u as u32, g as u32)));
+    }
+    Ok(None)
 }
 
 /// The groups of `/etc/group` naming `user` as a member.
@@ -361,8 +379,16 @@ mod tests {
     #[test]
     fn users_from_passwd_and_group() {
         let passwd = "root:x:0:0::/:/bin/sh\nu:x:1000:100::/:/bin/sh\n";
-        assert_eq!(passwd_lookup(passwd, Some("u"), None), Some((1000, 100)));
-        assert_eq!(passwd_lookup(passwd, None, Some(0)), Some((0, 0)));
+        assert_eq!(
+            passwd_lookup(passwd, Some("u"), None),
+            Ok(Some((1000, 100)))
+        );
+        assert_eq!(passwd_lookup(passwd, None, Some(0)), Ok(Some((0, 0))));
+        assert_eq!(passwd_lookup(passwd, Some("x"), None), Ok(None));
+        // IDs beyond 2^31-1 are errors, never wrapped to root (CVE-2024-40635).
+        let wide = "w:x:4294967296:0::/:/bin/sh\ng:x:1000:4294967296::/:/bin/sh\n";
+        assert!(passwd_lookup(wide, Some("w"), None).is_err());
+        assert!(passwd_lookup(wide, None, Some(1000)).is_err());
         assert_eq!(member_groups("g:x:5:u,v\nh:x:6:v\n", "u"), vec![5]);
     }
 }

@@ -591,13 +591,37 @@ async fn shared_network_exits_security_context_and_exec_timeout() {
         ),
     )
     .await;
-    let clientc = create_start(
-        &mut client,
-        &pod,
-        &sandbox,
-        container_config("client", &["sleep", "1000"]),
-    )
-    .await;
+    // Each container has its own environment (containerd once leaked one container's
+    // into the next) and a host path mounted read-only.
+    let host_dir = env.dir.path().join("hostpath");
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::write(host_dir.join("f"), "from the host\n").unwrap();
+    let mut cc = container_config("client", &["sleep", "1000"]);
+    cc.envs = vec![api::KeyValue {
+        key: "ONLY_CLIENT".into(),
+        value: "1".into(),
+    }];
+    cc.mounts = vec![api::Mount {
+        container_path: "/data".into(),
+        host_path: host_dir.display().to_string(),
+        readonly: true,
+        ..Default::default()
+    }];
+    let clientc = create_start(&mut client, &pod, &sandbox, cc).await;
+    let out = exec(&mut client, &server, &["env"]).await;
+    assert!(
+        !text(&out.stdout).contains("ONLY_CLIENT"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = exec(&mut client, &clientc, &["env"]).await;
+    assert!(text(&out.stdout).contains("ONLY_CLIENT=1"));
+    assert!(text(&out.stdout).contains("HOSTNAME=pod2-host"));
+    let out = exec(&mut client, &clientc, &["cat", "/data/f"]).await;
+    assert_eq!(text(&out.stdout), "from the host\n");
+    let out = exec(&mut client, &clientc, &["touch", "/data/new"]).await;
+    assert_ne!(out.exit_code, 0);
+    assert!(!host_dir.join("new").exists());
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let out = exec(
@@ -677,6 +701,25 @@ async fn shared_network_exits_security_context_and_exec_timeout() {
     )
     .await;
     assert_eq!(text(&out.stdout), "x\n", "/dev/shm stays writable");
+
+    // IDs beyond 2^31-1 are refused, never wrapped to root (CVE-2024-40635).
+    let mut wide = container_config("wide", &["id"]);
+    wide.linux
+        .as_mut()
+        .unwrap()
+        .security_context
+        .as_mut()
+        .unwrap()
+        .run_as_user = Some(api::Int64Value { value: 1 << 32 });
+    let err = client
+        .create_container(api::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(wide),
+            sandbox_config: Some(sandbox.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 
     // ExecSync's timeout.
     let start = Instant::now();
