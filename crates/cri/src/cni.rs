@@ -444,3 +444,38 @@ mod tests {
         assert!(load(&config).unwrap_err().starts_with(NOT_INITIALIZED));
     }
 }
+
+/// containerd's `UpdateRuntimeConfig` file: the rendered `conf_template`.
+pub const TEMPLATE_OUTPUT: &str = "10-containerd-net.conflist";
+
+/// Renders `conf_template` for the pod CIDR(s): the `{{.PodCIDR}}` substitution (the
+/// first CIDR) that containerd's Go template offers; templates using other actions are
+/// refused with the action named.
+pub fn render_template(template: &str, cidrs: &[&str]) -> Result<String, String> {
+    let first = cidrs.first().copied().unwrap_or_default();
+    let text = template
+        .replace("{{.PodCIDR}}", first)
+        .replace("{{ .PodCIDR }}", first);
+    if let Some(start) = text.find("{{") {
+        let action: String = text[start..].chars().take(40).collect();
+        return Err(format!(
+            "conf_template uses a Go template action berthd does not render ({action}…): only {{{{.PodCIDR}}}} is supported"
+        ));
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod template_tests {
+    use super::*;
+
+    #[test]
+    fn pod_cidr_is_substituted_and_other_actions_refused() {
+        let t = r#"{"ipam":{"subnet":"{{.PodCIDR}}"}}"#;
+        assert_eq!(
+            render_template(t, &["10.1.0.0/24", "fd00::/64"]).unwrap(),
+            r#"{"ipam":{"subnet":"10.1.0.0/24"}}"#
+        );
+        assert!(render_template("{{range .Routes}}x{{end}}", &["a"]).is_err());
+    }
+}

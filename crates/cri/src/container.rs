@@ -24,6 +24,8 @@ pub const IMAGE_NAME: &str = "io.kubernetes.cri.image-name";
 /// containerd's exit code and reason for a container whose start failed.
 const START_ERROR_CODE: i32 = 128;
 const START_ERROR_REASON: &str = "StartError";
+/// The reason of a container the OOM killer hit.
+const OOM_REASON: &str = "OOMKilled";
 /// Exit code of a container whose end nobody saw (containerd's `unknownExitCode`).
 const UNKNOWN_EXIT_CODE: i32 = 255;
 
@@ -1174,6 +1176,39 @@ impl CriService {
                 .map_err(|e| unknown(format!("failed to update resources: {}", e.message())))?;
         }
         Ok(())
+    }
+
+    /// Follows `/tasks/oom` events of `k8s.io`: a container the kernel's OOM killer hit
+    /// ends with reason `OOMKilled` (containerd's event monitor does the same).
+    pub(crate) fn watch_oom(&self, events: &berth_core::events::Exchange) {
+        let mut rx = events.subscribe();
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let envelope = match rx.recv().await {
+                    Ok(e) => e,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                };
+                if envelope.topic != "/tasks/oom" || envelope.namespace != NS {
+                    continue;
+                }
+                use prost::Message;
+                let Ok(oom) =
+                    berth_api::containerd::events::TaskOom::decode(envelope.event.value.as_slice())
+                else {
+                    continue;
+                };
+                let dir = this.container_root(&oom.container_id);
+                let _lock = this.inner.status_lock.lock().unwrap();
+                if !dir.join("status").exists() {
+                    continue;
+                }
+                let mut status = store::read_status(&dir);
+                status.reason = OOM_REASON.into();
+                let _ = store::write_status(&dir, &status);
+            }
+        });
     }
 
     /// After a restart: running containers get their waiter and log copy back; those

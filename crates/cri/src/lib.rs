@@ -156,6 +156,7 @@ pub fn registration() -> Registration {
             }),
         };
         // Containers that were running when the daemon stopped: waiters and logs back.
+        service.watch_oom(&ctx.events);
         let recovering = service.clone();
         tokio::spawn(async move { recovering.recover().await });
         Ok::<Instance, _>(grpc_instance(Arc::new(service)))

@@ -1,7 +1,7 @@
 //! `runtime.v1.RuntimeService`: `Version` and `Status` answer as containerd 1.6's CRI
 //! does (the network condition says why it is not ready); sandboxes and containers are
 //! served by [`crate::sandbox`] and [`crate::container`]; streaming, stats, events,
-//! checkpoints, log reopening and runtime config updates answer `Unimplemented`, saying
+//! checkpoints and log reopening answer `Unimplemented`, saying
 //! they are not built yet.
 
 use crate::CriService;
@@ -199,6 +199,19 @@ macro_rules! runtime_service {
                 rpc!(self.update_resources(request.into_inner()).await.map(|()| api::UpdateContainerResourcesResponse {}))
             }
 
+            async fn update_runtime_config(
+                &self,
+                request: Request<api::UpdateRuntimeConfigRequest>,
+            ) -> Result<Response<api::UpdateRuntimeConfigResponse>, Status> {
+                let cidrs = request
+                    .into_inner()
+                    .runtime_config
+                    .and_then(|c| c.network_config)
+                    .map(|n| n.pod_cidr)
+                    .unwrap_or_default();
+                rpc!(self.update_runtime_config_cidrs(&cidrs).map(|()| api::UpdateRuntimeConfigResponse {}))
+            }
+
             async fn exec_sync(
                 &self,
                 request: Request<api::ExecSyncRequest>,
@@ -227,9 +240,42 @@ runtime_service! {
     list_container_stats => "ListContainerStats": ListContainerStatsRequest -> ListContainerStatsResponse,
     pod_sandbox_stats => "PodSandboxStats": PodSandboxStatsRequest -> PodSandboxStatsResponse,
     list_pod_sandbox_stats => "ListPodSandboxStats": ListPodSandboxStatsRequest -> ListPodSandboxStatsResponse,
-    update_runtime_config => "UpdateRuntimeConfig": UpdateRuntimeConfigRequest -> UpdateRuntimeConfigResponse,
     checkpoint_container => "CheckpointContainer": CheckpointContainerRequest -> CheckpointContainerResponse,
     list_metric_descriptors => "ListMetricDescriptors": ListMetricDescriptorsRequest -> ListMetricDescriptorsResponse,
     list_pod_sandbox_metrics => "ListPodSandboxMetrics": ListPodSandboxMetricsRequest -> ListPodSandboxMetricsResponse,
     runtime_config => "RuntimeConfig": RuntimeConfigRequest -> RuntimeConfigResponse,
+}
+
+impl CriService {
+    /// containerd's `UpdateRuntimeConfig`: with a pod CIDR and a `conf_template`, and no
+    /// CNI config loaded yet, the template is rendered into `conf_dir`.
+    fn update_runtime_config_cidrs(&self, pod_cidrs: &str) -> Result<(), Status> {
+        let cni = &self.inner.config.cni;
+        if pod_cidrs.is_empty() || cni.conf_template.is_empty() {
+            return Ok(());
+        }
+        if crate::cni::load(cni).is_ok() {
+            tracing::info!("network plugin is ready, skip generating cni config from template");
+            return Ok(());
+        }
+        let cidrs: Vec<&str> = pod_cidrs.split(',').map(str::trim).collect();
+        let template = std::fs::read_to_string(&cni.conf_template).map_err(|e| {
+            Status::unknown(format!(
+                "failed to read cni config template {:?}: {e}",
+                cni.conf_template
+            ))
+        })?;
+        let text = crate::cni::render_template(&template, &cidrs).map_err(Status::unimplemented)?;
+        let dir = std::path::Path::new(&cni.conf_dir);
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Status::unknown(format!(
+                "failed to create cni conf dir {:?}: {e}",
+                cni.conf_dir
+            ))
+        })?;
+        let tmp = dir.join(format!(".{}.tmp", crate::cni::TEMPLATE_OUTPUT));
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, dir.join(crate::cni::TEMPLATE_OUTPUT)))
+            .map_err(|e| Status::unknown(format!("failed to write cni config: {e}")))
+    }
 }

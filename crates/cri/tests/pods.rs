@@ -57,6 +57,13 @@ impl Env {
         let subnet_prefix = format!("10.{}.{}", 200 + bytes[0] % 50, bytes[1]);
         let conf_dir = dir.path().join("net.d");
         std::fs::create_dir_all(&conf_dir).unwrap();
+        // Without a network config, a template for UpdateRuntimeConfig to render.
+        let template = dir.path().join("template.conflist");
+        std::fs::write(
+            &template,
+            r#"{"cniVersion":"0.4.0","name":"from-template","plugins":[{"type":"host-local-only","subnet":"{{.PodCIDR}}"}]}"#,
+        )
+        .unwrap();
         if network {
             let conf = serde_json::json!({
                 "cniVersion": "0.4.0",
@@ -77,8 +84,9 @@ impl Env {
         }
         let config = format!(
             "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = {PAUSE:?}\n\
-             [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = {CNI_BIN:?}\n  conf_dir = {:?}\n",
-            conf_dir.display()
+             [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = {CNI_BIN:?}\n  conf_dir = {:?}\n  conf_template = {:?}\n",
+            conf_dir.display(),
+            template.display()
         );
         let daemon = Daemon::start_with_config(&config);
         let fixtures = berth_testkit::fixtures();
@@ -672,6 +680,23 @@ async fn shared_network_exits_security_context_and_exec_timeout() {
         "{exec_err:?}"
     );
 
+    // A memory limit the container goes over: the OOM killer ends it, reason OOMKilled.
+    let mut hog = container_config("hog", &["tail", "/dev/zero"]);
+    hog.linux.as_mut().unwrap().resources = Some(api::LinuxContainerResources {
+        memory_limit_in_bytes: 32 << 20,
+        ..Default::default()
+    });
+    let hog = create_start(&mut client, &pod, &sandbox, hog).await;
+    let s = wait_exited(&mut client, &hog).await;
+    // The event may trail the exit by a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut s = s;
+    while s.reason != "OOMKilled" && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s = status(&mut client, &hog).await;
+    }
+    assert_eq!((s.exit_code, s.reason.as_str()), (137, "OOMKilled"));
+
     // run_as_user, run_as_group and a read-only root file system.
     let mut secure = container_config("secure", &["sleep", "1000"]);
     let sc = secure
@@ -749,7 +774,7 @@ async fn shared_network_exits_security_context_and_exec_timeout() {
         .into_inner();
     let mut exited: Vec<String> = list.containers.into_iter().map(|c| c.id).collect();
     exited.sort();
-    let mut expected = vec![failing.clone(), ok.clone()];
+    let mut expected = vec![failing.clone(), ok.clone(), hog.clone()];
     expected.sort();
     assert_eq!(exited, expected);
     let list = client
@@ -914,6 +939,37 @@ async fn unknown_ids_bad_input_and_unbuilt_rpcs() {
         .await
         .unwrap_err();
     assert!(err.message().contains("no runtime for \"kata\""), "{err:?}");
+
+    // The kubelet's pod CIDR renders conf_template into conf_dir: the network is ready.
+    client
+        .update_runtime_config(api::UpdateRuntimeConfigRequest {
+            runtime_config: Some(api::RuntimeConfig {
+                network_config: Some(api::NetworkConfig {
+                    pod_cidr: "10.244.7.0/24".into(),
+                }),
+            }),
+        })
+        .await
+        .unwrap();
+    let rendered =
+        std::fs::read_to_string(env.dir.path().join("net.d/10-containerd-net.conflist")).unwrap();
+    assert!(
+        rendered.contains(r#""subnet":"10.244.7.0/24""#),
+        "{rendered}"
+    );
+    let st = client
+        .status(api::StatusRequest { verbose: false })
+        .await
+        .unwrap()
+        .into_inner();
+    let network = st
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.r#type == "NetworkReady")
+        .unwrap();
+    assert!(network.status, "{network:?}");
 
     let unknown = "0".repeat(64);
     assert_eq!(
