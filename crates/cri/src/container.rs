@@ -258,7 +258,7 @@ impl CriService {
             Status::not_found(format!("failed to resolve image {image_name:?}: not found"))
         })?;
         let id = sandbox::generate_id();
-        self.reserve_name(&name, &id).await?;
+        self.reserve_name("container", &name, &id).await?;
         let result = self
             .create_reserved(
                 &id,
@@ -273,11 +273,10 @@ impl CriService {
             )
             .await;
         if let Err(e) = result {
-            self.release_name(&name);
+            self.release_name("container", &name);
             self.remove_snapshot(&self.inner.config.containerd.snapshotter, &id)
                 .await;
-            let rid = id.clone();
-            let _ = store::blocking(&self.inner.md, move |md| md.delete_container(NS, &rid)).await;
+            let _ = store::delete_record(&self.inner.md, &self.inner.events, &id).await;
             let _ = std::fs::remove_dir_all(self.container_root(&id));
             return Err(e);
         }
@@ -341,8 +340,7 @@ impl CriService {
             sandbox: String::new(),
             ..Default::default()
         };
-        let rec = record.clone();
-        store::blocking(&self.inner.md, move |md| md.create_container(NS, rec))
+        store::create_record(&self.inner.md, &self.inner.events, record.clone())
             .await
             .map_err(to_status)?;
         let mounts = self
@@ -703,7 +701,7 @@ impl CriService {
             .map_err(|e| unknown(format!("failed to get container mounts: {}", e.message())))?;
         let io_dir = self.container_io(id);
         let log = (!meta.log_path.is_empty()).then(|| PathBuf::from(&meta.log_path));
-        let readers = io::start_logging(&io_dir, log.as_deref())
+        let (readers, shared) = io::start_logging(&io_dir, log.as_deref())
             .map_err(|e| unknown(format!("failed to create container loggers: {e}")))?;
         let spec = record
             .spec
@@ -751,6 +749,9 @@ impl CriService {
                 )));
             }
         };
+        if let Some(shared) = shared {
+            self.inner.logs.lock().unwrap().insert(id.clone(), shared);
+        }
         self.watch(id.clone(), task, readers);
         Ok(pid)
     }
@@ -766,6 +767,7 @@ impl CriService {
             };
             this.record_exit(&id, code, at);
             let _ = this.inner.runtime.delete(NS, &id).await;
+            this.inner.logs.lock().unwrap().remove(&id);
             // The shim closed the fifos: the copies end; wait so the log is complete.
             tokio::task::spawn_blocking(move || {
                 for r in &readers {
@@ -873,24 +875,26 @@ impl CriService {
         self.kill_task(&id).await?;
         self.remove_snapshot(&record.snapshotter, &record.snapshot_key)
             .await;
-        let rid = id.clone();
-        match store::blocking(&self.inner.md, move |md| md.delete_container(NS, &rid)).await {
-            Ok(()) => {}
-            Err(e) if e.is(berth_core::error::ErrorKind::NotFound) => {}
-            Err(e) => return Err(to_status(e)),
-        }
+        store::delete_record(&self.inner.md, &self.inner.events, &id)
+            .await
+            .map_err(to_status)?;
         {
             let _lock = self.inner.status_lock.lock().unwrap();
             let _ = std::fs::remove_dir_all(self.container_root(&id));
         }
         let _ = std::fs::remove_dir_all(self.inner.state.join("containers").join(&id));
-        self.release_name(&meta.name);
+        self.release_name("container", &meta.name);
         Ok(())
     }
 
     pub(crate) async fn remove_container(&self, id: &str) -> Result<(), Status> {
-        let _guard = self.lock(id).await;
-        self.remove_container_id(id).await
+        let guard = self.lock(id).await;
+        let result = self.remove_container_id(id).await;
+        drop(guard);
+        if result.is_ok() {
+            self.inner.locks.lock().unwrap().remove(id);
+        }
+        result
     }
 
     fn to_container_status(
@@ -1134,6 +1138,22 @@ impl CriService {
         })
     }
 
+    /// containerd's `ReopenContainerLog`: the log file is opened again at its path (the
+    /// kubelet rotated it); only for a running container.
+    pub(crate) async fn reopen_log(&self, id: &str) -> Result<(), Status> {
+        let (record, meta) = self.find_container(id).await?;
+        let status = store::read_status(&self.container_root(&record.id));
+        if status.state() != api::ContainerState::ContainerRunning {
+            return Err(unknown("container is not running"));
+        }
+        let shared = self.inner.logs.lock().unwrap().get(&record.id).cloned();
+        match shared {
+            Some(shared) => io::reopen(&shared, Path::new(&meta.log_path))
+                .map_err(|e| unknown(format!("failed to create and open log file: {e}"))),
+            None => Ok(()),
+        }
+    }
+
     pub(crate) async fn update_resources(
         &self,
         r: api::UpdateContainerResourcesRequest,
@@ -1225,8 +1245,16 @@ impl CriService {
             match self.inner.runtime.get(NS, &record.id).await {
                 Ok(task) => {
                     let log = (!meta.log_path.is_empty()).then(|| PathBuf::from(&meta.log_path));
-                    let readers = io::start_logging(&self.container_io(&record.id), log.as_deref())
-                        .unwrap_or_default();
+                    let (readers, shared) =
+                        io::start_logging(&self.container_io(&record.id), log.as_deref())
+                            .unwrap_or_default();
+                    if let Some(shared) = shared {
+                        self.inner
+                            .logs
+                            .lock()
+                            .unwrap()
+                            .insert(record.id.clone(), shared);
+                    }
                     self.watch(record.id.clone(), task, readers);
                 }
                 Err(_) => self.record_exit(&record.id, UNKNOWN_EXIT_CODE, SystemTime::now()),

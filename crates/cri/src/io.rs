@@ -214,7 +214,20 @@ pub fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
 }
 
 /// Starts copying the container's stdout/stderr fifos into `log` (if any).
-pub fn start_logging(io_dir: &Path, log: Option<&Path>) -> std::io::Result<Vec<FifoReader>> {
+/// The log file a container's streams are copied to, shared by both copies; `reopen`
+/// swaps it for a new file at the same path (`ReopenContainerLog`, after a rotation).
+pub type SharedLog = std::sync::Arc<std::sync::Mutex<std::fs::File>>;
+
+pub fn reopen(log: &SharedLog, path: &Path) -> std::io::Result<()> {
+    let file = open_log(path)?;
+    *log.lock().unwrap() = file;
+    Ok(())
+}
+
+pub fn start_logging(
+    io_dir: &Path,
+    log: Option<&Path>,
+) -> std::io::Result<(Vec<FifoReader>, Option<SharedLog>)> {
     let file = match log {
         Some(path) => Some(std::sync::Arc::new(std::sync::Mutex::new(open_log(path)?))),
         None => None,
@@ -233,7 +246,7 @@ pub fn start_logging(io_dir: &Path, log: Option<&Path>) -> std::io::Result<Vec<F
         // it the writer, is dropped when the thread does (`Drop` finishes the line).
         readers.push(reader?);
     }
-    Ok(readers)
+    Ok((readers, file))
 }
 
 #[cfg(test)]

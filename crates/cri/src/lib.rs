@@ -11,10 +11,11 @@
 //! - `runtime.v1.RuntimeService`: `Version`, `Status` (network ready once a CNI config
 //!   loads), pod sandboxes ([`sandbox`]: network namespace and CNI ([`cni`]), the pause
 //!   container), containers ([`container`]: specs ([`spec`]), start/stop/remove, status,
-//!   CRI log files ([`io`]), `ExecSync`, `UpdateContainerResources`), all kept in
-//!   container records of `k8s.io` and status files ([`store`]) so a restart finds
-//!   them again. Streaming (`Exec`, `Attach`, `PortForward`), stats, events,
-//!   checkpoints and log reopening answer `Unimplemented`.
+//!   CRI log files ([`io`]) and `ReopenContainerLog`, `ExecSync`,
+//!   `UpdateContainerResources`, `OOMKilled` from `/tasks/oom`), `UpdateRuntimeConfig`
+//!   (`conf_template`), all kept in container records of `k8s.io` and status files
+//!   ([`store`]) so a restart finds them again. Streaming (`Exec`, `Attach`,
+//!   `PortForward`), stats, container events and checkpoints answer `Unimplemented`.
 //!
 //! The types and stubs ([`api`]) are generated at build time from the `v1.proto` the
 //! `k8s-cri` package ships (see `build.rs`).
@@ -85,6 +86,8 @@ struct Inner {
     names: std::sync::Mutex<HashMap<String, String>>,
     /// Serialises status file updates.
     status_lock: std::sync::Mutex<()>,
+    /// The log files of running containers (for `ReopenContainerLog`).
+    logs: std::sync::Mutex<HashMap<String, io::SharedLog>>,
 }
 
 /// A Berth error as the gRPC status containerd would send.
@@ -153,6 +156,7 @@ pub fn registration() -> Registration {
                 locks: Default::default(),
                 names: Default::default(),
                 status_lock: Default::default(),
+                logs: Default::default(),
             }),
         };
         // Containers that were running when the daemon stopped: waiters and logs back.

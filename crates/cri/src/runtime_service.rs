@@ -1,8 +1,7 @@
 //! `runtime.v1.RuntimeService`: `Version` and `Status` answer as containerd 1.6's CRI
 //! does (the network condition says why it is not ready); sandboxes and containers are
-//! served by [`crate::sandbox`] and [`crate::container`]; streaming, stats, events,
-//! checkpoints and log reopening answer `Unimplemented`, saying
-//! they are not built yet.
+//! served by [`crate::sandbox`] and [`crate::container`]; streaming, stats, container
+//! events and checkpoints answer `Unimplemented`, saying they are not built yet.
 
 use crate::CriService;
 use crate::api::{self, runtime_service_server::RuntimeService};
@@ -21,7 +20,7 @@ const NETWORK_NOT_READY_REASON: &str = "NetworkPluginNotReady";
 
 fn not_built(rpc: &str) -> Status {
     Status::unimplemented(format!(
-        "{rpc} is not built yet in berthd: its CRI plugin serves images, pod sandboxes, containers and ExecSync (streaming, stats, events, checkpoints and log reopening are not built yet)"
+        "{rpc} is not built yet in berthd: its CRI plugin serves images, pod sandboxes, containers and ExecSync (streaming, stats, container events and checkpoints are not built yet)"
     ))
 }
 
@@ -212,6 +211,14 @@ macro_rules! runtime_service {
                 rpc!(self.update_runtime_config_cidrs(&cidrs).map(|()| api::UpdateRuntimeConfigResponse {}))
             }
 
+            async fn reopen_container_log(
+                &self,
+                request: Request<api::ReopenContainerLogRequest>,
+            ) -> Result<Response<api::ReopenContainerLogResponse>, Status> {
+                let id = request.into_inner().container_id;
+                rpc!(self.reopen_log(&id).await.map(|()| api::ReopenContainerLogResponse {}))
+            }
+
             async fn exec_sync(
                 &self,
                 request: Request<api::ExecSyncRequest>,
@@ -232,7 +239,6 @@ macro_rules! runtime_service {
 }
 
 runtime_service! {
-    reopen_container_log => "ReopenContainerLog": ReopenContainerLogRequest -> ReopenContainerLogResponse,
     exec => "Exec": ExecRequest -> ExecResponse,
     attach => "Attach": AttachRequest -> AttachResponse,
     port_forward => "PortForward": PortForwardRequest -> PortForwardResponse,

@@ -174,47 +174,55 @@ impl CriService {
             meta.name, meta.namespace, meta.uid, meta.attempt
         );
         let id = generate_id();
-        self.reserve_name(&name, &id).await?;
+        self.reserve_name("sandbox", &name, &id).await?;
         match self
             .run_reserved(&id, &name, &config, &r.runtime_handler)
             .await
         {
             Ok(()) => Ok(api::RunPodSandboxResponse { pod_sandbox_id: id }),
             Err(e) => {
-                self.release_name(&name);
+                self.release_name("sandbox", &name);
                 Err(e)
             }
         }
     }
 
-    /// containerd's name registrar: one ID per name, among live records and creations.
-    pub(crate) async fn reserve_name(&self, name: &str, id: &str) -> Result<(), Status> {
+    /// containerd's name registrars (one for sandboxes, one for containers): one ID per
+    /// name, among live records and creations in progress.
+    pub(crate) async fn reserve_name(
+        &self,
+        what: &str,
+        name: &str,
+        id: &str,
+    ) -> Result<(), Status> {
         let existing = store::records(&self.inner.md).await.map_err(to_status)?;
         let mut names = self.inner.names.lock().unwrap();
+        let key = format!("{what}/{name}");
         for c in &existing {
-            let other = store::sandbox_meta(c)
-                .map(|m| m.name)
-                .or_else(|| store::container_meta(c).map(|m| m.name));
+            let other = if what == "sandbox" {
+                store::sandbox_meta(c).map(|m| m.name)
+            } else {
+                store::container_meta(c).map(|m| m.name)
+            };
             if other.as_deref() == Some(name) {
-                names.insert(name.to_string(), c.id.clone());
+                names.insert(key.clone(), c.id.clone());
             }
         }
-        if let Some(holder) = names.get(name) {
-            let what = if name.matches('_').count() > 3 {
-                "container"
-            } else {
-                "sandbox"
-            };
+        if let Some(holder) = names.get(&key) {
             return Err(unknown(format!(
                 "failed to reserve {what} name {name:?}: name {name:?} is reserved for {holder:?}"
             )));
         }
-        names.insert(name.to_string(), id.to_string());
+        names.insert(key, id.to_string());
         Ok(())
     }
 
-    pub(crate) fn release_name(&self, name: &str) {
-        self.inner.names.lock().unwrap().remove(name);
+    pub(crate) fn release_name(&self, what: &str, name: &str) {
+        self.inner
+            .names
+            .lock()
+            .unwrap()
+            .remove(&format!("{what}/{name}"));
     }
 
     async fn run_reserved(
@@ -430,7 +438,7 @@ impl CriService {
             extensions,
             ..Default::default()
         };
-        store::blocking(&self.inner.md, move |md| md.create_container(NS, record))
+        store::create_record(&self.inner.md, &self.inner.events, record)
             .await
             .map_err(to_status)?;
         let mounts = self
@@ -567,12 +575,9 @@ impl CriService {
         if let Ok(record) = record {
             self.remove_snapshot(&record.snapshotter, &record.snapshot_key)
                 .await;
-            let id = meta.id.clone();
-            match store::blocking(&self.inner.md, move |md| md.delete_container(NS, &id)).await {
-                Ok(()) => {}
-                Err(e) if e.is(berth_core::error::ErrorKind::NotFound) => {}
-                Err(e) => return Err(to_status(e)),
-            }
+            store::delete_record(&self.inner.md, &self.inner.events, &meta.id)
+                .await
+                .map_err(to_status)?;
         } else {
             self.remove_snapshot(&snapshotter, &meta.id).await;
         }
@@ -608,7 +613,9 @@ impl CriService {
             }
         }
         self.cleanup_sandbox(&meta).await?;
-        self.release_name(&meta.name);
+        self.release_name("sandbox", &meta.name);
+        drop(_guard);
+        self.inner.locks.lock().unwrap().remove(&record.id);
         Ok(())
     }
 

@@ -504,6 +504,38 @@ async fn pod_life_network_exec_logs_stop_and_remove() {
         ]
     );
 
+    // The kubelet rotates the log, then asks for it to be reopened: new lines go to a
+    // new file at the same path.
+    let rotated = log.with_extension("log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    client
+        .reopen_container_log(api::ReopenContainerLogRequest {
+            container_id: c.clone(),
+        })
+        .await
+        .unwrap();
+    assert!(log.exists());
+    let out = exec(
+        &mut client,
+        &c,
+        &["sh", "-c", "echo after-rotation > /proc/1/fd/1"],
+    )
+    .await;
+    assert_eq!(out.exit_code, 0, "{}", text(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("stdout F after-rotation")
+    {
+        assert!(Instant::now() < deadline, "no line in the reopened log");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !std::fs::read_to_string(&rotated)
+            .unwrap()
+            .contains("after-rotation")
+    );
+
     // `sleep` as PID 1 ignores SIGTERM: the stop escalates to SIGKILL after the timeout.
     let start = Instant::now();
     client
