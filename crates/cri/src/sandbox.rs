@@ -361,7 +361,11 @@ impl CriService {
         {
             s["process"]["cwd"] = json!(cwd);
         }
-        s["hostname"] = json!(hostname);
+        // Only the CRI's own (the kubelet sends none for host-network pods, whose UTS
+        // namespace is the node's).
+        if !config.hostname.is_empty() {
+            s["hostname"] = json!(config.hostname);
+        }
         s["root"]["readonly"] = json!(true);
         match &meta.net_ns_path {
             p if p.is_empty() => spec::set_namespace(&mut s, "network", None),

@@ -47,6 +47,12 @@ impl Env {
     }
 
     fn start_with(network: bool) -> Env {
+        Self::start_full(network, None)
+    }
+
+    /// `registry`: the sandbox image is not imported but pulled from this registry
+    /// (plain HTTP through a hosts directory) as `<registry>/fixtures/pause:1`.
+    fn start_full(network: bool, registry: Option<&berth_testkit::registry::Registry>) -> Env {
         let dir = tempfile::Builder::new()
             .prefix("bcri-")
             .tempdir_in("/tmp")
@@ -82,15 +88,40 @@ impl Env {
             });
             std::fs::write(conf_dir.join("10-test.conflist"), conf.to_string()).unwrap();
         }
+        let (sandbox_image, registry_config) = match registry {
+            Some(r) => {
+                let host = r.host();
+                let hosts = dir.path().join("hosts");
+                std::fs::create_dir_all(hosts.join(&host)).unwrap();
+                std::fs::write(
+                    hosts.join(&host).join("hosts.toml"),
+                    format!("server = \"http://{host}\"\n"),
+                )
+                .unwrap();
+                (
+                    format!("{host}/fixtures/pause:1"),
+                    format!(
+                        "[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = {:?}\n",
+                        hosts.display()
+                    ),
+                )
+            }
+            None => (PAUSE.to_string(), String::new()),
+        };
         let config = format!(
-            "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = {PAUSE:?}\n\
+            "{registry_config}[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = {sandbox_image:?}\n\
              [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = {CNI_BIN:?}\n  conf_dir = {:?}\n  conf_template = {:?}\n",
             conf_dir.display(),
             template.display()
         );
         let daemon = Daemon::start_with_config(&config);
         let fixtures = berth_testkit::fixtures();
-        for image in ["pause", "busybox"] {
+        let images: &[&str] = if registry.is_some() {
+            &["busybox"]
+        } else {
+            &["pause", "busybox"]
+        };
+        for image in images {
             let archive = fixtures.join(format!("{image}.oci.tar"));
             daemon.ctr_ok(&[
                 "-n",
@@ -195,7 +226,60 @@ impl Drop for Env {
             .args(["link", "del", &self.bridge])
             .stderr(std::process::Stdio::null())
             .status();
+        remove_runtime_states(&self.cgroup_parent);
         berth_testkit::remove_runtime_leftovers("k8s.io", &self.cgroup_parent);
+        remove_v2_tree(&self.cgroup_parent);
+    }
+}
+
+/// Where a cgroup path lives: every v1 hierarchy, the hybrid `unified` one, and the
+/// v2 root itself.
+fn cgroup_bases() -> Vec<PathBuf> {
+    let mut bases = vec![PathBuf::from("/sys/fs/cgroup")];
+    if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+        for h in hierarchies.flatten() {
+            if h.path().is_dir() {
+                bases.push(h.path());
+                bases.push(h.path().join("unified"));
+            }
+        }
+    }
+    bases
+}
+
+/// Removes the (empty) cgroup tree `parent` on a v2 host, which
+/// `remove_runtime_leftovers` (v1 hierarchies) does not look at.
+fn remove_v2_tree(parent: &str) {
+    fn remove(dir: &Path) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    remove(&e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+    let rel = parent.trim_start_matches('/');
+    if !rel.is_empty() && !rel.contains("..") {
+        remove(&Path::new("/sys/fs/cgroup").join(rel));
+    }
+}
+
+/// After a failed test: the OCI runtimes' state directories of this test's containers
+/// (found by its cgroup parent in their `state.json`; their processes are dead by now).
+fn remove_runtime_states(parent: &str) {
+    let needle = format!("{}/", parent.trim_start_matches('/'));
+    for root in ["/run/containerd/runc/k8s.io", "/run/berth-runc/k8s.io"] {
+        let Ok(entries) = std::fs::read_dir(root) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let state = std::fs::read_to_string(e.path().join("state.json")).unwrap_or_default();
+            if state.contains(&needle) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
 }
 
@@ -217,12 +301,8 @@ fn kill_cgroup_tree(parent: &str) {
     let rel = parent.trim_start_matches('/');
     for _ in 0..50 {
         let mut found = Vec::new();
-        if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
-            for h in hierarchies.flatten() {
-                for base in [h.path(), h.path().join("unified")] {
-                    pids(&base.join(rel), &mut found);
-                }
-            }
+        for base in cgroup_bases() {
+            pids(&base.join(rel), &mut found);
         }
         if found.is_empty() {
             return;
@@ -1115,4 +1195,96 @@ async fn unknown_ids_bad_input_and_unbuilt_rpcs() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_network_pod_with_the_sandbox_image_pulled() {
+    if skip() {
+        return;
+    }
+    if !berth_testkit::registry::have_registry() {
+        eprintln!("SKIP: skopeo or docker-registry missing (scripts/install-deps)");
+        return;
+    }
+    let registry = berth_testkit::registry::Registry::start();
+    registry.push_oci_archive(
+        &berth_testkit::fixtures().join("pause.oci.tar"),
+        "fixtures/pause:1",
+    );
+    // No CNI config at all: a pod on the node's network needs none.
+    let env = Env::start_full(false, Some(&registry));
+    let mut client = env.client();
+    let mut sandbox = env.sandbox_config("hostnet");
+    sandbox.hostname = String::new();
+    sandbox.dns_config = None;
+    let linux = sandbox.linux.as_mut().unwrap();
+    linux.security_context = Some(api::LinuxSandboxSecurityContext {
+        namespace_options: Some(api::NamespaceOption {
+            network: api::NamespaceMode::Node as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let pod = run_pod(&mut client, &sandbox).await;
+    // The sandbox image was pulled (a CRI-managed record of the registry's name).
+    let images = env
+        .daemon
+        .as_ref()
+        .unwrap()
+        .ctr_ok(&["-n", "k8s.io", "images", "ls", "-q"]);
+    assert!(
+        images.lines().any(|l| l.ends_with("/fixtures/pause:1")),
+        "{images}"
+    );
+    let sb = sandbox_status(&mut client, &pod).await;
+    assert_eq!(sb.state, api::PodSandboxState::SandboxReady as i32);
+    assert_eq!(sb.network.unwrap().ip, "");
+    assert_eq!(
+        sb.linux
+            .unwrap()
+            .namespaces
+            .unwrap()
+            .options
+            .unwrap()
+            .network,
+        api::NamespaceMode::Node as i32
+    );
+    assert_eq!(
+        env.netns_files(),
+        0,
+        "no network namespace for a host-network pod"
+    );
+
+    let c = create_start(
+        &mut client,
+        &pod,
+        &sandbox,
+        container_config("app", &["sleep", "1000"]),
+    )
+    .await;
+    // The node's hostname, network namespace and resolv.conf.
+    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let out = exec(&mut client, &c, &["hostname"]).await;
+    assert_eq!(text(&out.stdout).trim(), host_name.trim());
+    let out = exec(&mut client, &c, &["readlink", "/proc/self/ns/net"]).await;
+    let host_ns = std::fs::read_link("/proc/self/ns/net").unwrap();
+    assert_eq!(text(&out.stdout).trim(), host_ns.display().to_string());
+    let out = exec(&mut client, &c, &["cat", "/etc/resolv.conf"]).await;
+    assert_eq!(
+        text(&out.stdout),
+        std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()
+    );
+
+    client
+        .remove_pod_sandbox(api::RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await
+        .unwrap();
+    let list = client
+        .list_containers(api::ListContainersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.containers.is_empty());
 }
