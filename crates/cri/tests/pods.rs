@@ -653,6 +653,63 @@ async fn pod_life_network_exec_logs_stop_and_remove() {
         .unwrap();
     let sb = sandbox_status(&mut client, &pod).await;
     assert_eq!(sb.state, api::PodSandboxState::SandboxNotready as i32);
+    // Filters: by state, label and ID prefix.
+    let filtered = |filter: api::PodSandboxFilter| {
+        let mut client = client.clone();
+        async move {
+            client
+                .list_pod_sandbox(api::ListPodSandboxRequest {
+                    filter: Some(filter),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .items
+                .len()
+        }
+    };
+    let state = |s: api::PodSandboxState| Some(api::PodSandboxStateValue { state: s as i32 });
+    assert_eq!(
+        filtered(api::PodSandboxFilter {
+            state: state(api::PodSandboxState::SandboxNotready),
+            ..Default::default()
+        })
+        .await,
+        1
+    );
+    assert_eq!(
+        filtered(api::PodSandboxFilter {
+            state: state(api::PodSandboxState::SandboxReady),
+            ..Default::default()
+        })
+        .await,
+        0
+    );
+    let labels = |v: &str| [("app".to_string(), v.to_string())].into();
+    assert_eq!(
+        filtered(api::PodSandboxFilter {
+            label_selector: labels("pod1"),
+            ..Default::default()
+        })
+        .await,
+        1
+    );
+    assert_eq!(
+        filtered(api::PodSandboxFilter {
+            label_selector: labels("other"),
+            ..Default::default()
+        })
+        .await,
+        0
+    );
+    assert_eq!(
+        filtered(api::PodSandboxFilter {
+            id: pod[..12].to_string(),
+            ..Default::default()
+        })
+        .await,
+        1
+    );
     assert_eq!(env.netns_files(), 0, "the network namespace is gone");
     assert!(env.allocated_ips().is_empty(), "host-local released the IP");
     // Stop and remove are idempotent.
@@ -857,6 +914,34 @@ async fn shared_network_exits_security_context_and_exec_timeout() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    // UpdateContainerResources reaches the running task's cgroup (and its record).
+    client
+        .update_container_resources(api::UpdateContainerResourcesRequest {
+            container_id: clientc.clone(),
+            linux: Some(api::LinuxContainerResources {
+                memory_limit_in_bytes: 64 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let rel = format!("{}/{clientc}", env.cgroup_parent.trim_start_matches('/'));
+    let limit =
+        std::fs::read_to_string(format!("/sys/fs/cgroup/memory/{rel}/memory.limit_in_bytes"))
+            .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/{rel}/memory.max")))
+            .unwrap();
+    assert_eq!(limit.trim(), (64u64 << 20).to_string());
+    let info =
+        env.daemon
+            .as_ref()
+            .unwrap()
+            .ctr_ok(&["-n", "k8s.io", "containers", "info", &clientc]);
+    assert!(
+        info.contains(&format!("\"limit\": {}", 64u64 << 20)),
+        "{info}"
+    );
 
     // ExecSync's timeout.
     let start = Instant::now();
