@@ -766,7 +766,11 @@ impl CriService {
                 Err(_) => (UNKNOWN_EXIT_CODE, SystemTime::now()),
             };
             this.record_exit(&id, code, at);
-            let _ = this.inner.runtime.delete(NS, &id).await;
+            // Under the container's lock: a removal in progress deletes the task itself.
+            {
+                let _guard = this.lock(&id).await;
+                let _ = this.inner.runtime.delete(NS, &id).await;
+            }
             this.inner.logs.lock().unwrap().remove(&id);
             // The shim closed the fifos: the copies end; wait so the log is complete.
             tokio::task::spawn_blocking(move || {
@@ -888,6 +892,13 @@ impl CriService {
     }
 
     pub(crate) async fn remove_container(&self, id: &str) -> Result<(), Status> {
+        // The full ID (a prefix may be given): the exit waiter locks by it.
+        let id = match self.find_container(id).await {
+            Ok((record, _)) => record.id,
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(()),
+            Err(s) => return Err(s),
+        };
+        let id = id.as_str();
         let guard = self.lock(id).await;
         let result = self.remove_container_id(id).await;
         drop(guard);

@@ -527,6 +527,8 @@ impl CriService {
         match self.inner.runtime.delete(NS, id).await {
             Ok(_) => Ok(()),
             Err(e) if e.is(berth_core::error::ErrorKind::NotFound) => Ok(()),
+            // Deleted meanwhile by the exit waiter: gone is what was wanted.
+            Err(_) if self.inner.runtime.get(NS, id).await.is_err() => Ok(()),
             Err(e) => Err(unknown(format!(
                 "failed to delete task {id:?}: {}",
                 e.message()

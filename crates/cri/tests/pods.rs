@@ -220,13 +220,19 @@ impl Drop for Env {
         }
         // The daemon first (its processes, mounts and netns files), then the host side:
         // a failed test may leave containers running in this test's own cgroup parent.
+        let daemon_dir = self
+            .daemon
+            .as_ref()
+            .map(|d| d.dir.path().display().to_string());
         drop(self.daemon.take());
         kill_cgroup_tree(&self.cgroup_parent);
         let _ = std::process::Command::new("ip")
             .args(["link", "del", &self.bridge])
             .stderr(std::process::Stdio::null())
             .status();
-        remove_runtime_states(&self.cgroup_parent);
+        if let Some(dir) = daemon_dir {
+            remove_runtime_states(&format!("{dir}/"));
+        }
         berth_testkit::remove_runtime_leftovers("k8s.io", &self.cgroup_parent);
         remove_v2_tree(&self.cgroup_parent);
     }
@@ -267,16 +273,16 @@ fn remove_v2_tree(parent: &str) {
 }
 
 /// After a failed test: the OCI runtimes' state directories of this test's containers
-/// (found by its cgroup parent in their `state.json`; their processes are dead by now).
-fn remove_runtime_states(parent: &str) {
-    let needle = format!("{}/", parent.trim_start_matches('/'));
+/// (their `state.json` names the bundle in the daemon's directory, `needle`; their
+/// processes are dead by now).
+fn remove_runtime_states(needle: &str) {
     for root in ["/run/containerd/runc/k8s.io", "/run/berth-runc/k8s.io"] {
         let Ok(entries) = std::fs::read_dir(root) else {
             continue;
         };
         for e in entries.flatten() {
             let state = std::fs::read_to_string(e.path().join("state.json")).unwrap_or_default();
-            if state.contains(&needle) {
+            if state.contains(needle) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
