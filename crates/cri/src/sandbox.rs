@@ -541,7 +541,15 @@ impl CriService {
         let shm = self.sandbox_state(&meta.id).join("shm");
         let _ = nix::mount::umount2(&shm, nix::mount::MntFlags::MNT_DETACH);
         self.kill_task(&meta.id).await?;
-        if !meta.net_ns_path.is_empty() && Path::new(&meta.net_ns_path).exists() {
+        // As containerd: the network is torn down on every stop of a pod that had one
+        // (CNI DEL is idempotent), with an empty netns once the namespace is gone (after
+        // a reboot, or a previous stop).
+        if !meta.net_ns_path.is_empty() {
+            let netns = if Path::new(&meta.net_ns_path).exists() {
+                meta.net_ns_path.clone()
+            } else {
+                String::new()
+            };
             let config = meta.config();
             let pod = config.metadata.unwrap_or_default();
             let pod_ref = PodRef {
@@ -549,7 +557,7 @@ impl CriService {
                 name: pod.name,
                 namespace: pod.namespace,
                 uid: pod.uid,
-                netns: meta.net_ns_path.clone(),
+                netns,
             };
             let attachment = meta.cni_result.clone().unwrap_or_default();
             cni::teardown(&self.inner.config.cni, &pod_ref, &attachment)
