@@ -24,13 +24,16 @@ state = "$dir/state"
 CFG
 }
 
-# mount_fresh_ext4 DIR IMAGE SIZE: mounts a newly made ext4 (made like this host's, without
-# a journal) from the image file IMAGE of SIZE at DIR, so a daemon's root starts on a
-# file system with no history (see docs/benchmarks.md on recently freed inodes).
+# mount_fresh_ext4 DIR IMAGE SIZE [journal]: mounts a newly made ext4 (made like this host's,
+# without a journal) from the image file IMAGE of SIZE at DIR, so a daemon's root starts on a
+# file system with no history (see docs/benchmarks.md on recently freed inodes). `journal`:
+# with mkfs.ext4's default journal instead, for benchmarks that delete and recreate many
+# files on it (bench/cri.sh): only a journal-less ext4 steps over recently freed inodes.
 mount_fresh_ext4() {
-  local dir=$1 img=$2 size=$3
+  local dir=$1 img=$2 size=$3 features=(-O ^has_journal)
+  [[ ${4:-} == journal ]] && features=()
   truncate -s "$size" "$img"
-  mkfs.ext4 -q -F -O ^has_journal "$img"
+  mkfs.ext4 -q -F "${features[@]}" "$img"
   mkdir -p "$dir"
   mount -o loop "$img" "$dir"
 }

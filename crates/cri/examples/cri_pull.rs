@@ -4,20 +4,30 @@
 //! ```text
 //! cargo run -p berth-cri --example cri_pull -- <socket> <image> [N]
 //! cargo run -p berth-cri --example cri_pull -- /run/containerd/containerd.sock busybox 10
+//! cargo run -p berth-cri --example cri_pull -- <socket> <image> pull|remove|status|list [N]
 //! ```
 //!
 //! Each of the N rounds removes the image (RemoveImage, so the pull really fetches and
 //! unpacks) and times PullImage; then ImageStatus and ListImages are timed N times each.
 //! Medians (and min/max) are printed. Registry hosts and credentials come from the
 //! daemon's CRI config (`registry.config_path`), as for the kubelet.
+//!
+//! Naming a call instead (for scripts such as bench/cri.sh, which put their own steps
+//! between the calls) makes N (default 1) calls of that one only, nothing removed
+//! first, and prints each call's milliseconds on its own line (the connection is made
+//! before, with RuntimeService.Version).
 
 use berth_cri::api;
 use berth_cri::api::image_service_client::ImageServiceClient;
+use berth_cri::api::runtime_service_client::RuntimeServiceClient;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
 fn usage() -> ! {
-    eprintln!("usage: cri_pull <socket> <image> [N (default 5)]");
+    eprintln!(
+        "usage: cri_pull <socket> <image> [N (default 5)]\n       \
+         cri_pull <socket> <image> pull|remove|status|list [N (default 1)]"
+    );
     std::process::exit(2)
 }
 
@@ -52,15 +62,65 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         (Some(s), Some(i)) => (s.clone(), i.clone()),
         _ => usage(),
     };
-    let rounds: usize = match args.get(2) {
+    let call = args.get(2).filter(|a| a.parse::<usize>().is_err()).cloned();
+    let count = args.get(if call.is_some() { 3 } else { 2 });
+    let rounds: usize = match count {
         Some(n) => n.parse().unwrap_or_else(|_| usage()),
+        None if call.is_some() => 1,
         None => 5,
     };
-    if rounds == 0 {
+    let known = |c: &String| ["pull", "remove", "status", "list"].contains(&c.as_str());
+    if rounds == 0 || args.len() > 3 + usize::from(call.is_some()) || !call.iter().all(known) {
         usage();
     }
     let channel: Channel = berth_services::proxy::unix_channel(&socket)?;
-    let mut images = ImageServiceClient::new(channel);
+    let mut images = ImageServiceClient::new(channel.clone());
+    if let Some(call) = call {
+        // Connected before the clock starts (the channel is lazy), as the kubelet is,
+        // with the Version call it starts with.
+        RuntimeServiceClient::new(channel)
+            .version(api::VersionRequest::default())
+            .await?;
+        for _ in 0..rounds {
+            let started = Instant::now();
+            match call.as_str() {
+                "pull" => drop(
+                    images
+                        .pull_image(api::PullImageRequest {
+                            image: spec(&image),
+                            ..Default::default()
+                        })
+                        .await?,
+                ),
+                "remove" => drop(
+                    images
+                        .remove_image(api::RemoveImageRequest {
+                            image: spec(&image),
+                        })
+                        .await?,
+                ),
+                "status" => {
+                    let status = images
+                        .image_status(api::ImageStatusRequest {
+                            image: spec(&image),
+                            verbose: false,
+                        })
+                        .await?;
+                    if status.into_inner().image.is_none() {
+                        return Err(format!("ImageStatus found no {image}").into());
+                    }
+                }
+                "list" => drop(
+                    images
+                        .list_images(api::ListImagesRequest::default())
+                        .await?,
+                ),
+                _ => unreachable!("checked above"),
+            }
+            println!("{:.3}", started.elapsed().as_secs_f64() * 1000.0);
+        }
+        return Ok(());
+    }
 
     let mut pulls = Vec::with_capacity(rounds);
     let mut image_ref = String::new();
