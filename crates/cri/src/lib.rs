@@ -12,10 +12,12 @@
 //!   loads), pod sandboxes ([`sandbox`]: network namespace and CNI ([`cni`]), the pause
 //!   container), containers ([`container`]: specs ([`spec`]), start/stop/remove, status,
 //!   CRI log files ([`io`]) and `ReopenContainerLog`, `ExecSync`,
-//!   `UpdateContainerResources`, `OOMKilled` from `/tasks/oom`), `UpdateRuntimeConfig`
+//!   `UpdateContainerResources`, `OOMKilled` from `/tasks/oom`, stats ([`stats`])),
+//!   `UpdateRuntimeConfig`
 //!   (`conf_template`), all kept in container records of `k8s.io` and status files
 //!   ([`store`]) so a restart finds them again. Streaming (`Exec`, `Attach`,
-//!   `PortForward`), stats, container events and checkpoints answer `Unimplemented`.
+//!   `PortForward`), pod sandbox stats and metrics, container events and checkpoints
+//!   answer `Unimplemented`.
 //!
 //! The types and stubs ([`api`]) are generated at build time from the `v1.proto` the
 //! `k8s-cri` package ships (see `build.rs`).
@@ -37,6 +39,7 @@ pub mod reference;
 pub mod runtime_service;
 pub mod sandbox;
 pub mod spec;
+pub mod stats;
 pub mod store;
 
 use berth_core::events::Exchange;

@@ -1,7 +1,8 @@
 //! `runtime.v1.RuntimeService`: `Version` and `Status` answer as containerd 1.6's CRI
 //! does (the network condition says why it is not ready); sandboxes and containers are
-//! served by [`crate::sandbox`] and [`crate::container`]; streaming, stats, container
-//! events and checkpoints answer `Unimplemented`, saying they are not built yet.
+//! served by [`crate::sandbox`], [`crate::container`] and [`crate::stats`]; streaming, pod
+//! sandbox stats and metrics, container events and checkpoints answer `Unimplemented`,
+//! saying they are not built yet.
 
 use crate::CriService;
 use crate::api::{self, runtime_service_server::RuntimeService};
@@ -20,7 +21,7 @@ const NETWORK_NOT_READY_REASON: &str = "NetworkPluginNotReady";
 
 fn not_built(rpc: &str) -> Status {
     Status::unimplemented(format!(
-        "{rpc} is not built yet in berthd: its CRI plugin serves images, pod sandboxes, containers and ExecSync (streaming, stats, container events and checkpoints are not built yet)"
+        "{rpc} is not built yet in berthd: its CRI plugin serves images, pod sandboxes, containers and ExecSync (streaming, pod sandbox stats and metrics, container events and checkpoints are not built yet)"
     ))
 }
 
@@ -219,6 +220,20 @@ macro_rules! runtime_service {
                 rpc!(self.reopen_log(&id).await.map(|()| api::ReopenContainerLogResponse {}))
             }
 
+            async fn container_stats(
+                &self,
+                request: Request<api::ContainerStatsRequest>,
+            ) -> Result<Response<api::ContainerStatsResponse>, Status> {
+                rpc!(CriService::container_stats(self, request.into_inner()).await)
+            }
+
+            async fn list_container_stats(
+                &self,
+                request: Request<api::ListContainerStatsRequest>,
+            ) -> Result<Response<api::ListContainerStatsResponse>, Status> {
+                rpc!(CriService::list_container_stats(self, request.into_inner()).await)
+            }
+
             async fn exec_sync(
                 &self,
                 request: Request<api::ExecSyncRequest>,
@@ -242,8 +257,6 @@ runtime_service! {
     exec => "Exec": ExecRequest -> ExecResponse,
     attach => "Attach": AttachRequest -> AttachResponse,
     port_forward => "PortForward": PortForwardRequest -> PortForwardResponse,
-    container_stats => "ContainerStats": ContainerStatsRequest -> ContainerStatsResponse,
-    list_container_stats => "ListContainerStats": ListContainerStatsRequest -> ListContainerStatsResponse,
     pod_sandbox_stats => "PodSandboxStats": PodSandboxStatsRequest -> PodSandboxStatsResponse,
     list_pod_sandbox_stats => "ListPodSandboxStats": ListPodSandboxStatsRequest -> ListPodSandboxStatsResponse,
     checkpoint_container => "CheckpointContainer": CheckpointContainerRequest -> CheckpointContainerResponse,

@@ -544,6 +544,36 @@ async fn pod_life_network_exec_logs_stop_and_remove() {
         ("to-err\n".to_string(), 3)
     );
 
+    // Stats from the task's cgroup metrics and the snapshot's usage.
+    let stats = client
+        .container_stats(api::ContainerStatsRequest {
+            container_id: c.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    assert!(stats.cpu.unwrap().usage_core_nano_seconds.unwrap().value > 0);
+    assert!(stats.memory.unwrap().working_set_bytes.unwrap().value > 0);
+    assert!(
+        stats
+            .writable_layer
+            .unwrap()
+            .fs_id
+            .unwrap()
+            .mountpoint
+            .ends_with("io.containerd.snapshotter.v1.overlayfs")
+    );
+    let all = client
+        .list_container_stats(api::ListContainerStatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .stats;
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].attributes.as_ref().unwrap().id, c);
+
     // The stock ctr sees the pause and app containers and their tasks in k8s.io.
     let daemon = env.daemon.as_ref().unwrap();
     let listed = daemon.ctr_ok(&["-n", "k8s.io", "containers", "ls"]);
