@@ -673,7 +673,7 @@ async fn pull_cmd(
     let sink = pull::ContentSink {
         client: client.clone(),
         source: Some((
-            format!("containerd.io/distribution.source.{}", reference.host),
+            reference.distribution_source_label(),
             reference.repository.clone(),
         )),
     };

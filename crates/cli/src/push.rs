@@ -110,10 +110,8 @@ async fn push_blob(
         .unwrap_or_default();
     let mount_from = info
         .labels
-        .get(&format!(
-            "containerd.io/distribution.source.{}",
-            target.host
-        ))
+        .get(&target.distribution_source_label())
+        .or_else(|| info.labels.get(&target.legacy_distribution_source_label()))
         .cloned();
     let reader = Arc::new(GrpcReader {
         client: client.clone(),

@@ -121,6 +121,11 @@ impl Unpacker {
         }
     }
 
+    /// The uncompressed digest (diffID) the image config gives layer `index`.
+    pub fn diff_id(&self, index: usize) -> Option<&str> {
+        self.diff_ids.get(index).map(String::as_str)
+    }
+
     /// The chain ID of the top layer (the image's snapshot name).
     pub fn top(&self) -> Option<&str> {
         self.chain.last().map(String::as_str)

@@ -126,6 +126,23 @@ impl Reference {
         format!("{}/{}", self.host, self.repository)
     }
 
+    /// The key of the content label naming the repositories a blob came from on this
+    /// registry: `containerd.io/distribution.source.<host>`, where the host is Go's
+    /// `url.Hostname()` of it, as containerd writes and reads the label — without the
+    /// port and without IPv6 brackets (`localhost:5000` → `…source.localhost`).
+    pub fn distribution_source_label(&self) -> String {
+        format!(
+            "{DISTRIBUTION_SOURCE_PREFIX}.{}",
+            hostname_without_port(&self.host)
+        )
+    }
+
+    /// The key Berth wrote before it matched containerd (the host with its port), still
+    /// read by pushes for blobs pulled then.
+    pub fn legacy_distribution_source_label(&self) -> String {
+        format!("{DISTRIBUTION_SOURCE_PREFIX}.{}", self.host)
+    }
+
     /// What to ask the registry's manifests endpoint for: the digest if any, else the tag.
     pub fn object(&self) -> Option<String> {
         self.digest
@@ -133,6 +150,17 @@ impl Reference {
             .map(|d| d.to_string())
             .or_else(|| self.tag.clone())
     }
+}
+
+/// The prefix of the content labels recording where a blob was pulled from.
+pub const DISTRIBUTION_SOURCE_PREFIX: &str = "containerd.io/distribution.source";
+
+/// Go's `url.Hostname()` of a registry host: `[::1]:5000` → `::1`, `host:5000` → `host`.
+fn hostname_without_port(host: &str) -> &str {
+    if let Some(bracketed) = host.strip_prefix('[') {
+        return bracketed.split(']').next().unwrap_or(bracketed);
+    }
+    host.split(':').next().unwrap_or(host)
 }
 
 impl fmt::Display for Reference {
@@ -168,6 +196,29 @@ pub fn is_localhost(host: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn distribution_source_labels_name_the_host_as_go_url_hostname_does() {
+        for (reference, host) in [
+            ("docker.io/library/busybox:1", "docker.io"),
+            ("localhost:5000/a/b:v1", "localhost"),
+            ("127.0.0.1:5080/x", "127.0.0.1"),
+            ("[::1]:5000/x", "::1"),
+            ("registry.example:443/x", "registry.example"),
+        ] {
+            let r = Reference::parse(reference).unwrap();
+            assert_eq!(
+                r.distribution_source_label(),
+                format!("containerd.io/distribution.source.{host}"),
+                "{reference}"
+            );
+        }
+        let r = Reference::parse("localhost:5000/a").unwrap();
+        assert_eq!(
+            r.legacy_distribution_source_label(),
+            "containerd.io/distribution.source.localhost:5000"
+        );
+    }
 
     #[test]
     fn strict_and_normalized() {

@@ -257,6 +257,34 @@ async fn pull_through_transfer_matches_ctr_pull_and_runs() {
         &reference,
     ]);
     assert_eq!(images(&d, "reference"), images(&d, &ns));
+    // Every blob carries the labels containerd's client-side pull gives it: the
+    // distribution source (keyed by the host without its port, as containerd's
+    // `url.Hostname()`), `containerd.io/uncompressed` on each unpacked layer, the
+    // collector's references.
+    let blob_labels = |ns: &str| -> Vec<(String, String)> {
+        let mut rows: Vec<(String, String)> = d
+            .ctr_ok(&["-n", ns, "content", "ls"])
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                // ctr prints a blob's labels in map order.
+                let mut labels: Vec<&str> = f.last().unwrap().split(',').collect();
+                labels.sort_unstable();
+                (f[0].to_string(), labels.join(","))
+            })
+            .collect();
+        rows.sort();
+        rows
+    };
+    let ours = blob_labels(&ns);
+    assert_eq!(ours, blob_labels("reference"));
+    assert!(
+        ours.iter()
+            .any(|(_, l)| l.contains("containerd.io/uncompressed=sha256:")
+                && l.contains("containerd.io/distribution.source.127.0.0.1=fixtures/busybox")),
+        "{ours:?}"
+    );
     // Unpacked: the same committed chain as ctr's pull.
     let ours = committed(&d, &ns);
     assert!(!ours.is_empty());
@@ -1601,7 +1629,7 @@ async fn platform_filters_decide_what_is_pulled_kept_and_unpacked() {
         "1"
     );
     assert_eq!(
-        entry["annotations"][format!("containerd.io/distribution.source.{}", reg.host())],
+        entry["annotations"]["containerd.io/distribution.source.127.0.0.1"],
         "multi/app"
     );
     // ctr 1.6 imports it.

@@ -279,7 +279,7 @@ async fn import_leased(
                 }
             };
             report("extracting");
-            u.layer(i, &l).await?;
+            crate::unpack::apply_layer(&u, i, &l, &t.content, &scope).await?;
             report("extracted");
         }
         if let Some(top) = u.top() {

@@ -24,7 +24,7 @@ use crate::{
     ImageStore, LocalTransfer, Registry, StoredImage, TransferOptions, blocking, core_desc,
     report_saved, under_temporary_lease,
 };
-use berth_core::content::{Info, Scope};
+use berth_core::content::{ContentStore, Info, Scope};
 use berth_core::error::ErrorKind;
 use berth_core::labels::Labels;
 use berth_core::snapshot::Snapshotter;
@@ -66,6 +66,8 @@ struct UnpackHook {
     targets: Vec<UnpackTarget>,
     snapshotters: HashMap<String, Arc<dyn Snapshotter>>,
     applier: Arc<dyn berth_core::diff::Applier>,
+    /// Where applied layers get their `containerd.io/uncompressed` label.
+    content: Arc<dyn ContentStore>,
     scope: Scope,
     /// By manifest digest.
     unpacks: Mutex<HashMap<String, ImageUnpack>>,
@@ -135,7 +137,7 @@ impl LayerHook for UnpackHook {
             return Ok(());
         };
         self.report(index, layer, ProgressState::Unpacking);
-        u.layer(index, &core_desc(layer)).await?;
+        unpack::apply_layer(&u, index, &core_desc(layer), &self.content, &self.scope).await?;
         self.report(index, layer, ProgressState::Unpacked);
         Ok(())
     }
@@ -201,7 +203,7 @@ async fn pull_leased(
     let scope = Scope::new(ns).with_lease(Some(lease_id.to_string()));
     let mut sink = ContentStoreSink::new(t.content.clone(), scope.clone());
     sink.extra_labels.insert(
-        format!("containerd.io/distribution.source.{}", reference.host),
+        reference.distribution_source_label(),
         reference.repository.clone(),
     );
 
@@ -255,6 +257,7 @@ async fn pull_leased(
             targets,
             snapshotters,
             applier: t.applier.clone(),
+            content: t.content.clone(),
             scope: scope.clone(),
             unpacks: Mutex::new(HashMap::new()),
             progress: tx.clone(),

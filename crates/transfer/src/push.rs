@@ -139,10 +139,8 @@ pub(crate) async fn push(
             .map_err(|e| e.context(format!("blob {digest} of {what}")))?;
             let mount_from = info
                 .labels
-                .get(&format!(
-                    "containerd.io/distribution.source.{}",
-                    target.host
-                ))
+                .get(&target.distribution_source_label())
+                .or_else(|| info.labels.get(&target.legacy_distribution_source_label()))
                 .cloned();
             let outcome = resolver
                 .push_blob(target, &d, reader, mount_from.as_deref())

@@ -4,10 +4,12 @@
 //! config's platform against the supported platform: only its OS unless
 //! `check_platform_supported`).
 
-use crate::{ImageStore, LocalTransfer, TransferConfig, Unpack};
+use crate::{ImageStore, LocalTransfer, TransferConfig, Unpack, blocking};
+use berth_core::content::{ContentStore, Digest, Info, Scope};
 use berth_core::labels::Labels;
 use berth_core::snapshot::Snapshotter;
 use berth_core::{Error, Result};
+use berth_diff::unpack::{LayerOutcome, Unpacker};
 use berth_remotes::Platform;
 use std::sync::Arc;
 
@@ -183,6 +185,43 @@ pub(crate) fn snapshot_label(snapshotter: &str, top: &str) -> (String, Labels) {
     let mut labels = Labels::new();
     labels.insert(key.clone(), top.to_string());
     (key, labels)
+}
+
+/// Applies layer `index` of `unpacker` and, when it was applied here (not found unpacked
+/// already, not served by a remote snapshotter), labels the layer blob
+/// `containerd.io/uncompressed=<diffID>` as containerd's unpacker does once the apply
+/// verified the diffID: later imports, conversions and pushes find the uncompressed
+/// digest without reading the blob.
+pub(crate) async fn apply_layer(
+    unpacker: &Unpacker,
+    index: usize,
+    layer: &berth_core::content::Descriptor,
+    content: &Arc<dyn ContentStore>,
+    scope: &Scope,
+) -> Result<()> {
+    if unpacker.layer_outcome(index, layer).await? != LayerOutcome::Applied {
+        return Ok(());
+    }
+    let Some(diff_id) = unpacker.diff_id(index) else {
+        return Ok(());
+    };
+    let info = Info {
+        digest: Digest::parse(&layer.digest)?,
+        size: 0,
+        created_at: std::time::SystemTime::UNIX_EPOCH,
+        updated_at: std::time::SystemTime::UNIX_EPOCH,
+        labels: [(
+            berth_core::labels::UNCOMPRESSED.to_string(),
+            diff_id.to_string(),
+        )]
+        .into_iter()
+        .collect(),
+    };
+    let (content, scope) = (content.clone(), scope.clone());
+    let field = format!("labels.{}", berth_core::labels::UNCOMPRESSED);
+    blocking(move || content.update(&scope, info, &[field]).map(|_| ()))
+        .await
+        .map_err(|e| e.context(format!("labelling layer {} with its diffID", layer.digest)))
 }
 
 #[cfg(test)]
