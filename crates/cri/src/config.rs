@@ -13,6 +13,9 @@ pub struct CriConfig {
     /// The pause image every sandbox runs (pulled when missing).
     pub sandbox_image: String,
     pub cni: CniConfig,
+    /// Scores below the daemon's own `oom_score_adj` are raised to it (containerd's
+    /// option for daemons that may not lower scores, such as rootless ones).
+    pub restrict_oom_score_adj: bool,
 }
 
 impl Default for CriConfig {
@@ -22,6 +25,7 @@ impl Default for CriConfig {
             registry: RegistryConfig::default(),
             sandbox_image: "k8s.gcr.io/pause:3.6".into(),
             cni: CniConfig::default(),
+            restrict_oom_score_adj: false,
         }
     }
 }

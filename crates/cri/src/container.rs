@@ -617,9 +617,10 @@ impl CriService {
         }
         if let Some(res) = &linux.resources {
             spec::apply_resources(&mut s, &spec::resources(res));
-            if res.oom_score_adj != 0 {
-                s["process"]["oomScoreAdj"] = json!(res.oom_score_adj);
-            }
+            s["process"]["oomScoreAdj"] = json!(spec::oom_score_adj(
+                res.oom_score_adj,
+                self.inner.config.restrict_oom_score_adj
+            ));
         }
         for d in &config.devices {
             add_device(&mut s, d)?;
@@ -1181,9 +1182,10 @@ impl CriService {
             .and_then(|s| serde_json::from_slice(&s.value).ok())
             .unwrap_or_default();
         spec::apply_resources(&mut s, &spec::resources(&linux));
-        if linux.oom_score_adj != 0 {
-            s["process"]["oomScoreAdj"] = json!(linux.oom_score_adj);
-        }
+        s["process"]["oomScoreAdj"] = json!(spec::oom_score_adj(
+            linux.oom_score_adj,
+            self.inner.config.restrict_oom_score_adj
+        ));
         let resources = s["linux"]["resources"].clone();
         record.spec = Some(prost_types::Any {
             type_url: spec::SPEC_TYPE_URL.into(),

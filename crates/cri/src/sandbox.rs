@@ -21,6 +21,8 @@ pub const SANDBOX_NAME: &str = "io.kubernetes.cri.sandbox-name";
 pub const SANDBOX_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
 pub const SANDBOX_UID: &str = "io.kubernetes.cri.sandbox-uid";
 pub const SANDBOX_LOG_DIR: &str = "io.kubernetes.cri.sandbox-log-directory";
+/// containerd's `defaultSandboxOOMAdj`.
+const SANDBOX_OOM_SCORE_ADJ: i64 = -998;
 
 /// A new 64-hex ID (containerd's `util.GenerateID`).
 pub fn generate_id() -> String {
@@ -400,9 +402,12 @@ impl CriService {
         if !linux.sysctls.is_empty() {
             s["linux"]["sysctl"] = json!(linux.sysctls);
         }
-        // containerd also sets `oomScoreAdj` -998 here; berth-runc fails to apply a
-        // negative score (its `create` answers "io error"), so the pause process keeps
-        // the default score (see the report in docs: a berth-runc issue).
+        // The pause outlives memory pressure as long as possible (containerd's
+        // defaultSandboxOOMAdj), unless the daemon may not lower scores.
+        s["process"]["oomScoreAdj"] = json!(spec::oom_score_adj(
+            SANDBOX_OOM_SCORE_ADJ,
+            self.inner.config.restrict_oom_score_adj
+        ));
         s["linux"]["resources"]["cpu"] = json!({"shares": 2});
         let mut annotations = serde_json::Map::new();
         for (k, v) in &config.annotations {

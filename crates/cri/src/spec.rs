@@ -245,6 +245,20 @@ pub fn member_groups(group: &str, user: &str) -> Vec<u32> {
 }
 
 /// CRI `LinuxContainerResources` → OCI `LinuxResources` (the fields set).
+/// containerd's `WithOOMScoreAdj`: `wanted`, or with `restrict_oom_score_adj` (for a
+/// daemon that may not lower scores, e.g. without CAP_SYS_RESOURCE) never below the
+/// daemon's own score, which the kernel would refuse.
+pub fn oom_score_adj(wanted: i64, restrict: bool) -> i64 {
+    if !restrict {
+        return wanted;
+    }
+    let current = std::fs::read_to_string("/proc/self/oom_score_adj")
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok())
+        .unwrap_or(0);
+    wanted.max(current)
+}
+
 pub fn resources(r: &api::LinuxContainerResources) -> Value {
     let mut out = json!({});
     let mut cpu = serde_json::Map::new();
@@ -356,6 +370,18 @@ pub fn image_env(image: &Value) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oom_scores_are_restricted_to_the_daemons_own() {
+        let own: i64 = std::fs::read_to_string("/proc/self/oom_score_adj")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(oom_score_adj(-998, false), -998);
+        assert_eq!(oom_score_adj(-998, true), own.max(-998));
+        assert_eq!(oom_score_adj(1000, true), 1000);
+    }
 
     #[test]
     fn capabilities_add_drop_all() {

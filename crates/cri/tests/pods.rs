@@ -109,7 +109,7 @@ impl Env {
             None => (PAUSE.to_string(), String::new()),
         };
         let config = format!(
-            "{registry_config}[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = {sandbox_image:?}\n\
+            "{registry_config}[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = {sandbox_image:?}\n  restrict_oom_score_adj = true\n\
              [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = {CNI_BIN:?}\n  conf_dir = {:?}\n  conf_template = {:?}\n",
             conf_dir.display(),
             template.display()
@@ -587,6 +587,20 @@ async fn pod_life_network_exec_logs_stop_and_remove() {
     let info = daemon.ctr_ok(&["-n", "k8s.io", "containers", "info", &pod]);
     assert!(
         info.contains("\"io.cri-containerd.kind\": \"sandbox\""),
+        "{info}"
+    );
+    // containerd's -998 for the pause, raised to the daemon's own score by
+    // `restrict_oom_score_adj` (this host may not lower scores).
+    let own_score: i64 =
+        std::fs::read_to_string(format!("/proc/{}/oom_score_adj", daemon.pid().unwrap()))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(
+        info["Spec"]["process"]["oomScoreAdj"].as_i64(),
+        Some((-998).max(own_score)),
         "{info}"
     );
 
