@@ -2,9 +2,6 @@
 //! `containerd-client` package ships in its `vendor/` directory. Nothing generated is
 //! committed and no proto file is copied into this repository.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
 const PROTO_PACKAGE: &str = "containerd-client";
 
 const SERVICES: &[&str] = &[
@@ -53,7 +50,7 @@ const EVENTS: &[&str] = &[
 ];
 
 fn main() {
-    let vendor = locate_vendor_dir();
+    let vendor = berth_build_support::package_dir(PROTO_PACKAGE, "vendor");
     println!("cargo:rerun-if-changed=build.rs");
 
     let api = "github.com/containerd/containerd/api";
@@ -89,36 +86,4 @@ fn main() {
         .generate_default_stubs(true)
         .compile_fds_with_config(descriptors, config)
         .expect("generating tonic stubs for containerd's API");
-}
-
-/// Finds `vendor/` of the locked `containerd-client` package through `cargo metadata`,
-/// so the build works from a clean registry cache on any machine.
-fn locate_vendor_dir() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let manifest = Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("Cargo.toml");
-    let output = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--manifest-path"])
-        .arg(&manifest)
-        .output()
-        .expect("running cargo metadata to locate containerd-client's protos");
-    assert!(
-        output.status.success(),
-        "cargo metadata failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let metadata: serde_json::Value =
-        serde_json::from_slice(&output.stdout).expect("parsing cargo metadata output");
-    let packages = metadata["packages"].as_array().expect("packages array");
-    let package = packages
-        .iter()
-        .find(|p| p["name"] == PROTO_PACKAGE)
-        .unwrap_or_else(|| panic!("{PROTO_PACKAGE} is not in the lock file"));
-    let manifest_path = package["manifest_path"].as_str().expect("manifest_path");
-    let vendor = Path::new(manifest_path).parent().unwrap().join("vendor");
-    assert!(
-        vendor.is_dir(),
-        "{} has no vendor directory",
-        vendor.display()
-    );
-    vendor
 }
