@@ -23,7 +23,7 @@ impl Default for CriConfig {
         CriConfig {
             containerd: ContainerdConfig::default(),
             registry: RegistryConfig::default(),
-            sandbox_image: "k8s.gcr.io/pause:3.6".into(),
+            sandbox_image: "registry.k8s.io/pause:3.6".into(),
             cni: CniConfig::default(),
             restrict_oom_score_adj: false,
         }
