@@ -541,15 +541,22 @@ impl CriService {
         }
     }
 
-    /// Stops the pause task and tears the network down (idempotent).
-    async fn stop_sandbox_parts(&self, meta: &SandboxMeta) -> Result<(), Status> {
+    /// Stops the pause task and tears the network down (idempotent). With
+    /// `teardown_again` false the network is left alone once its namespace is gone
+    /// (a previous stop tore it down).
+    async fn stop_sandbox_parts(
+        &self,
+        meta: &SandboxMeta,
+        teardown_again: bool,
+    ) -> Result<(), Status> {
         let shm = self.sandbox_state(&meta.id).join("shm");
         let _ = nix::mount::umount2(&shm, nix::mount::MntFlags::MNT_DETACH);
         self.kill_task(&meta.id).await?;
         // As containerd: the network is torn down on every stop of a pod that had one
         // (CNI DEL is idempotent), with an empty netns once the namespace is gone (after
         // a reboot, or a previous stop).
-        if !meta.net_ns_path.is_empty() {
+        let network_up = Path::new(&meta.net_ns_path).exists();
+        if !meta.net_ns_path.is_empty() && (teardown_again || network_up) {
             let netns = if Path::new(&meta.net_ns_path).exists() {
                 meta.net_ns_path.clone()
             } else {
@@ -585,7 +592,7 @@ impl CriService {
 
     /// Undoes everything of a sandbox: task, network, files, snapshot, record.
     async fn cleanup_sandbox(&self, meta: &SandboxMeta) -> Result<(), Status> {
-        self.stop_sandbox_parts(meta).await?;
+        self.stop_sandbox_parts(meta, false).await?;
         let snapshotter = self.inner.config.containerd.snapshotter.clone();
         let record = {
             let id = meta.id.clone();
@@ -613,7 +620,7 @@ impl CriService {
                 self.stop_container_id(&c.id, 0).await?;
             }
         }
-        self.stop_sandbox_parts(&meta).await
+        self.stop_sandbox_parts(&meta, true).await
     }
 
     pub(crate) async fn remove_sandbox(&self, id: &str) -> Result<(), Status> {
@@ -623,8 +630,14 @@ impl CriService {
             Err(s) if s.code() == tonic::Code::NotFound => return Ok(()),
             Err(s) => return Err(s),
         };
-        // containerd stops a sandbox that is still ready first.
-        self.stop_sandbox(&record.id).await?;
+        // containerd stops a sandbox that is still ready first (the kubelet has stopped
+        // it already, so the network is not torn down a second time); Berth also stops
+        // one whose network is still up (its pause died and nobody stopped it), which
+        // containerd refuses to remove.
+        let (ready, _) = self.sandbox_ready(&record.id).await;
+        if ready || Path::new(&meta.net_ns_path).exists() {
+            self.stop_sandbox(&record.id).await?;
+        }
         let _guard = self.lock(&record.id).await;
         for (c, cm) in store::containers(&self.inner.md).await.map_err(to_status)? {
             if cm.sandbox_id == record.id {
@@ -715,12 +728,20 @@ impl CriService {
     ) -> Result<api::ListPodSandboxResponse, Status> {
         let all = store::sandboxes(&self.inner.md).await.map_err(to_status)?;
         let filter = r.filter.unwrap_or_default();
+        let wanted: Vec<_> = all
+            .iter()
+            .filter(|(record, _)| filter.id.is_empty() || record.id.starts_with(&filter.id))
+            .collect();
+        // Each status asks the pod's shim for its pause task's state: all shims at once,
+        // not one round trip after another (the kubelet lists every second).
+        let statuses = futures::future::join_all(
+            wanted
+                .iter()
+                .map(|(record, meta)| self.to_sandbox_status(record, meta)),
+        )
+        .await;
         let mut items = Vec::new();
-        for (record, meta) in &all {
-            if !filter.id.is_empty() && !record.id.starts_with(&filter.id) {
-                continue;
-            }
-            let status = self.to_sandbox_status(record, meta).await;
+        for status in statuses {
             if let Some(state) = &filter.state
                 && state.state != status.state
             {
