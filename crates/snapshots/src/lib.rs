@@ -42,6 +42,23 @@ pub(crate) fn cleanup_unowned(ms: &storage::MetaStore, dir: &Path) -> Result<()>
     Ok(())
 }
 
+/// Makes way for a new snapshot's directory `path`. Its ID was just allocated in the
+/// create's transaction, and IDs are never reused once committed, so a directory there
+/// belongs to no snapshot: it is what a create interrupted by a crash left after its
+/// rename but before its transaction committed (the ID went back to the sequence).
+pub(crate) fn clear_orphan_at(path: &Path) -> Result<()> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        tracing::warn!(path = %path.display(), "removing a directory an interrupted create left under the new snapshot's ID");
+        remove_dir_all(path).map_err(|e| {
+            berth_core::Error::unknown(format!(
+                "failed to remove the leftover {}: {e}",
+                path.display()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
 /// `remove_dir_all` where "already gone" is success (an asynchronous remove and a
 /// cleanup may race for the same directory).
 pub(crate) fn remove_dir_all(path: &Path) -> std::io::Result<()> {

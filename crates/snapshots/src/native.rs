@@ -60,6 +60,7 @@ impl BlockingSnapshotter for NativeStore {
                     fsutil::copy_dir(&self.path(parent_id), &td)
                         .map_err(|e| e.context("copying of parent failed"))?;
                 }
+                crate::clear_orphan_at(&self.path(&s.id))?;
                 std::fs::rename(&td, self.path(&s.id))
                     .map_err(|e| Error::unknown(format!("failed to rename: {e}")))?;
                 Ok(())

@@ -172,6 +172,7 @@ impl BlockingSnapshotter for OverlayStore {
                     std::os::unix::fs::lchown(td.join("fs"), Some(meta.uid()), Some(meta.gid()))
                         .map_err(|e| Error::unknown(format!("failed to chown: {e}")))?;
                 }
+                crate::clear_orphan_at(&snapshots.join(&s.id))?;
                 std::fs::rename(&td, snapshots.join(&s.id))
                     .map_err(|e| Error::unknown(format!("failed to rename: {e}")))?;
                 Ok(())

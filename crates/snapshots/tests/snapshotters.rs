@@ -224,6 +224,57 @@ async fn reopened_store_keeps_snapshots() {
     assert!(m[0].is_readonly());
 }
 
+/// A create interrupted by a crash after its directory was renamed into place but
+/// before its transaction committed leaves `snapshots/<id>` while the ID goes back to
+/// the sequence: the next create gets that ID and must take its place (it failed with
+/// "failed to rename: Directory not empty" before; found by `tests/crash.rs`).
+#[tokio::test]
+async fn a_directory_left_by_an_interrupted_create_makes_way() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, s) in [
+        (
+            "overlay",
+            Box::new(Overlay::new(&dir.path().join("overlay"), &OverlayConfig::default()).unwrap())
+                as Box<dyn Snapshotter>,
+        ),
+        (
+            "native",
+            Box::new(Native::new(&dir.path().join("native")).unwrap()),
+        ),
+    ] {
+        let snapshots = dir.path().join(name).join("snapshots");
+        s.prepare("first", "", Labels::new()).await.unwrap();
+        let taken: Vec<u64> = std::fs::read_dir(&snapshots)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
+            .collect();
+        let next = taken.iter().max().unwrap() + 1;
+        let leftover = snapshots.join(next.to_string());
+        std::fs::create_dir_all(leftover.join("fs/half-written")).unwrap();
+        std::fs::write(leftover.join("fs/half-written/file"), "x").unwrap();
+
+        s.prepare("second", "", Labels::new())
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(
+            leftover.is_dir(),
+            "{name}: the new snapshot is {leftover:?}"
+        );
+        let root = if name == "overlay" {
+            leftover.join("fs")
+        } else {
+            leftover.clone()
+        };
+        assert_eq!(
+            std::fs::read_dir(&root).unwrap().count(),
+            0,
+            "{name}: the new snapshot starts empty"
+        );
+        s.remove("second").await.unwrap();
+        s.remove("first").await.unwrap();
+    }
+}
+
 /// A loop-mounted btrfs file system for one test; unmounted (and its loop device
 /// released) on drop.
 struct LoopBtrfs {
