@@ -140,27 +140,8 @@ pub fn default_spec(ns: &str, id: &str) -> Result<Spec> {
     .collect::<Result<Vec<_>>>()?;
     let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let linux = LinuxBuilder::default()
-        .masked_paths(strings(&[
-            "/proc/acpi",
-            "/proc/asound",
-            "/proc/kcore",
-            "/proc/keys",
-            "/proc/latency_stats",
-            "/proc/timer_list",
-            "/proc/timer_stats",
-            "/proc/sched_debug",
-            "/sys/firmware",
-            "/proc/scsi",
-            // RAPL energy counters: a power side channel (GHSA-7ww5-4wqc-m92c).
-            "/sys/devices/virtual/powercap",
-        ]))
-        .readonly_paths(strings(&[
-            "/proc/bus",
-            "/proc/fs",
-            "/proc/irq",
-            "/proc/sys",
-            "/proc/sysrq-trigger",
-        ]))
+        .masked_paths(strings(berth_core::oci::DEFAULT_MASKED_PATHS))
+        .readonly_paths(strings(berth_core::oci::DEFAULT_READONLY_PATHS))
         .cgroups_path(format!("/{ns}/{id}"))
         .resources(
             LinuxResourcesBuilder::default()

@@ -15,6 +15,7 @@ pub mod identifiers;
 pub mod labels;
 pub mod mount;
 pub mod namespaces;
+pub mod oci;
 pub mod runtime;
 pub mod snapshot;
 

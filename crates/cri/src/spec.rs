@@ -74,26 +74,6 @@ pub const ALL_CAPS: &[&str] = &[
     "CAP_CHECKPOINT_RESTORE",
 ];
 
-pub const DEFAULT_MASKED: &[&str] = &[
-    "/proc/acpi",
-    "/proc/asound",
-    "/proc/kcore",
-    "/proc/keys",
-    "/proc/latency_stats",
-    "/proc/timer_list",
-    "/proc/timer_stats",
-    "/proc/sched_debug",
-    "/sys/firmware",
-    "/proc/scsi",
-];
-pub const DEFAULT_READONLY: &[&str] = &[
-    "/proc/bus",
-    "/proc/fs",
-    "/proc/irq",
-    "/proc/sys",
-    "/proc/sysrq-trigger",
-];
-
 /// The image config's `config` object (Env, Entrypoint, Cmd, WorkingDir, User, …).
 pub fn image_config(config: &[u8]) -> Value {
     serde_json::from_slice::<Value>(config)
@@ -152,8 +132,8 @@ pub fn base_spec(namespace: &str, id: &str) -> Value {
             "namespaces": [
                 {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}
             ],
-            "maskedPaths": DEFAULT_MASKED,
-            "readonlyPaths": DEFAULT_READONLY
+            "maskedPaths": berth_core::oci::DEFAULT_MASKED_PATHS,
+            "readonlyPaths": berth_core::oci::DEFAULT_READONLY_PATHS
         }
     })
 }
@@ -381,6 +361,24 @@ mod tests {
         assert_eq!(oom_score_adj(-998, false), -998);
         assert_eq!(oom_score_adj(-998, true), own.max(-998));
         assert_eq!(oom_score_adj(1000, true), 1000);
+    }
+
+    /// GHSA-7ww5-4wqc-m92c for CRI containers and pauses too: the default spec masks
+    /// the RAPL powercap counters (`berth run`'s and the CRI's share the list).
+    #[test]
+    fn default_spec_masks_powercap() {
+        let s = base_spec("k8s.io", "x");
+        let masked: Vec<&str> = s["linux"]["maskedPaths"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap())
+            .collect();
+        assert!(
+            masked.contains(&"/sys/devices/virtual/powercap"),
+            "{masked:?}"
+        );
+        assert!(masked.contains(&"/proc/kcore"), "{masked:?}");
     }
 
     #[test]
