@@ -747,11 +747,7 @@ impl CriService {
             {
                 continue;
             }
-            if !filter
-                .label_selector
-                .iter()
-                .all(|(k, v)| status.labels.get(k) == Some(v))
-            {
+            if !store::labels_match(&filter.label_selector, &status.labels) {
                 continue;
             }
             items.push(api::PodSandbox {

@@ -139,12 +139,7 @@ impl CriService {
             {
                 continue;
             }
-            let labels = meta.config().labels;
-            if !filter
-                .label_selector
-                .iter()
-                .all(|(k, v)| labels.get(k) == Some(v))
-            {
+            if !store::labels_match(&filter.label_selector, &meta.config().labels) {
                 continue;
             }
             match self.stats_of(&record, &meta).await {

@@ -142,28 +142,14 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::unknown(format!("metadata task failed: {e}")))?
 }
 
-/// Creates a record and publishes `/containers/create`, as the containers service does
+/// Creates a record and publishes `/containers/create` through the containers service
 /// (containerd's CRI creates its records through it).
 pub async fn create_record(
     md: &Arc<MetadataStore>,
     events: &berth_core::events::Exchange,
     record: Container,
 ) -> Result<Container> {
-    use berth_api::containerd::events::{ContainerCreate, container_create};
-    use berth_core::events::EventPublisher;
-    let created = blocking(md, move |md| md.create_container(NS, record)).await?;
-    let event = ContainerCreate {
-        id: created.id.clone(),
-        image: created.image.clone(),
-        runtime: Some(container_create::Runtime {
-            name: created.runtime.name.clone(),
-            options: created.runtime.options.clone(),
-        }),
-    };
-    if let Err(e) = events.publish(NS, "/containers/create", berth_api::any::pack(&event)) {
-        tracing::warn!(error = %e, "publishing /containers/create");
-    }
-    Ok(created)
+    berth_services::containers::create_record(md, events, NS, record).await
 }
 
 /// Deletes a record (absent is fine) and publishes `/containers/delete`.
@@ -172,18 +158,10 @@ pub async fn delete_record(
     events: &berth_core::events::Exchange,
     id: &str,
 ) -> Result<()> {
-    use berth_core::events::EventPublisher;
-    let rid = id.to_string();
-    match blocking(md, move |md| md.delete_container(NS, &rid)).await {
-        Ok(()) => {}
-        Err(e) if e.is(berth_core::error::ErrorKind::NotFound) => return Ok(()),
-        Err(e) => return Err(e),
+    match berth_services::containers::delete_record(md, events, NS, id).await {
+        Err(e) if e.is(berth_core::error::ErrorKind::NotFound) => Ok(()),
+        other => other,
     }
-    let event = berth_api::containerd::events::ContainerDelete { id: id.to_string() };
-    if let Err(e) = events.publish(NS, "/containers/delete", berth_api::any::pack(&event)) {
-        tracing::warn!(error = %e, "publishing /containers/delete");
-    }
-    Ok(())
 }
 
 pub async fn records(md: &Arc<MetadataStore>) -> Result<Vec<Container>> {
@@ -205,6 +183,14 @@ pub async fn containers(md: &Arc<MetadataStore>) -> Result<Vec<(Container, Conta
         .into_iter()
         .filter_map(|c| container_meta(&c).map(|m| (c, m)))
         .collect())
+}
+
+/// Whether `labels` has every `key=value` of a CRI filter's `label_selector`.
+pub fn labels_match(
+    selector: &std::collections::HashMap<String, String>,
+    labels: &std::collections::HashMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 /// containerd's truncindex: a full ID, or a prefix matching exactly one.

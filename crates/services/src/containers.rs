@@ -23,6 +23,49 @@ use berth_plugin::{GrpcService, InitContext, Instance, Registration, types};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
+/// Creates `record` in namespace `ns` and publishes `/containers/create`: the Create
+/// call, and the CRI's sandbox and container records (containerd's CRI creates them
+/// through this service).
+pub async fn create_record(
+    store: &Arc<MetadataStore>,
+    events: &Exchange,
+    ns: &str,
+    record: records::Container,
+) -> berth_core::Result<records::Container> {
+    let (store, store_ns) = (store.clone(), ns.to_string());
+    let created = tokio::task::spawn_blocking(move || store.create_container(&store_ns, record))
+        .await
+        .map_err(|e| Error::unknown(format!("metadata task failed: {e}")))??;
+    let event = ContainerCreate {
+        id: created.id.clone(),
+        image: created.image.clone(),
+        runtime: Some(container_create::Runtime {
+            name: created.runtime.name.clone(),
+            options: created.runtime.options.clone(),
+        }),
+    };
+    events.publish(ns, "/containers/create", any::pack(&event))?;
+    Ok(created)
+}
+
+/// Deletes record `id` of namespace `ns` and publishes `/containers/delete`.
+pub async fn delete_record(
+    store: &Arc<MetadataStore>,
+    events: &Exchange,
+    ns: &str,
+    id: &str,
+) -> berth_core::Result<()> {
+    let (store, store_ns, store_id) = (store.clone(), ns.to_string(), id.to_string());
+    tokio::task::spawn_blocking(move || store.delete_container(&store_ns, &store_id))
+        .await
+        .map_err(|e| Error::unknown(format!("metadata task failed: {e}")))??;
+    events.publish(
+        ns,
+        "/containers/delete",
+        any::pack(&ContainerDelete { id: id.to_string() }),
+    )
+}
+
 /// API form → record.
 pub fn from_proto(c: Container) -> records::Container {
     let runtime = c.runtime.unwrap_or_default();
@@ -142,22 +185,8 @@ impl containers_server::Containers for ContainersService {
             .into_inner()
             .container
             .ok_or_else(|| crate::status(Error::invalid_argument("container must be set")))?;
-        let record = from_proto(requested);
-        let store_ns = ns.clone();
-        let created = crate::with_metadata(&self.store, move |store| {
-            store.create_container(&store_ns, record)
-        })
-        .await?;
-        let event = ContainerCreate {
-            id: created.id.clone(),
-            image: created.image.clone(),
-            runtime: Some(container_create::Runtime {
-                name: created.runtime.name.clone(),
-                options: created.runtime.options.clone(),
-            }),
-        };
-        self.events
-            .publish(&ns, "/containers/create", any::pack(&event))
+        let created = create_record(&self.store, &self.events, &ns, from_proto(requested))
+            .await
             .or_status()?;
         Ok(Response::new(CreateContainerResponse {
             container: Some(to_proto(created)),
@@ -200,17 +229,8 @@ impl containers_server::Containers for ContainersService {
     ) -> Result<Response<()>, Status> {
         let ns = namespace(&request)?;
         let id = request.into_inner().id;
-        let (store_ns, store_id) = (ns.clone(), id.clone());
-        crate::with_metadata(&self.store, move |store| {
-            store.delete_container(&store_ns, &store_id)
-        })
-        .await?;
-        self.events
-            .publish(
-                &ns,
-                "/containers/delete",
-                any::pack(&ContainerDelete { id }),
-            )
+        delete_record(&self.store, &self.events, &ns, &id)
+            .await
             .or_status()?;
         Ok(Response::new(()))
     }
