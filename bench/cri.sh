@@ -145,48 +145,9 @@ BSOCK=$B/berthd.sock
 
 # --- containerd 1.6 with its CRI plugin ------------------------------------------------
 mount_fresh_ext4 "$R" "$WORKDIR/ref.ext4" "${FS_SIZE:-3G}" journal
-mkdir -p "$R"/{root,state,tmp,opt,plugins,run/containerd}
-CSOCK=$R/containerd.sock
-cat >"$R/config.toml" <<CFG
-version = 2
-root = "$R/root"
-state = "$R/state"
-temp = "$R/tmp"
-plugin_dir = "$R/plugins"
-oom_score = 0
-disabled_plugins = [
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-]
-[grpc]
-  address = "$CSOCK"
-[ttrpc]
-  address = "$CSOCK.ttrpc"
-[debug]
-  address = "$R/debug.sock"
-[metrics]
-  address = ""
-[plugins]
-  [plugins."io.containerd.internal.v1.opt"]
-    path = "$R/opt"
-  [plugins."io.containerd.runtime.v1.linux"]
-    runtime_root = "$R/run/containerd/runc-v1"
-$(cri_section "$R" | sed 's/^/  /')
-CFG
-evict_from_page_cache "$CONTAINERD"
-# containerd 1.6 hard-codes paths under /run (shim sockets, netns): a private mount
-# namespace whose /run is $R/run. setsid and unshare exec, so $! is containerd.
-setsid unshare --mount --propagation private -- /bin/sh -c 'mount --bind "$1" /run && shift && exec "$@"' \
-  sh "$R/run" env -u XDG_RUNTIME_DIR TMPDIR="$R/tmp" "$CONTAINERD" --config "$R/config.toml" \
-  >"$R/log" 2>&1 </dev/null &
-CPID=$!
+start_containerd_in_private_run "$R" "$CONTAINERD" "$(cri_section "$R" | sed 's/^/  /')"
 
-for sock in "$BSOCK" "$CSOCK"; do
-  for _ in $(seq 300); do ctr --address "$sock" version >/dev/null 2>&1 && break; sleep 0.05; done
-  ctr --address "$sock" version >/dev/null 2>&1 || { tail -20 "$(dirname "$sock")/log" >&2; exit 1; }
-done
+wait_for_ctr "$BSOCK" "$CSOCK"
 [[ $(readlink -f "/proc/$CPID/exe") == "$(readlink -f "$CONTAINERD")" ]] || { echo "containerd's PID is not $CPID" >&2; exit 1; }
 for sock in "$BSOCK" "$CSOCK"; do
   if ! ctr --address "$sock" plugins ls | awk '$1 == "io.containerd.grpc.v1" && $2 == "cri" && $NF == "ok" { f = 1 } END { exit !f }'; then

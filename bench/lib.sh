@@ -53,3 +53,58 @@ remove_runtime_leftovers() {
   done
   return 0
 }
+
+# start_containerd_in_private_run DIR CONTAINERD PLUGIN_SECTIONS: the reference containerd
+# 1.6 with root, state, temp, opt, plugin dir and sockets (DIR/containerd.sock,
+# DIR/debug.sock) under DIR, and PLUGIN_SECTIONS (TOML text, indented to sit under
+# [plugins]) in its config, started in a private mount namespace whose /run is DIR/run:
+# 1.6 hard-codes shim sockets, runc's root and /run/netns there. Sets CPID to
+# containerd's own PID (setsid and unshare exec) and CSOCK to its socket.
+start_containerd_in_private_run() {
+  local dir=$1 containerd=$2 sections=$3
+  mkdir -p "$dir"/{root,state,tmp,opt,plugins,run/containerd}
+  CSOCK=$dir/containerd.sock
+  cat >"$dir/config.toml" <<CFG
+version = 2
+root = "$dir/root"
+state = "$dir/state"
+temp = "$dir/tmp"
+plugin_dir = "$dir/plugins"
+oom_score = 0
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+]
+[grpc]
+  address = "$CSOCK"
+[ttrpc]
+  address = "$CSOCK.ttrpc"
+[debug]
+  address = "$dir/debug.sock"
+[metrics]
+  address = ""
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "$dir/opt"
+  [plugins."io.containerd.runtime.v1.linux"]
+    runtime_root = "$dir/run/containerd/runc-v1"
+$sections
+CFG
+  evict_from_page_cache "$containerd"
+  setsid unshare --mount --propagation private -- /bin/sh -c 'mount --bind "$1" /run && shift && exec "$@"' \
+    sh "$dir/run" env -u XDG_RUNTIME_DIR TMPDIR="$dir/tmp" "$containerd" --config "$dir/config.toml" \
+    >"$dir/log" 2>&1 </dev/null &
+  CPID=$!
+}
+
+# wait_for_ctr SOCKET...: waits (15 s each) until `ctr version` answers on every SOCKET;
+# otherwise prints the end of the log beside the socket and exits 1.
+wait_for_ctr() {
+  local sock
+  for sock in "$@"; do
+    for _ in $(seq 300); do ctr --address "$sock" version >/dev/null 2>&1 && break; sleep 0.05; done
+    ctr --address "$sock" version >/dev/null 2>&1 || { tail -20 "$(dirname "$sock")/log" >&2; exit 1; }
+  done
+}
