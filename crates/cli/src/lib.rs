@@ -652,7 +652,7 @@ async fn pull_cmd(
     let expire = std::time::SystemTime::now() + std::time::Duration::from_secs(24 * 3600);
     labels.insert(
         "containerd.io/gc.expire".to_string(),
-        table::rfc3339(expire),
+        berth_core::time::rfc3339(expire),
     );
     let leased = match client
         .leases()

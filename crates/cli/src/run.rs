@@ -563,7 +563,7 @@ async fn create_container(
     let expire = std::time::SystemTime::now() + Duration::from_secs(3600);
     lease_labels.insert(
         "containerd.io/gc.expire".to_string(),
-        crate::table::rfc3339(expire),
+        berth_core::time::rfc3339(expire),
     );
     c.leases()
         .create(c.request(LeaseCreate {

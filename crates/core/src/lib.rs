@@ -18,5 +18,6 @@ pub mod namespaces;
 pub mod oci;
 pub mod runtime;
 pub mod snapshot;
+pub mod time;
 
 pub use error::{Error, Result};

@@ -106,37 +106,6 @@ impl FifoReader {
     }
 }
 
-/// Go's `time.RFC3339Nano` of `t` in UTC (trailing zeros of the fraction dropped).
-pub fn rfc3339_nano(t: SystemTime) -> String {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let mut out = format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    );
-    let nanos = d.subsec_nanos();
-    if nanos != 0 {
-        let frac = format!("{nanos:09}");
-        out.push('.');
-        out.push_str(frac.trim_end_matches('0'));
-    }
-    out.push('Z');
-    out
-}
-
 /// Turns a stream's bytes into CRI log lines written to a shared log file.
 pub struct LineWriter {
     stream: &'static str,
@@ -158,7 +127,7 @@ impl LineWriter {
 
     fn emit(&self, line: &[u8], tag: &str) {
         let mut out = Vec::with_capacity(line.len() + 48);
-        out.extend_from_slice(rfc3339_nano(SystemTime::now()).as_bytes());
+        out.extend_from_slice(berth_core::time::rfc3339_nano(SystemTime::now()).as_bytes());
         out.extend_from_slice(format!(" {} {tag} ", self.stream).as_bytes());
         out.extend_from_slice(line);
         out.push(b'\n');
@@ -260,14 +229,6 @@ mod tests {
         b.write(b"9abcdef");
         b.write(b"more");
         assert_eq!(b.bytes, b"123456789a");
-    }
-
-    #[test]
-    fn go_rfc3339_nano() {
-        let t = SystemTime::UNIX_EPOCH + std::time::Duration::new(1_700_000_000, 120_000_000);
-        assert_eq!(rfc3339_nano(t), "2023-11-14T22:13:20.12Z");
-        let t = SystemTime::UNIX_EPOCH + std::time::Duration::new(951_782_400, 0);
-        assert_eq!(rfc3339_nano(t), "2000-02-29T00:00:00Z");
     }
 
     #[test]

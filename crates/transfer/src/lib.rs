@@ -380,7 +380,7 @@ where
     let mut lease_labels = Labels::new();
     lease_labels.insert(
         berth_core::labels::GC_EXPIRE.into(),
-        rfc3339(std::time::SystemTime::now() + LEASE_EXPIRY),
+        berth_core::time::rfc3339(std::time::SystemTime::now() + LEASE_EXPIRY),
     );
     {
         let (md, ns, id) = (t.md.clone(), ns.to_string(), lease_id.clone());
@@ -409,41 +409,4 @@ pub(crate) fn report_saved(send: impl Fn(Progress), stored: &[StoredImage]) {
 /// `oci_spec` descriptor → the core one (annotations kept).
 pub(crate) fn core_desc(d: &oci_spec::image::Descriptor) -> Descriptor {
     berth_remotes::manifest::to_core_descriptor(d)
-}
-
-/// RFC 3339 in UTC, the form of containerd's `containerd.io/gc.expire` label.
-pub(crate) fn rfc3339(t: std::time::SystemTime) -> String {
-    let secs = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    // Civil date from days since the epoch (Howard Hinnant's algorithm).
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rfc3339_is_utc_civil_time() {
-        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
-        assert_eq!(rfc3339(t), "2023-11-14T22:13:20Z");
-        assert_eq!(rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00Z");
-    }
 }

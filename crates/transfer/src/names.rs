@@ -79,7 +79,10 @@ pub(crate) fn records(
         if !dst.name.is_empty() {
             // Deleted with the image of the store's name; expired at once.
             l.insert("containerd.io/gc.bref.image".into(), dst.name.clone());
-            l.insert(GC_EXPIRE.into(), crate::rfc3339(SystemTime::now()));
+            l.insert(
+                GC_EXPIRE.into(),
+                berth_core::time::rfc3339(SystemTime::now()),
+            );
         }
         l
     };
